@@ -129,6 +129,7 @@ class CXRDataModule(L.LightningDataModule):
         self,
         reader: Any,
         tokenizer: dict | None = None,
+        root: str | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -149,6 +150,7 @@ class CXRDataModule(L.LightningDataModule):
         if val_split not in SPLITS:
             raise ValueError(f"data.val_split must be one of {SPLITS}, got {val_split!r}")
         self.reader = reader
+        self.root = root  # where a real cohort lives (the reader's configs interpolate it); None for generated ones
         self.tokenizer_cfg = dict(tokenizer or {})
         self.tokenizer = None  # set by setup(), or by the caller (evaluate.py uses the checkpoint's)
         self.batch_size = batch_size

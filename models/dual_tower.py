@@ -39,6 +39,7 @@ class DualTowerModule(L.LightningModule):
         freeze_image_tower: bool = False,
         grad_checkpointing: bool = False,
         local_loss: bool = False,
+        tokenizer_spec: dict | None = None,
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
@@ -50,6 +51,7 @@ class DualTowerModule(L.LightningModule):
                     image_tower=image_tower, text_tower=text_tower, optimizer=optimizer, scheduler=scheduler,
                     embed_dim=embed_dim, head=head, temperature_init=temperature_init, min_temperature=min_temperature,
                     freeze_image_tower=freeze_image_tower, grad_checkpointing=grad_checkpointing, local_loss=local_loss,
+                    tokenizer_spec=tokenizer_spec,
                 )
             )
         )

@@ -37,17 +37,15 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256), groups: int = 8) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c = in_channels
-        for i, w in enumerate(widths):
-            layers += [
-                nn.Conv2d(c, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.GroupNorm(min(groups, w), w),
-                nn.GELU(),
-                nn.Conv2d(w, w, 3, padding=1, bias=False),
-                nn.GroupNorm(min(groups, w), w),
-                nn.GELU(),
-            ]
+
+        def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(min(groups, c_out), c_out), nn.GELU()]
+
+        # A stride-2 stem: full-resolution convolutions dominate CPU cost and add little here.
+        layers: list[nn.Module] = block(in_channels, widths[0], 2)
+        c = widths[0]
+        for w in widths:
+            layers += block(c, w, 2) + block(w, w, 1)
             c = w
         self.features = nn.Sequential(*layers)
         self.output_dim = c

@@ -1,0 +1,205 @@
+"""CheXpert Plus from its official layout, unchanged.
+
+Expected under `root`:
+    df_chexpert_plus_240401.csv     one row per image: path_to_image, frontal_lateral (Frontal|Lateral),
+                                    ap_pa (AP|PA|LL|blank), deid_patient_id, report, section_findings,
+                                    section_impression, ..., split (train|valid)
+    chexbert_labels/impression_fixed.json   CheXbert labels, JSON lines keyed by path_to_image
+    chexbert_labels/findings_fixed.json     (14 CheXpert names; 1, 0, -1, null)
+    <path_to_image>                 the images: the path as written (train/patientN/studyM/viewK_frontal.jpg),
+                                    or the PNG release's PNG/<same path>.png, tried in that order.
+A study is the directory of its images (train/patient00001/study1). The label file is chosen with
+`label_file` (null: blank labels); labels are joined on path_to_image and mapped by name.
+CheXpert Plus has no test split: use split_policy=hash for patient-level splits, or
+split_policy=test to evaluate on the whole cohort as an external test set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+
+from datamodules.reader_utils import (
+    FRONTAL_VIEWS,
+    UNKNOWN_VIEW,
+    CohortReader,
+    DataError,
+    InputIssues,
+    apply_uncertainty,
+    clean,
+    read_csv_rows,
+)
+from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
+from datamodules.report_sections import parse_report
+
+log = logging.getLogger(__name__)
+
+CSV_NAME = "df_chexpert_plus_240401.csv"
+SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validate": "val", "test": "test"}
+REQUIRED = ("path_to_image", "frontal_lateral", "ap_pa", "deid_patient_id", "report",
+            "section_findings", "section_impression")
+
+
+def view_of(frontal_lateral: str, ap_pa: str) -> str:
+    fl, ap = frontal_lateral.strip().upper(), ap_pa.strip().upper()
+    if fl == "LATERAL":
+        return "LATERAL"
+    if fl == "FRONTAL":
+        return ap if ap in ("AP", "PA") else "FRONTAL"
+    return ap or UNKNOWN_VIEW
+
+
+class CheXpertPlusReader(CohortReader):
+    """Reads CheXpert Plus into Study records (see module docstring for the layout).
+
+    Args (beyond CohortReader's):
+        csv: the main CSV, relative to root (`.gz` also accepted).
+        label_file: CheXbert JSONL relative to root, or null for blank labels.
+        image_root: where path_to_image is resolved (default: root).
+    """
+
+    cohort = "chexpert_plus"
+
+    def __init__(
+        self,
+        root: str,
+        csv: str = CSV_NAME,
+        label_file: str | None = "chexbert_labels/impression_fixed.json",
+        image_root: str | None = None,
+        views: Sequence[str] | None = FRONTAL_VIEWS,
+        **kwargs,
+    ) -> None:
+        super().__init__(root, views=views, **kwargs)
+        self.csv = csv
+        self.label_file = label_file
+        self.image_root = Path(os.path.expanduser(str(image_root))) if image_root else self.root
+
+    def _labels(self, issues: InputIssues) -> dict[str, np.ndarray]:
+        if not self.label_file:
+            return {}
+        path = self.root / self.label_file
+        if not path.is_file():
+            raise FileNotFoundError(f"chexpert_plus: label file {path} does not exist (label_file=null for none)")
+        out: dict[str, np.ndarray] = {}
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path.name} line {n}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"chexpert_plus: {where}: not valid JSON") from None
+                key = rec.get("path_to_image")
+                if not key:
+                    raise DataError(f"chexpert_plus: {where}: no path_to_image")
+                if key in out:
+                    issues.problem(where, "duplicate path_to_image in label file", key=str(PurePosixPath(key).parent))
+                    continue
+                try:
+                    out[key] = labels_from_mapping({k: rec[k] for k in CHEXPERT_LABELS if k in rec}, where)
+                except ValueError as e:
+                    issues.problem(where, f"bad label value ({e})", key=str(PurePosixPath(key).parent))
+        return out
+
+    def _image_path(self, rel: str) -> str:
+        p = PurePosixPath(rel)
+        cands = [self.image_root / p, self.image_root / "PNG" / p.with_suffix(".png"), self.image_root / p.with_suffix(".png")]
+        for c in cands:
+            if c.is_file():
+                return str(c.resolve())
+        return str(cands[0].resolve())
+
+    def _read(self, issues: InputIssues) -> tuple[list[Study], int]:
+        csv_path = self.root / self.csv
+        if not csv_path.is_file() and (self.root / f"{self.csv}.gz").is_file():
+            csv_path = self.root / f"{self.csv}.gz"
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"chexpert_plus: expected {csv_path}")
+        labels = self._labels(issues)
+
+        rows_by_study: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        seen: dict[str, int] = {}
+        for line, row in read_csv_rows(csv_path, REQUIRED):
+            rel = row["path_to_image"].strip()
+            study = str(PurePosixPath(rel).parent)
+            if rel in seen:
+                issues.problem(f"{csv_path.name} line {line}", f"duplicate path_to_image (first at line {seen[rel]})", key=study)
+                continue
+            seen[rel] = line
+            rows_by_study.setdefault(study, []).append((line, row))
+
+        studies: list[Study] = []
+        n_no_view = n_no_label = 0
+        for study, rows in rows_by_study.items():
+            if study in issues.skipped:
+                continue
+            first_line, first = rows[0]
+            where = f"{csv_path.name} line {first_line}"
+            patient = first["deid_patient_id"].strip() or PurePosixPath(study).parent.name
+            if any(r["deid_patient_id"].strip() != first["deid_patient_id"].strip() for _, r in rows):
+                issues.problem(where, "images of one study under different deid_patient_id", key=study)
+                continue
+            # Report and sections are per study; every image row repeats them.
+            report = first["report"]
+            findings, impression = clean(first["section_findings"]), clean(first["section_impression"])
+            if not clean(report) and not findings and not impression:
+                issues.problem(where, "empty report", key=study)
+                continue
+            used_fallback = False
+            if not findings and not impression:
+                parsed = parse_report(report)
+                findings, impression, used_fallback = parsed.findings, parsed.impression, parsed.used_fallback
+                if not findings and not impression:
+                    issues.problem(where, "section-less report", key=study)
+                    continue
+            kept = [(ln, r, view_of(r["frontal_lateral"], r["ap_pa"])) for ln, r in rows]
+            kept = [k for k in kept if self.keep_view(k[2])]
+            if not kept and not self.reports_only:
+                n_no_view += 1
+                continue
+            paths, bad = [], None
+            for ln, r, _ in ([] if self.reports_only else kept):
+                p = self._image_path(r["path_to_image"].strip())
+                why = self.image_problem(p)
+                if why:
+                    bad = (f"{csv_path.name} line {ln}: {p}", why)
+                    break
+                paths.append(p)
+            if bad:
+                issues.problem(bad[0], bad[1], key=study)
+                continue
+            # CheXbert labels are per report; take the first image row that has them.
+            lab = next((labels[r["path_to_image"].strip()] for _, r in rows if r["path_to_image"].strip() in labels), None)
+            if lab is None:
+                n_no_label += 1
+                lab = np.full(NUM_LABELS, np.nan, dtype=np.float32)
+            split = SPLIT_NAMES.get(first.get("split", "").strip().lower()) if first.get("split") else None
+            if first.get("split") and split is None:
+                raise DataError(f"chexpert_plus: {where}: unknown split value {first['split']!r}")
+            studies.append(
+                Study(
+                    study_id=study,
+                    patient_id=patient,
+                    images=paths,
+                    report=report,
+                    findings=findings,
+                    impression=impression,
+                    labels=apply_uncertainty(lab, self.uncertainty),
+                    split=self.resolve_split(split, patient),
+                    source=self.source,
+                    views=[] if self.reports_only else [v for _, _, v in kept],
+                    extras={"paths_to_image": [r["path_to_image"].strip() for _, r, _ in kept],
+                            "sections_fallback": used_fallback},
+                )
+            )
+        if n_no_view:
+            log.info("chexpert_plus: %d studies have no image with a view in %s; dropped", n_no_view, self.views)
+        if n_no_label and self.label_file:
+            log.info("chexpert_plus: %d studies have no row in %s; labels blank", n_no_label, self.label_file)
+        return studies, len(rows_by_study)

@@ -1,0 +1,187 @@
+"""MIMIC-CXR-JPG 2.x images + MIMIC-CXR free-text reports, from their official layouts, unchanged.
+
+Expected under `root` (MIMIC-CXR-JPG; `.csv` or `.csv.gz`):
+    mimic-cxr-2.0.0-metadata.csv.gz   dicom_id, subject_id, study_id, ViewPosition, ...
+    mimic-cxr-2.0.0-split.csv.gz      dicom_id, study_id, subject_id, split (train|validate|test)
+    mimic-cxr-2.0.0-chexpert.csv.gz   subject_id, study_id, 14 labels (alphabetical; 1, 0, -1, blank)
+    mimic-cxr-2.0.0-negbio.csv.gz     same columns (labeler=negbio)
+    files/p10/p10000032/s50414267/<dicom_id>.jpg
+and the reports (MIMIC-CXR `mimic-cxr-reports.zip`, unzipped) under `reports_root` (default: root):
+    files/p10/p10000032/s50414267.txt
+Label columns are mapped by name, never by position. Studies absent from the label file get blank
+(NaN) labels, as in the official release. Sections come from `report_sections.parse_report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from datamodules.reader_utils import (
+    FRONTAL_VIEWS,
+    UNKNOWN_VIEW,
+    CohortReader,
+    DataError,
+    InputIssues,
+    apply_uncertainty,
+    clean,
+    find_file,
+    read_csv_rows,
+)
+from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
+from datamodules.report_sections import parse_report
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mimic-cxr-2.0.0"
+SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
+LABELERS = ("chexpert", "negbio")
+
+
+def study_dir(subject_id: str, study_id: str) -> str:
+    """files/p10/p10000032/s50414267 (relative)."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}"
+
+
+class MimicCXRReader(CohortReader):
+    """Reads MIMIC-CXR-JPG + reports into Study records (see module docstring for the layout).
+
+    Args (beyond CohortReader's):
+        reports_root: where `files/pXX/pXXXXXXXX/sXXXXXXXX.txt` live (default: root).
+        labeler: chexpert | negbio (which label CSV).
+        fallback_last_paragraph: when a report has neither FINDINGS nor IMPRESSION, use its last
+            paragraph as the impression (the official parser's rule); otherwise such a report is
+            bad input ("section-less report").
+    """
+
+    cohort = "mimic_cxr"
+
+    def __init__(
+        self,
+        root: str,
+        reports_root: str | None = None,
+        labeler: str = "chexpert",
+        fallback_last_paragraph: bool = True,
+        views: Sequence[str] | None = FRONTAL_VIEWS,
+        **kwargs,
+    ) -> None:
+        super().__init__(root, views=views, **kwargs)
+        if labeler not in LABELERS:
+            raise ValueError(f"labeler must be one of {LABELERS}, got {labeler!r}")
+        self.reports_root = Path(os.path.expanduser(str(reports_root))) if reports_root else self.root
+        self.labeler = labeler
+        self.fallback_last_paragraph = fallback_last_paragraph
+
+    def _read(self, issues: InputIssues) -> tuple[list[Study], int]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"mimic_cxr: root {self.root} is not a directory")
+        meta_path = find_file(self.root, f"{PREFIX}-metadata.csv")
+        split_path = find_file(self.root, f"{PREFIX}-split.csv")
+        label_path = find_file(self.root, f"{PREFIX}-{self.labeler}.csv", required=False)
+        if label_path is None:
+            log.warning("mimic_cxr: no %s label file under %s; labels are blank", self.labeler, self.root)
+
+        # dicom -> split; study -> split (all dicoms of a study share one in the official file)
+        study_split: dict[str, str] = {}
+        for line, row in read_csv_rows(split_path, ("dicom_id", "study_id", "subject_id", "split")):
+            sp = SPLIT_NAMES.get(row["split"].strip())
+            if sp is None:
+                raise DataError(f"{split_path} line {line}: unknown split value {row['split']!r}")
+            study_split[row["study_id"].strip()] = sp
+
+        # study -> (subject, [(dicom, view)])
+        images: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        subject_of: dict[str, str] = {}
+        seen_dicoms: dict[str, int] = {}
+        for line, row in read_csv_rows(meta_path, ("dicom_id", "subject_id", "study_id", "ViewPosition")):
+            dicom, subject, study = row["dicom_id"].strip(), row["subject_id"].strip(), row["study_id"].strip()
+            if dicom in seen_dicoms:
+                raise DataError(f"{meta_path} line {line}: duplicate dicom_id {dicom} (first at line {seen_dicoms[dicom]})")
+            seen_dicoms[dicom] = line
+            if study in subject_of and subject_of[study] != subject:
+                raise DataError(f"{meta_path} line {line}: study {study} listed under two subjects")
+            subject_of[study] = subject
+            images[study].append((dicom, row["ViewPosition"].strip().upper() or UNKNOWN_VIEW))
+
+        labels: dict[str, np.ndarray] = {}
+        if label_path is not None:
+            for line, row in read_csv_rows(label_path, ("subject_id", "study_id")):
+                study = row["study_id"].strip()
+                where = f"{label_path.name} line {line}"
+                if study in labels:
+                    issues.problem(where, "duplicate study_id in label file", key=study)
+                    continue
+                try:
+                    labels[study] = labels_from_mapping({k: row.get(k) for k in CHEXPERT_LABELS if k in row}, where)
+                except ValueError as e:
+                    issues.problem(where, f"bad label value ({e})", key=study)
+
+        studies: list[Study] = []
+        n_no_view = n_no_label = 0
+        for study, imgs in images.items():
+            if study in issues.skipped:
+                continue
+            subject = subject_of[study]
+            rel = study_dir(subject, study)
+            kept = [(d, v) for d, v in imgs if self.keep_view(v)]
+            if not kept and not self.reports_only:
+                n_no_view += 1
+                continue
+            report_path = self.reports_root / f"{rel}.txt"
+            try:
+                text = report_path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                issues.problem(f"{report_path}", "missing report file", key=study)
+                continue
+            parsed = parse_report(text)
+            if not clean(text):
+                issues.problem(f"{report_path}", "empty report", key=study)
+                continue
+            if parsed.used_fallback and not self.fallback_last_paragraph:
+                issues.problem(f"{report_path}", "section-less report (no FINDINGS or IMPRESSION)", key=study)
+                continue
+            paths: list[str] = []
+            bad = None
+            for dicom, _ in ([] if self.reports_only else kept):
+                p = str((self.root / rel / f"{dicom}.jpg").resolve())
+                why = self.image_problem(p)
+                if why:
+                    bad = (p, why)
+                    break
+                paths.append(p)
+            if bad:
+                issues.problem(bad[0], bad[1], key=study)
+                continue
+            lab = labels.get(study)
+            if lab is None:
+                n_no_label += 1
+                lab = np.full(NUM_LABELS, np.nan, dtype=np.float32)
+            studies.append(
+                Study(
+                    study_id=study,
+                    patient_id=subject,
+                    images=paths,
+                    report=text,
+                    findings=parsed.findings,
+                    impression=parsed.impression,
+                    labels=apply_uncertainty(lab, self.uncertainty),
+                    split=self.resolve_split(study_split.get(study), subject),
+                    source=self.source,
+                    views=[] if self.reports_only else [v for _, v in kept],
+                    extras={
+                        "dicom_ids": [d for d, _ in kept],
+                        "sections": [name for name, _ in parsed.sections],
+                        "sections_fallback": parsed.used_fallback,
+                    },
+                )
+            )
+        if n_no_view:
+            log.info("mimic_cxr: %d studies have no image with a view in %s; dropped", n_no_view, self.views)
+        if n_no_label:
+            log.info("mimic_cxr: %d studies have no row in the %s label file; labels blank", n_no_label, self.labeler)
+        return studies, len(images)

@@ -1,0 +1,301 @@
+"""What every real-cohort reader shares: view filter, uncertainty policy, splits, per-patient cap,
+image checks and the bad-input policy.
+
+A reader subclasses `CohortReader`, implements `_read(issues) -> list[Study]` for its own layout,
+and gets the common options (and their validation) for free. `load()` is memoised: the datamodule
+calls it from both `prepare_data` and `setup`, and reading 227k report files twice is wasteful.
+
+Bad input (missing image, corrupt image, empty report, unknown label value, duplicate id) goes
+through `InputIssues.problem(where, reason)`: with `on_error="raise"` (the default) it raises a
+`DataError` naming the file/row; with `on_error="skip"` the study is dropped, the reason counted and
+logged (counts and a few row names, never report text), and `load()` refuses to return when more
+than `max_skip_fraction` of the studies were skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from datamodules.records import SPLITS, Study
+
+log = logging.getLogger(__name__)
+
+# Frontal projections. "FRONTAL" is what cohorts that only say frontal/lateral (Open-I projection
+# files) map to; real MIMIC also has e.g. "AP AXIAL" / "PA LLD", which a user can list explicitly.
+FRONTAL_VIEWS = ("PA", "AP")
+UNKNOWN_VIEW = "UNKNOWN"
+UNCERTAINTY_POLICIES = ("keep", "zeros", "ones", "ignore")
+ON_ERROR = ("raise", "skip")
+IMAGE_CHECKS = ("none", "exists", "verify")
+SPLIT_POLICIES = ("auto", "cohort", "hash") + SPLITS
+
+
+class DataError(ValueError):
+    """Bad input in a cohort's files. The message names the file/row and the problem, never the text."""
+
+
+# ---- small file helpers -------------------------------------------------------------------------
+def find_file(root: Path, name: str, required: bool = True) -> Path | None:
+    """`name` or `name.gz` under root (the official MIMIC CSVs ship gzipped; users often gunzip)."""
+    for cand in (root / name, root / f"{name}.gz"):
+        if cand.is_file():
+            return cand
+    if required:
+        raise FileNotFoundError(f"{root}: expected {name} or {name}.gz")
+    return None
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    if str(path).endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def read_csv_rows(path: Path, required_columns: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row dict) for each data row of a (gzipped) CSV; checks the header first."""
+    with open_text(path) as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        for i, row in enumerate(reader, start=2):  # line 1 is the header
+            yield i, row
+
+
+def clean(text: str | None) -> str:
+    """Collapse whitespace (wrapped lines, double spaces) to single spaces."""
+    return " ".join((text or "").split())
+
+
+# ---- splits, uncertainty, caps ------------------------------------------------------------------
+def hash_split(patient_id: str, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> str:
+    """Deterministic patient-level split: the same patient lands in the same split on any machine."""
+    if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {list(fractions)}")
+    h = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    acc = 0.0
+    for name, f in zip(SPLITS, fractions):
+        acc += f
+        if u < acc:
+            return name
+    return SPLITS[-1]
+
+
+def apply_uncertainty(labels: np.ndarray, policy: str) -> np.ndarray:
+    """CheXpert's uncertainty policies: keep -1 (U-Ignore at loss time), U-Zeros, U-Ones, or blank it."""
+    out = np.array(labels, dtype=np.float32, copy=True)
+    unc = out == -1
+    if policy == "keep":
+        return out
+    if policy == "zeros":
+        out[unc] = 0.0
+    elif policy == "ones":
+        out[unc] = 1.0
+    elif policy == "ignore":
+        out[unc] = np.nan
+    else:
+        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
+    return out
+
+
+def cap_studies_per_patient(studies: list[Study], cap: int | None, seed: int = 0) -> list[Study]:
+    """Keep at most `cap` studies per patient, chosen by a seeded hash (stable), in original order."""
+    if not cap:
+        return studies
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for i, st in enumerate(studies):
+        by_patient[st.patient_id].append(i)
+    keep: set[int] = set()
+    for idxs in by_patient.values():
+        ranked = sorted(idxs, key=lambda i: hashlib.sha256(f"{seed}:{studies[i].study_id}".encode()).digest())
+        keep.update(ranked[:cap])
+    return [st for i, st in enumerate(studies) if i in keep]
+
+
+def verify_image(path: str) -> str | None:
+    """None if PIL can parse the file, else a short reason (no pixel data is printed)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except FileNotFoundError:
+        return "missing image file"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"corrupt image file ({type(e).__name__})"
+
+
+# ---- the bad-input policy -----------------------------------------------------------------------
+class InputIssues:
+    """Raise on bad input, or count and skip it (see module docstring)."""
+
+    def __init__(self, cohort: str, on_error: str = "raise", max_skip_fraction: float = 0.01) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.cohort = cohort
+        self.on_error = on_error
+        self.max_skip_fraction = max_skip_fraction
+        self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+        self.skipped: set[str] = set()
+
+    def problem(self, where: str, reason: str, key: str | None = None) -> None:
+        """Report bad input at `where` (file/row). Raises unless skipping; `key` = the study skipped."""
+        if self.on_error == "raise":
+            raise DataError(
+                f"{self.cohort}: {where}: {reason} (set on_error=skip to drop such studies, "
+                f"up to max_skip_fraction={self.max_skip_fraction})"
+            )
+        self.reasons[reason] += 1
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(where)
+        self.skipped.add(key if key is not None else where)
+
+    def finish(self, total: int) -> None:
+        """Log what was skipped; refuse when too much was."""
+        n = len(self.skipped)
+        if not n:
+            return
+        for reason, c in self.reasons.most_common():
+            log.warning("%s: skipped %d x %s (e.g. %s)", self.cohort, c, reason, "; ".join(self.examples[reason]))
+        frac = n / max(total, 1)
+        log.warning("%s: skipped %d of %d studies (%.2f%%)", self.cohort, n, total, 100 * frac)
+        if frac > self.max_skip_fraction:
+            summary = ", ".join(f"{r}: {c}" for r, c in self.reasons.most_common())
+            raise DataError(
+                f"{self.cohort}: skipped {n} of {total} studies ({100 * frac:.2f}%), more than "
+                f"max_skip_fraction={self.max_skip_fraction} ({summary}); fix the data or raise the limit"
+            )
+
+
+# ---- the base reader ----------------------------------------------------------------------------
+class CohortReader:
+    """Common options for every real-cohort reader.
+
+    Args:
+        root: the cohort's top directory (its official layout, unchanged).
+        views: view positions to keep (default frontal: PA, AP); null keeps every image.
+            Studies left with no image are dropped (counted in the log, not an error). Images whose
+            view is blank in the files pass only with keep_unknown_views=true.
+        uncertainty: what -1 (uncertain) labels become: keep | zeros | ones | ignore (NaN).
+        split_policy: auto (the cohort's split if it has one, else hash) | cohort | hash |
+            train | val | test (everything into that split, e.g. an external test cohort).
+        split_fractions, split_seed: for hash splits (by patient, deterministic).
+        max_studies_per_patient: cap (seeded choice), null for none.
+        check_images: none | exists (stat each file; cheap) | verify (PIL-verify each file at load
+            time; thorough but slow on 377k images). Corrupt images are otherwise caught when the
+            datamodule decodes them, with an error naming the file.
+        reports_only: keep studies without images (text-side stages); images lists are then empty.
+        on_error, max_skip_fraction: the bad-input policy (module docstring).
+    """
+
+    cohort = "cohort"
+
+    def __init__(
+        self,
+        root: str,
+        views: Sequence[str] | None = FRONTAL_VIEWS,
+        uncertainty: str = "keep",
+        split_policy: str = "auto",
+        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        split_seed: int = 0,
+        max_studies_per_patient: int | None = None,
+        check_images: str = "exists",
+        reports_only: bool = False,
+        on_error: str = "raise",
+        max_skip_fraction: float = 0.01,
+        keep_unknown_views: bool = False,
+        source: str | None = None,
+    ) -> None:
+        if root in (None, "", "???"):
+            raise ValueError(f"{self.cohort}: set data.reader.root (data.root) to the cohort's directory")
+        if uncertainty not in UNCERTAINTY_POLICIES:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_POLICIES}, got {uncertainty!r}")
+        if split_policy not in SPLIT_POLICIES:
+            raise ValueError(f"split_policy must be one of {SPLIT_POLICIES}, got {split_policy!r}")
+        if check_images not in IMAGE_CHECKS:
+            raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, got {check_images!r}")
+        hash_split("x", split_fractions)  # validates the fractions now, not mid-read
+        self.root = Path(os.path.expanduser(str(root)))
+        self.views = None if views is None else tuple(str(v).upper() for v in views)
+        self.uncertainty = uncertainty
+        self.split_policy = split_policy
+        self.split_fractions = tuple(float(f) for f in split_fractions)
+        self.split_seed = split_seed
+        self.max_studies_per_patient = max_studies_per_patient
+        self.check_images = check_images
+        self.reports_only = reports_only
+        self.on_error = on_error
+        self.max_skip_fraction = max_skip_fraction
+        self.keep_unknown_views = keep_unknown_views
+        self.source = source or self.cohort
+        self._studies: list[Study] | None = None
+
+    # subclasses implement this
+    def _read(self, issues: InputIssues) -> tuple[list[Study], int]:
+        """(studies read, number of studies seen incl. skipped ones)."""
+        raise NotImplementedError
+
+    def load(self) -> list[Study]:
+        if self._studies is None:
+            issues = InputIssues(self.cohort, self.on_error, self.max_skip_fraction)
+            studies, total = self._read(issues)
+            studies = [st for st in studies if st.study_id not in issues.skipped]
+            issues.finish(total)
+            studies = cap_studies_per_patient(studies, self.max_studies_per_patient, self.split_seed)
+            self._studies = studies
+            counts = Counter(st.split for st in studies)
+            log.info(
+                "%s: %d studies, %d images, %d patients (%s)",
+                self.cohort,
+                len(studies),
+                sum(len(st.images) for st in studies),
+                len({st.patient_id for st in studies}),
+                ", ".join(f"{s}={counts.get(s, 0)}" for s in SPLITS),
+            )
+        return self._studies
+
+    # helpers for subclasses ------------------------------------------------------------------
+    def resolve_split(self, cohort_split: str | None, patient_id: str) -> str:
+        """The study's split under `split_policy`; `cohort_split` is already mapped to our names."""
+        p = self.split_policy
+        if p in SPLITS:
+            return p
+        if p == "hash" or (p == "auto" and not cohort_split):
+            return hash_split(patient_id, self.split_fractions, self.split_seed)
+        if not cohort_split:
+            raise DataError(f"{self.cohort}: split_policy=cohort but patient {patient_id} has no split in the files")
+        return cohort_split
+
+    def keep_view(self, view: str) -> bool:
+        """Whether an image of `view` passes the view filter. A frontal image whose projection is not
+        recorded ("FRONTAL") passes a filter naming PA or AP; an image of unknown view passes only
+        when `keep_unknown_views` (Open-I, whose release records no views)."""
+        if self.views is None:
+            return True
+        v = view.upper()
+        if v == UNKNOWN_VIEW:
+            return self.keep_unknown_views
+        return v in self.views or (v == "FRONTAL" and any(f in self.views for f in FRONTAL_VIEWS))
+
+    def image_problem(self, path: str) -> str | None:
+        """None if the image passes `check_images`, else the reason."""
+        if self.check_images == "none" or self.reports_only:
+            return None
+        if self.check_images == "exists":
+            return None if os.path.isfile(path) else "missing image file"
+        return verify_image(path)

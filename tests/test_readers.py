@@ -1,0 +1,500 @@
+"""Real-cohort readers on hand-made fixtures that carry the official formats' quirks.
+
+Fixtures are written into tmp_path by the functions below (MIMIC-CXR tree with gzip CSVs, labels in
+alphabetical column order with blanks and -1, 79-column reports with `___`, addenda, missing FINDINGS
+and no headers at all; CheXpert Plus CSV with ALL-CAPS findings, multi-line quoted reports and CheXbert
+JSONL with nulls; Open-I XML with `XXXX`, MeSH, a .tgz and an R2Gen annotation.json). The real Open-I
+reports are read from ../shared/data/openi when present.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.chexpert_plus import CheXpertPlusReader
+from datamodules.mimic_cxr import MimicCXRReader
+from datamodules.openi import OpenIReader, _xml_sources, parse_ecgen_xml
+from datamodules.reader_utils import DataError, apply_uncertainty, cap_studies_per_patient, hash_split
+from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
+from datamodules.report_sections import normalize_header, parse_report
+
+OPENI_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "openi" / "NLMCXR_reports.tgz"
+SECRET = "Zanzibarite"  # a token planted in report text: it must never appear in errors or logs
+
+ALPHABETICAL = sorted(CHEXPERT_LABELS)
+
+
+def write_jpeg(path: Path, seed: int, size: int = 24) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format="JPEG", quality=95)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], gz: bool = False) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    data = buf.getvalue().encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+# ---- MIMIC-CXR fixture ------------------------------------------------------------------------------
+REPORT_FULL = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+ 
+ INDICATION:  ___F with new onset ascites  // eval for infection
+ 
+ TECHNIQUE:  Chest PA and lateral
+ 
+ COMPARISON:  None.
+ 
+ FINDINGS: 
+ 
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows. The
+ cardiomediastinal silhouette is normal.
+ 
+ IMPRESSION: 
+ 
+ No acute cardiopulmonary process.
+"""
+
+REPORT_ADDENDUM = f"""                                 FINAL REPORT
+ INDICATION:  ___-year-old man with cough, {SECRET}.
+ 
+ COMPARISON:  Chest radiograph from ___.
+ 
+ IMPRESSIONS: 
+ 
+ Small left pleural effusion.
+ 
+                                 ADDENDUM
+ ADDENDUM:  Discussed with Dr. ___ on ___.
+ 
+ IMPRESSION:  Small left pleural effusion with adjacent atelectasis.
+"""
+
+REPORT_NO_HEADERS = """                                 FINAL REPORT
+ PORTABLE CHEST RADIOGRAPH
+ 
+ Endotracheal tube is 4 cm above the carina.
+ 
+ Lungs are clear. No pneumothorax.
+"""
+
+REPORT_LATERAL_ONLY = """ FINDINGS:  Lateral view only.
+ IMPRESSION:  Normal.
+"""
+
+# (subject, study, [(dicom, view)], report, split)
+MIMIC_STUDIES = [
+    ("10000032", "50414267", [("d1", "PA"), ("d2", "LATERAL")], REPORT_FULL, "train"),
+    ("10000032", "53189527", [("d3", "AP")], REPORT_ADDENDUM, "train"),
+    ("10000764", "57375967", [("d4", "AP")], REPORT_NO_HEADERS, "validate"),
+    ("10000898", "50771383", [("d5", "LATERAL")], REPORT_LATERAL_ONLY, "test"),
+    ("10000935", "51178377", [("d6", "PA")], REPORT_FULL, "test"),
+]
+# By name; written in alphabetical column order like the official file. "" = blank.
+MIMIC_LABELS = {
+    "50414267": {"No Finding": "1.0"},
+    "53189527": {"Pleural Effusion": "1.0", "Atelectasis": "-1.0", "Pneumothorax": "0.0"},
+    "50771383": {"No Finding": "1.0"},
+    "51178377": {"Cardiomegaly": "1.0", "Edema": "-1.0"},
+    # 57375967 deliberately absent (real studies without labels exist)
+}
+
+
+def make_mimic(root: Path, gz: bool = True, label_overrides: dict | None = None) -> Path:
+    meta, split = [], []
+    for subject, study, imgs, report, sp in MIMIC_STUDIES:
+        d = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+        (d / f"s{study}").mkdir(parents=True, exist_ok=True)
+        (d / f"s{study}.txt").write_text(report)
+        for j, (dicom, view) in enumerate(imgs):
+            write_jpeg(d / f"s{study}" / f"{dicom}.jpg", seed=hash((study, j)) % 1000)
+            meta.append([dicom, subject, study, "CHEST (PA AND LAT)", view, 24, 24, "21800506", "213014.531"])
+            split.append([dicom, study, subject, sp])
+    ext = ".csv.gz" if gz else ".csv"
+    write_csv(root / f"mimic-cxr-2.0.0-metadata{ext}",
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+               "Rows", "Columns", "StudyDate", "StudyTime"], meta, gz)
+    write_csv(root / f"mimic-cxr-2.0.0-split{ext}", ["dicom_id", "study_id", "subject_id", "split"], split, gz)
+    labels = dict(MIMIC_LABELS, **(label_overrides or {}))
+    rows = [[s[0], s[1]] + [labels[s[1]].get(n, "") for n in ALPHABETICAL] for s in MIMIC_STUDIES if s[1] in labels]
+    for name in ("chexpert", "negbio"):
+        write_csv(root / f"mimic-cxr-2.0.0-{name}{ext}", ["subject_id", "study_id"] + ALPHABETICAL, rows, gz)
+    return root
+
+
+def by_id(studies):
+    return {s.study_id: s for s in studies}
+
+
+def test_mimic_reads_official_layout(tmp_path):
+    root = make_mimic(tmp_path)
+    studies = by_id(MimicCXRReader(root=str(root)).load())
+    # the lateral-only study is dropped by the frontal filter
+    assert set(studies) == {"50414267", "53189527", "57375967", "51178377"}
+    s = studies["50414267"]
+    assert s.patient_id == "10000032" and s.split == "train" and s.source == "mimic_cxr"
+    assert s.views == ["PA"] and len(s.images) == 1
+    assert Path(s.images[0]).is_absolute() and s.images[0].endswith("files/p10/p10000032/s50414267/d1.jpg")
+    assert s.findings.startswith("There is no focal consolidation") and "nipple shadows. The cardiomediastinal" in s.findings
+    assert s.impression == "No acute cardiopulmonary process."
+    assert studies["57375967"].split == "val"  # "validate" -> val
+    # labels mapped by name from alphabetical columns; blanks NaN; -1 kept
+    lab = studies["53189527"].labels
+    assert lab[LABEL_INDEX["Pleural Effusion"]] == 1 and lab[LABEL_INDEX["Atelectasis"]] == -1
+    assert lab[LABEL_INDEX["Pneumothorax"]] == 0 and math.isnan(lab[LABEL_INDEX["No Finding"]])
+    assert studies["51178377"].labels[LABEL_INDEX["Cardiomegaly"]] == 1
+    assert np.isnan(studies["57375967"].labels).all()  # no row in the label file
+
+
+def test_mimic_sections_addendum_fallback_and_deid(tmp_path):
+    studies = by_id(MimicCXRReader(root=str(make_mimic(tmp_path, gz=False))).load())
+    add = studies["53189527"]
+    assert add.findings == ""  # no FINDINGS section
+    assert add.impression == "Small left pleural effusion with adjacent atelectasis."  # last IMPRESSION wins
+    assert "___" in add.report  # de-identification kept as written
+    nohead = studies["57375967"]
+    assert nohead.findings == "" and nohead.impression == "Lungs are clear. No pneumothorax."
+    assert nohead.extras["sections_fallback"] is True
+    with pytest.raises(DataError, match="section-less report"):
+        MimicCXRReader(root=str(tmp_path), fallback_last_paragraph=False).load()
+
+
+def test_mimic_options(tmp_path):
+    root = make_mimic(tmp_path)
+    everything = by_id(MimicCXRReader(root=str(root), views=None).load())
+    assert "50771383" in everything and everything["50414267"].views == ["PA", "LATERAL"]
+    zeros = by_id(MimicCXRReader(root=str(root), uncertainty="zeros").load())
+    assert zeros["53189527"].labels[LABEL_INDEX["Atelectasis"]] == 0
+    hashed = MimicCXRReader(root=str(root), split_policy="hash", split_fractions=[0.5, 0.25, 0.25]).load()
+    assert all(s.split == hash_split(s.patient_id, (0.5, 0.25, 0.25)) for s in hashed)
+    capped = MimicCXRReader(root=str(root), max_studies_per_patient=1).load()
+    assert sorted(s.patient_id for s in capped) == ["10000032", "10000764", "10000935"]
+    assert [s.split for s in MimicCXRReader(root=str(root), split_policy="test").load()] == ["test"] * 4
+    reports = MimicCXRReader(root=str(root), reports_only=True, views=None).load()
+    assert len(reports) == 5 and all(s.images == [] for s in reports)
+
+
+def _mimic_study_dir(root, subject, study):
+    return root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+
+
+def test_mimic_bad_input_raises_naming_the_file(tmp_path, caplog):
+    root = make_mimic(tmp_path)
+    img = _mimic_study_dir(root, "10000764", "57375967") / "d4.jpg"
+    img.unlink()
+    with pytest.raises(DataError, match=r"d4\.jpg: missing image file"):
+        MimicCXRReader(root=str(root)).load()
+    # skip: counted, logged, and refused only above max_skip_fraction
+    caplog.set_level(logging.INFO)
+    studies = MimicCXRReader(root=str(root), on_error="skip", max_skip_fraction=0.5).load()
+    assert "57375967" not in by_id(studies) and len(studies) == 3
+    assert "skipped 1 x missing image file" in caplog.text
+    with pytest.raises(DataError, match="more than max_skip_fraction=0.1"):
+        MimicCXRReader(root=str(root), on_error="skip", max_skip_fraction=0.1).load()
+    assert SECRET not in caplog.text
+
+
+def test_mimic_corrupt_image_eager_and_lazy(tmp_path):
+    root = make_mimic(tmp_path)
+    bad = _mimic_study_dir(root, "10000935", "51178377") / "d6.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DataError, match=r"d6\.jpg: corrupt image file"):
+        MimicCXRReader(root=str(root), check_images="verify").load()
+    # default check is only "exists": the datamodule names the file when it decodes it
+    from datamodules.datamodule import load_image
+
+    study = by_id(MimicCXRReader(root=str(root)).load())["51178377"]
+    with pytest.raises(ValueError, match="d6.jpg could not be decoded"):
+        load_image(study.images[0], where="test")
+
+
+def test_mimic_bad_labels_duplicates_and_empty_reports(tmp_path):
+    root = make_mimic(tmp_path / "a", label_overrides={"50414267": {"Edema": "2.0"}})
+    with pytest.raises(DataError, match=r"mimic-cxr-2.0.0-chexpert.csv.gz line \d+: bad label value"):
+        MimicCXRReader(root=str(root)).load()
+    root = make_mimic(tmp_path / "b")
+    (root / "files/p10/p10000935/s51178377.txt").write_text("  \n \n")
+    with pytest.raises(DataError, match=r"s51178377.txt: empty report"):
+        MimicCXRReader(root=str(root)).load()
+    root = make_mimic(tmp_path / "c", gz=False)
+    meta = root / "mimic-cxr-2.0.0-metadata.csv"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join(lines + [lines[1]]) + "\n")
+    with pytest.raises(DataError, match=r"line 8: duplicate dicom_id d1 \(first at line 2\)"):
+        MimicCXRReader(root=str(root)).load()
+
+
+def test_mimic_errors_never_carry_report_text(tmp_path, caplog):
+    root = make_mimic(tmp_path)
+    (root / "files/p10/p10000032/s53189527.txt").write_text(f" {SECRET} {SECRET}\n")  # header-less, one line
+    caplog.set_level(logging.DEBUG)
+    studies = by_id(MimicCXRReader(root=str(root)).load())
+    assert studies["53189527"].impression == f"{SECRET} {SECRET}"  # fallback keeps it as the text...
+    assert SECRET not in caplog.text  # ...but nothing logs it
+
+
+# ---- section parser -------------------------------------------------------------------------------
+def test_section_parser_rules():
+    assert normalize_header("IMPRESSIONS") == "impression"
+    assert normalize_header("IMPRESSON") == "impression" and normalize_header("FINDNGS") == "findings"
+    assert normalize_header("Wet  Read") == "wet read" and normalize_header("COMPARISON EXAM") == "comparison"
+    p = parse_report(REPORT_FULL)
+    assert [n for n, _ in p.sections] == ["preamble", "examination", "indication", "technique", "comparison",
+                                          "findings", "impression"]
+    assert p.by_name["preamble"] == "FINAL REPORT" and not p.used_fallback
+    p = parse_report(" FINDINGS AND IMPRESSION:  No change.\n")
+    assert p.findings == p.impression == "No change."
+    p = parse_report("Lungs clear.\n\n1. No acute process. 2. Line tip in SVC.")
+    assert p.impression == "1. No acute process. 2. Line tip in SVC." and p.used_fallback
+    assert parse_report("").impression == ""
+
+
+def test_uncertainty_split_and_cap_helpers():
+    lab = np.array([1, 0, -1, np.nan] + [0] * 10, dtype=np.float32)
+    assert apply_uncertainty(lab, "ones")[2] == 1 and math.isnan(apply_uncertainty(lab, "ignore")[2])
+    assert apply_uncertainty(lab, "keep")[2] == -1
+    splits = [hash_split(f"p{i}", seed=3) for i in range(2000)]
+    assert splits == [hash_split(f"p{i}", seed=3) for i in range(2000)]
+    assert 0.75 < splits.count("train") / 2000 < 0.85
+    with pytest.raises(ValueError):
+        hash_split("p", (0.5, 0.5, 0.5))
+    assert cap_studies_per_patient([], 2) == []
+
+
+# ---- CheXpert Plus fixture ---------------------------------------------------------------------------
+CXP_HEADER = ["path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
+              "patient_report_date_order", "report", "section_narrative", "section_clinical_history",
+              "section_history", "section_comparison", "section_technique", "section_procedure_comments",
+              "section_findings", "section_impression", "section_end_of_impression", "section_summary",
+              "section_accession_number", "age", "sex", "race", "ethnicity", "interpreter_needed",
+              "insurance_type", "recent_bmi", "deceased", "split"]
+CXP_REPORT = "NARRATIVE:\nCHEST, TWO VIEWS\n\nFINDINGS:\nTHE LUNGS ARE CLEAR.\n\nIMPRESSION:\n1. NO ACUTE DISEASE."
+
+
+def make_chexpert_plus(root: Path, png_release: bool = False) -> Path:
+    rows = [
+        # (path, F/L, ap_pa, patient, report, findings, impression, split)
+        ("train/patient00001/study1/view1_frontal.jpg", "Frontal", "PA", "patient00001", CXP_REPORT,
+         "THE LUNGS ARE CLEAR.", "1. NO ACUTE DISEASE.", "train"),
+        ("train/patient00001/study1/view2_lateral.jpg", "Lateral", "", "patient00001", CXP_REPORT,
+         "THE LUNGS ARE CLEAR.", "1. NO ACUTE DISEASE.", "train"),
+        ("train/patient00002/study1/view1_frontal.jpg", "Frontal", "AP", "patient00002",
+         "IMPRESSION:\nSupport devices unchanged.", "", "Support devices unchanged.", "train"),
+        # both sections blank in the CSV: the report's own headers are parsed instead
+        ("valid/patient64541/study1/view1_frontal.jpg", "Frontal", "AP", "patient64541",
+         f"HISTORY: {SECRET}\n\nFINDINGS: Mild cardiomegaly.\n\nIMPRESSION: Cardiomegaly.", "", "", "valid"),
+    ]
+    out = []
+    for i, (p, fl, ap, pid, rep, fi, im, sp) in enumerate(rows):
+        img = root / ("PNG/" + p.replace(".jpg", ".png") if png_release else p)
+        img.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8)
+        Image.fromarray(arr).save(img)
+        row = {k: "" for k in CXP_HEADER}
+        row.update(path_to_image=p, frontal_lateral=fl, ap_pa=ap, deid_patient_id=pid, report=rep,
+                   section_findings=fi, section_impression=im, split=sp, age="68", sex="Female")
+        out.append([row[k] for k in CXP_HEADER])
+    write_csv(root / "df_chexpert_plus_240401.csv", CXP_HEADER, out)
+    (root / "chexbert_labels").mkdir(exist_ok=True)
+    recs = [
+        {"path_to_image": rows[0][0], **{n: None for n in CHEXPERT_LABELS}, "No Finding": 1.0},
+        {"path_to_image": rows[2][0], **{n: None for n in CHEXPERT_LABELS}, "Support Devices": 1.0, "Edema": -1.0},
+        {"path_to_image": rows[3][0], **{n: None for n in CHEXPERT_LABELS}, "Cardiomegaly": 1.0, "Edema": 0.0},
+    ]
+    for name in ("impression_fixed.json", "findings_fixed.json"):
+        (root / "chexbert_labels" / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+@pytest.mark.parametrize("png_release", [False, True])
+def test_chexpert_plus_reads_official_layout(tmp_path, png_release):
+    root = make_chexpert_plus(tmp_path, png_release)
+    studies = by_id(CheXpertPlusReader(root=str(root)).load())
+    assert set(studies) == {"train/patient00001/study1", "train/patient00002/study1", "valid/patient64541/study1"}
+    s = studies["train/patient00001/study1"]
+    assert s.patient_id == "patient00001" and s.views == ["PA"] and s.split == "train"
+    assert s.findings == "THE LUNGS ARE CLEAR." and s.impression == "1. NO ACUTE DISEASE."  # ALL CAPS kept
+    assert Path(s.images[0]).is_file() and s.images[0].endswith(".png" if png_release else ".jpg")
+    assert s.labels[LABEL_INDEX["No Finding"]] == 1 and np.isnan(s.labels[1:]).all()
+    v = studies["valid/patient64541/study1"]
+    assert v.split == "val" and v.findings == "Mild cardiomegaly." and v.impression == "Cardiomegaly."
+    assert v.labels[LABEL_INDEX["Cardiomegaly"]] == 1 and v.labels[LABEL_INDEX["Edema"]] == 0
+    d = studies["train/patient00002/study1"]
+    assert d.findings == "" and d.labels[LABEL_INDEX["Edema"]] == -1
+    both = by_id(CheXpertPlusReader(root=str(root), views=None, label_file=None).load())
+    assert both["train/patient00001/study1"].views == ["PA", "LATERAL"]
+    assert np.isnan(both["train/patient00001/study1"].labels).all()
+    assert {s.split for s in CheXpertPlusReader(root=str(root), split_policy="test").load()} == {"test"}
+
+
+def test_chexpert_plus_bad_input(tmp_path, caplog):
+    root = make_chexpert_plus(tmp_path)
+    (root / "train/patient00002/study1/view1_frontal.jpg").unlink()
+    with pytest.raises(DataError, match=r"df_chexpert_plus_240401.csv line 4: .*view1_frontal.jpg: missing image"):
+        CheXpertPlusReader(root=str(root)).load()
+    caplog.set_level(logging.INFO)
+    assert len(CheXpertPlusReader(root=str(root), on_error="skip", max_skip_fraction=0.5).load()) == 2
+    assert SECRET not in caplog.text
+    lab = root / "chexbert_labels/impression_fixed.json"
+    lab.write_text(lab.read_text().replace('"Edema": 0.0', '"Edema": "maybe"'))
+    with pytest.raises(DataError, match="impression_fixed.json line 3: bad label value"):
+        CheXpertPlusReader(root=str(root), views=None).load()
+
+
+# ---- Open-I fixture ----------------------------------------------------------------------------------
+def openi_xml(n: int, sections: dict, images: list[str], mesh: list[str]) -> str:
+    abstract = "".join(f'<AbstractText Label="{k}">{v}</AbstractText>' for k, v in sections.items())
+    imgs = "".join(f'<parentImage id="{i}"><figureId>F1</figureId><caption>Xray Chest</caption></parentImage>'
+                   for i in images)
+    mesh_xml = "".join(f"<major>{m}</major>" for m in mesh)
+    return (f'<?xml version="1.0" encoding="utf-8"?><eCitation><meta type="rr"/><uId id="CXR{n}"/>'
+            f'<pmcId id="{n}"/><MedlineCitation><Article><Abstract>{abstract}</Abstract></Article>'
+            f"</MedlineCitation><MeSH>{mesh_xml}</MeSH>{imgs}</eCitation>")
+
+
+OPENI = [
+    (1, {"COMPARISON": "None.", "INDICATION": "Positive TB test", "FINDINGS": "The heart is normal in size.",
+         "IMPRESSION": "Normal chest x-XXXX."}, ["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001"], ["normal"]),
+    (2, {"COMPARISON": "", "INDICATION": "XXXX-year-old male, chest pain.", "FINDINGS": "",
+         "IMPRESSION": "No active disease."}, ["CXR2_1_IM-0652-1001"], ["Cardiomegaly/borderline"]),
+    (10, {"COMPARISON": "", "INDICATION": "", "FINDINGS": "", "IMPRESSION": ""}, ["CXR10_1_IM-0016-1001"], []),
+]
+
+
+def make_openi(root: Path, images: bool = True) -> Path:
+    d = root / "ecgen-radiology"
+    d.mkdir(parents=True)
+    for n, sec, imgs, mesh in OPENI:
+        (d / f"{n}.xml").write_text(openi_xml(n, sec, imgs, mesh))
+        if images:
+            for k, i in enumerate(imgs):
+                (root / "images").mkdir(exist_ok=True)
+                Image.fromarray(np.full((16, 16), 40 * k, dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    write_csv(root / "indiana_projections.csv", ["uid", "filename", "projection"],
+              [[1, "1_IM-0001-4001.dcm.png", "Frontal"], [1, "CXR1_1_IM-0001-3001.png", "Frontal"],
+               [1, "CXR1_1_IM-0001-4001.png", "Lateral"]])
+    write_csv(root / "labels.csv", ["id", "Reports", "Cardiomegaly", "No Finding"],
+              [["CXR1", "(text not used)", "", "1"], ["CXR2", "", "-1", ""]])
+    return root
+
+
+def test_openi_xml_directory_and_tgz(tmp_path, caplog):
+    root = make_openi(tmp_path / "openi")
+    caplog.set_level(logging.INFO)
+    studies = by_id(OpenIReader(root=str(root), projections_csv="indiana_projections.csv",
+                                labels_csv="labels.csv", max_skip_fraction=0.5).load())
+    assert set(studies) == {"CXR1", "CXR2"}  # CXR10 has no text at all: skipped as empty
+    assert "skipped 1 x empty report" in caplog.text
+    s1 = studies["CXR1"]
+    assert s1.views == ["FRONTAL"] and s1.images[0].endswith("images/CXR1_1_IM-0001-3001.png")
+    assert s1.impression == "Normal chest x-XXXX." and s1.findings == "The heart is normal in size."
+    assert s1.report.startswith("COMPARISON: None.\nINDICATION: Positive TB test\nFINDINGS:")
+    assert s1.extras["mesh_major"] == ["normal"] and s1.patient_id == "CXR1"
+    assert s1.labels[LABEL_INDEX["No Finding"]] == 1 and np.isnan(s1.labels[LABEL_INDEX["Cardiomegaly"]])
+    s2 = studies["CXR2"]
+    assert s2.findings == "" and s2.views == ["UNKNOWN"] and s2.labels[LABEL_INDEX["Cardiomegaly"]] == -1
+    assert "XXXX-year-old" in s2.report
+    assert all(s.split in ("train", "val", "test") for s in studies.values())
+    # no label file: all NaN; the archive is read without extracting; no images -> reports only
+    tgz = tmp_path / "NLMCXR_reports.tgz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(root / "ecgen-radiology", arcname="ecgen-radiology")
+    for r in (str(tgz), str(tmp_path)):
+        ro = by_id(OpenIReader(root=r, max_skip_fraction=0.5).load())
+        assert set(ro) == {"CXR1", "CXR2"} and ro["CXR1"].images == [] and np.isnan(ro["CXR1"].labels).all()
+        assert ro["CXR1"].findings == s1.findings
+
+
+def test_openi_bad_input(tmp_path):
+    root = make_openi(tmp_path)
+    (root / "images" / "CXR2_1_IM-0652-1001.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match=r"2.xml: .*CXR2_1_IM-0652-1001.png: corrupt image file"):
+        OpenIReader(root=str(root), check_images="verify", on_error="raise").load()
+    with pytest.raises(DataError, match="more than max_skip_fraction"):
+        OpenIReader(root=str(root)).load()  # 1 of 3 empty > 1%
+    (root / "ecgen-radiology" / "3.xml").write_text("<eCitation><uId id='CXR2'/></eCitation>")
+    with pytest.raises(DataError, match=r"3.xml: duplicate study id"):
+        OpenIReader(root=str(root), on_error="raise").load()
+
+
+def test_openi_r2gen_annotation(tmp_path):
+    (tmp_path / "images" / "CXR7_IM-1").mkdir(parents=True)
+    for k in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "CXR7_IM-1" / f"{k}.png")
+    ann = {"train": [{"id": "CXR7_IM-1", "report": "The lungs are clear. No effusion.",
+                      "image_path": ["CXR7_IM-1/0.png", "CXR7_IM-1/1.png"], "split": "train"}],
+           "val": [{"id": "CXR8_IM-2", "report": "FINDINGS: Clear.\nIMPRESSION: Normal.", "image_path": [], "split": "val"}],
+           "test": []}
+    (tmp_path / "annotation.json").write_text(json.dumps(ann))
+    studies = by_id(OpenIReader(root=str(tmp_path), annotation_json="annotation.json", reports_only=True).load())
+    assert studies["CXR7_IM-1"].findings == "The lungs are clear. No effusion." and studies["CXR7_IM-1"].split == "train"
+    assert studies["CXR8_IM-2"].impression == "Normal." and studies["CXR8_IM-2"].split == "val"
+    with_images = by_id(OpenIReader(root=str(tmp_path), annotation_json="annotation.json", max_skip_fraction=0.5).load())
+    assert len(with_images["CXR7_IM-1"].images) == 2 and "CXR8_IM-2" not in with_images
+
+
+# ---- the real Open-I reports -------------------------------------------------------------------------
+@pytest.mark.skipif(not OPENI_ARCHIVE.is_file(), reason=f"real Open-I reports not at {OPENI_ARCHIVE}")
+def test_openi_real_reports_from_archive(caplog):
+    """All 3,955 published reports parse; section counts match NLM's (3,425 / 3,921 / 3,419)."""
+    n = findings = impression = both = 0
+    for where, stream in _xml_sources(OPENI_ARCHIVE):
+        sec = parse_ecgen_xml(stream, where)["sections"]
+        f, i = bool(sec.get("FINDINGS")), bool(sec.get("IMPRESSION"))
+        n, findings, impression, both = n + 1, findings + f, impression + i, both + (f and i)
+    assert (n, findings, impression, both) == (3955, 3425, 3921, 3419)
+    # The reader: 28 reports have no section text at all and are skipped as empty (0.7% < 1%).
+    caplog.set_level(logging.INFO)
+    studies = OpenIReader(root=str(OPENI_ARCHIVE.parent)).load()
+    assert len(studies) == 3955 - 28 and "skipped 28 x empty report" in caplog.text
+    assert sum(bool(s.findings) for s in studies) == 3425 and sum(bool(s.impression) for s in studies) == 3921
+    assert all(s.images == [] and np.isnan(s.labels).all() for s in studies)
+    # 7,470 image references in all; the 28 empty reports hold 40 of them
+    assert sum(len(s.extras["image_ids"]) for s in studies) == 7470 - 40
+
+
+def test_blank_and_frontal_only_views(tmp_path):
+    root = make_mimic(tmp_path / "m", gz=False)
+    meta = root / "mimic-cxr-2.0.0-metadata.csv"
+    meta.write_text(meta.read_text().replace("d6,10000935,51178377,CHEST (PA AND LAT),PA,", "d6,10000935,51178377,CHEST (PA AND LAT),,"))
+    assert "51178377" not in by_id(MimicCXRReader(root=str(root)).load())  # blank ViewPosition: not frontal
+    kept = by_id(MimicCXRReader(root=str(root), keep_unknown_views=True).load())
+    assert kept["51178377"].views == ["UNKNOWN"]
+    cxp = make_chexpert_plus(tmp_path / "c")
+    csv_path = cxp / "df_chexpert_plus_240401.csv"
+    csv_path.write_text(csv_path.read_text().replace("Frontal,AP,patient00002", "Frontal,,patient00002"))
+    assert by_id(CheXpertPlusReader(root=str(cxp)).load())["train/patient00002/study1"].views == ["FRONTAL"]
+
+
+@pytest.mark.parametrize("cohort", ["mimic_cxr", "chexpert_plus", "openi"])
+def test_data_configs_build_the_readers(tmp_path, cohort):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from tests.conftest import CONFIG_DIR
+
+    root = {"mimic_cxr": make_mimic, "chexpert_plus": make_chexpert_plus, "openi": make_openi}[cohort](tmp_path / "d")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        cfg = compose("train.yaml", overrides=[f"data={cohort}", f"data.root={root}", "data.reader.max_skip_fraction=0.5"])
+    GlobalHydra.instance().clear()
+    assert cfg.data._target_ == "datamodules.datamodule.CXRDataModule"
+    studies = instantiate(cfg.data.reader).load()
+    assert len(studies) == {"mimic_cxr": 4, "chexpert_plus": 3, "openi": 2}[cohort]
