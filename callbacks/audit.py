@@ -1,0 +1,345 @@
+"""Lightning callbacks: the re-linkage audit and the linear probe, run during validation.
+
+Both collect what ``validation_step`` returns (contract: a dict with "image_emb",
+"report_emb", "labels", "study_idx", "patient_idx", "index"), gather it across ranks,
+drop the duplicates a padding DistributedSampler adds (by the dataset ``index``), sort by
+``index`` (so the result does not depend on the world size), compute on rank 0 every
+``every_n_epochs`` (always under ``trainer.validate``), broadcast the scalars so every rank
+logs the same values (they can be monitored), and write a versioned JSON result (and the
+Recall-vs-N plot) into the run directory. The plot goes to W&B as an image only when a
+WandbLogger is attached. Report text never leaves memory: dedup uses hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks import result as R
+from callbacks.metrics import EmbeddingSet, relinkage_audit
+from callbacks.probe import linear_probe
+
+REQUIRED_KEYS = ("image_emb", "report_emb", "labels", "study_idx", "patient_idx", "index")
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def gather_varsize(trainer: Trainer, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """all_gather of tensors whose first dimension differs across ranks (padded, trimmed)."""
+    if trainer.world_size <= 1:
+        return t
+    x = t.to(device)
+    n = torch.tensor([x.shape[0]], device=device)
+    sizes = trainer.strategy.all_gather(n).reshape(-1).tolist()
+    m = max(sizes)
+    if x.shape[0] < m:
+        pad = torch.zeros((m - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=device)
+        x = torch.cat([x, pad])
+    g = trainer.strategy.all_gather(x)  # [W, m, ...]
+    return torch.cat([g[r, : sizes[r]] for r in range(len(sizes))]).cpu()
+
+
+class _Collector:
+    def __init__(self, keys: Sequence[str]):
+        self.keys = tuple(keys)
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
+
+    def add(self, outputs: Any, who: str) -> None:
+        if not isinstance(outputs, dict):
+            raise TypeError(f"{who}: validation_step must return a dict with keys {list(self.keys)}, got {type(outputs).__name__}")
+        missing = [k for k in self.keys if k not in outputs]
+        if missing:
+            raise KeyError(f"{who}: validation_step output lacks {missing} (needs {list(self.keys)})")
+        for k in self.keys:
+            v = outputs[k]
+            v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+            self.buf[k].append(v.detach().cpu())
+
+    def gather(self, trainer: Trainer, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+        """Concatenate, gather across ranks, drop padding duplicates by index, sort by index."""
+        local = {}
+        for k in self.keys:
+            if self.buf[k]:
+                local[k] = torch.cat(self.buf[k])
+            else:  # a rank with no batch still has to join the collectives
+                local[k] = torch.zeros((0,), dtype=torch.float32)
+        if not self.buf[self.keys[0]] and trainer.world_size <= 1:
+            raise ValueError("no validation outputs were collected: is the evaluation split empty?")
+        full = {k: gather_varsize(trainer, v, device) for k, v in local.items()}
+        idx = full["index"].reshape(-1).long().numpy()
+        _, first = np.unique(idx, return_index=True)  # sorted by index, first occurrence
+        keep = torch.as_tensor(first)
+        dropped = int(idx.size - first.size)
+        return {k: v[keep] for k, v in full.items()}, dropped
+
+
+def _is_due(trainer: Trainer, every_n_epochs: int) -> bool:
+    if trainer.sanity_checking:
+        return False
+    if trainer.state.fn != TrainerFn.FITTING:
+        return True
+    return every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+def _run_dir(trainer: Trainer, out_dir: str | None) -> str:
+    if out_dir:
+        return out_dir
+    base = trainer.log_dir or trainer.default_root_dir
+    return os.path.join(base, "audit")
+
+
+def _split_name(trainer: Trainer, cb: Any) -> str:
+    """The split being validated: the datamodule's ``val_split`` when it has one."""
+    dm = cb.datamodule or trainer.datamodule
+    return str(getattr(dm, "val_split", None) or cb.split)
+
+
+def _log_scalars(pl_module: LightningModule, values: dict[str, float]) -> None:
+    for name, v in values.items():
+        pl_module.log(name, float(v), on_step=False, on_epoch=True, sync_dist=False, prog_bar=False)
+
+
+def _stem(trainer: Trainer, prefix: str) -> str:
+    if trainer.state.fn == TrainerFn.FITTING:
+        return f"{prefix}_epoch={trainer.current_epoch:03d}"
+    return prefix
+
+
+def embedding_set_from_outputs(
+    data: dict[str, torch.Tensor], text_hash: Sequence[str] | None = None
+) -> EmbeddingSet:
+    """Gathered validation outputs (one row per image item) -> EmbeddingSet."""
+    th = None
+    if text_hash is not None:
+        th = [text_hash[int(s)] for s in data["study_idx"].reshape(-1)]
+    return EmbeddingSet.from_items(
+        data["image_emb"], data["report_emb"], data["study_idx"].reshape(-1).numpy(),
+        data["patient_idx"].reshape(-1).numpy(), data["labels"].numpy(), th,
+    )
+
+
+def report_hashes(studies: Sequence[Any]) -> list[str]:
+    """SHA-1 of each study's report text (whitespace-normalised); the text itself is never kept."""
+    return [hashlib.sha1(" ".join(str(s.report).split()).encode()).hexdigest() for s in studies]
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class RelinkageAudit(Callback):
+    """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation callback.
+
+    ns: pool sizes, integers and/or "full"; integers >= the number of candidates in the
+    split are clipped (the full database covers them). Logs ``audit/<variant>/R@K/N=<n>``
+    and ``.../x_chance`` (see callbacks/result.py for every name).
+    """
+
+    def __init__(
+        self,
+        ks: Sequence[int] = (1, 5, 10),
+        ns: Sequence[int | str] = (100, 1000, 10000, "full"),
+        directions: Sequence[str] = ("i2t", "t2i"),
+        hardneg: bool = True,
+        label_mapping: str = "blank_negative",
+        dedup: bool = False,
+        ties: str = "pessimistic",
+        n_boot: int = 1000,
+        seed: int = 0,
+        every_n_epochs: int = 1,
+        chunk_size: int | None = None,
+        device: str | None = None,
+        fused: bool | str = "auto",
+        out_dir: str | None = None,
+        write_json: bool = True,
+        log_plot: bool = True,
+        split: str = "val",
+    ):
+        super().__init__()
+        self.settings = {
+            "ks": [int(k) for k in ks], "ns": [n if isinstance(n, str) else int(n) for n in ns],
+            "directions": list(directions), "hardneg": bool(hardneg), "label_mapping": label_mapping,
+            "dedup": bool(dedup), "ties": ties, "n_boot": int(n_boot), "seed": int(seed),
+        }
+        self.every_n_epochs = every_n_epochs
+        self.chunk_size = chunk_size
+        self.device = device
+        self.fused = fused  # compile the counting step (see metrics.rank_counts); results identical
+        self.out_dir = out_dir
+        self.write_json = write_json
+        self.log_plot = log_plot
+        self.split = split
+        self.datamodule: Any = None  # set by evaluate.py when validating on explicit dataloaders
+        self.last_result: dict[str, Any] | None = None
+        self._collector = _Collector(REQUIRED_KEYS)
+        self._active = False
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._active = _is_due(trainer, self.every_n_epochs)
+        self._collector.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active and dataloader_idx == 0:
+            self._collector.add(outputs, "RelinkageAudit")
+
+    def _text_hashes(self, trainer: Trainer) -> list[str] | None:
+        dm = self.datamodule or trainer.datamodule
+        if dm is None or not hasattr(dm, "studies"):
+            rank_zero_warn("RelinkageAudit: dedup needs datamodule.studies(split); dedup skipped")
+            return None
+        return report_hashes(dm.studies(_split_name(trainer, self)))
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active:
+            return
+        self._active = False
+        data, dropped = self._collector.gather(trainer, pl_module.device)
+        self._collector.reset()
+        values: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            s = self.settings
+            hashes = self._text_hashes(trainer) if s["dedup"] else None
+            es = embedding_set_from_outputs(data, hashes)
+            rel = relinkage_audit(
+                es, ks=s["ks"], ns=s["ns"], directions=s["directions"], hardneg=s["hardneg"],
+                dedup=s["dedup"] and hashes is not None, ties=s["ties"], label_mapping=s["label_mapping"],
+                n_boot=s["n_boot"], seed=s["seed"], chunk_size=self.chunk_size,
+                device=self.device or pl_module.device, fused=self.fused,
+            )
+            meta = {
+                "model": type(pl_module).__name__, "split": _split_name(trainer, self), "epoch": int(trainer.current_epoch),
+                "global_step": int(trainer.global_step), "n_items": es.n_items, "n_studies": es.n_studies,
+                "n_patients": int(torch.unique(es.study_patient).numel()), "world_size": int(trainer.world_size),
+                "n_padding_duplicates_dropped": dropped,
+            }
+            res = R.build_result(relinkage=rel, meta=meta, settings=s)
+            self.last_result = res
+            values = R.scalars(res)
+            self._write(trainer, res)
+        values = trainer.strategy.broadcast(values, src=0)
+        _log_scalars(pl_module, values)
+
+    def _write(self, trainer: Trainer, res: dict[str, Any]) -> None:
+        if not (self.write_json or self.log_plot):
+            return
+        out = _run_dir(trainer, self.out_dir)
+        os.makedirs(out, exist_ok=True)
+        stem = _stem(trainer, "relinkage")
+        if self.write_json:
+            R.write_result(res, os.path.join(out, stem + ".json"))
+        if self.log_plot:
+            import matplotlib.pyplot as plt
+
+            png = os.path.join(out, stem + "_recall_vs_n.png")
+            fig = R.plot_recall_vs_n(res, png)
+            plt.close(fig)
+            try:
+                from lightning.pytorch.loggers import WandbLogger
+            except ImportError:  # pragma: no cover
+                return
+            for lg in trainer.loggers:
+                if isinstance(lg, WandbLogger):
+                    lg.log_image(key="audit/recall_vs_n", images=[png], step=trainer.global_step)
+
+
+class LinearProbe(Callback):
+    """Linear probe of the frozen image embeddings: train split -> evaluation split.
+
+    The evaluation embeddings are the validation outputs; the train-split embeddings come
+    from ``datamodule.eval_dataloader("train")`` encoded with ``pl_module.encode_images``
+    (at most ``max_train_samples`` images, in loader order; on rank 0 only). Logs
+    ``probe/macro_auroc`` and ``probe/auroc/<label>``.
+    """
+
+    def __init__(
+        self,
+        eval_labels: Sequence[str] | None = None,
+        uncertain: str = "ignore",
+        blank: str = "ignore",
+        l2: float = 1e-3,
+        max_iter: int = 200,
+        max_train_samples: int = 20000,
+        n_boot: int = 200,
+        seed: int = 0,
+        every_n_epochs: int = 1,
+        out_dir: str | None = None,
+        write_json: bool = True,
+        split: str = "val",
+    ):
+        super().__init__()
+        self.settings = {
+            "eval_labels": list(eval_labels) if eval_labels is not None else None, "uncertain": uncertain,
+            "blank": blank, "l2": float(l2), "max_iter": int(max_iter),
+            "max_train_samples": int(max_train_samples), "n_boot": int(n_boot), "seed": int(seed),
+        }
+        self.every_n_epochs = every_n_epochs
+        self.out_dir = out_dir
+        self.write_json = write_json
+        self.split = split
+        self.datamodule: Any = None
+        self.last_result: dict[str, Any] | None = None
+        self._collector = _Collector(("image_emb", "labels", "patient_idx", "index"))
+        self._active = False
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._active = _is_due(trainer, self.every_n_epochs)
+        self._collector.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active and dataloader_idx == 0:
+            self._collector.add(outputs, "LinearProbe")
+
+    def encode_train(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        dm = self.datamodule or trainer.datamodule
+        if dm is None or not hasattr(dm, "eval_dataloader"):
+            raise ValueError("LinearProbe needs a datamodule with eval_dataloader('train') for train-split embeddings")
+        cap = self.settings["max_train_samples"]
+        embs, labs, n = [], [], 0
+        with torch.no_grad():
+            for batch in dm.eval_dataloader("train"):
+                emb = pl_module.encode_images(batch["image"].to(pl_module.device))
+                embs.append(emb.detach().float().cpu())
+                labs.append(torch.as_tensor(batch["labels"]).float().cpu())
+                n += emb.shape[0]
+                if n >= cap:
+                    break
+        if not embs:
+            raise ValueError("LinearProbe: the train split is empty")
+        return torch.cat(embs)[:cap], torch.cat(labs)[:cap]
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active:
+            return
+        self._active = False
+        data, dropped = self._collector.gather(trainer, pl_module.device)
+        self._collector.reset()
+        values: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            xtr, ytr = self.encode_train(trainer, pl_module)
+            s = self.settings
+            probe = linear_probe(
+                xtr, ytr.numpy(), data["image_emb"], data["labels"].numpy(), eval_labels=s["eval_labels"],
+                uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"], max_iter=s["max_iter"],
+                test_patient=data["patient_idx"].numpy(), n_boot=s["n_boot"], seed=s["seed"],
+            )
+            meta = {"model": type(pl_module).__name__, "split": _split_name(trainer, self), "epoch": int(trainer.current_epoch),
+                    "global_step": int(trainer.global_step), "world_size": int(trainer.world_size),
+                    "n_padding_duplicates_dropped": dropped}
+            res = R.build_result(probe=probe, meta=meta, settings=s)
+            self.last_result = res
+            values = R.scalars(res)
+            if self.write_json:
+                out = _run_dir(trainer, self.out_dir)
+                R.write_result(res, os.path.join(out, _stem(trainer, "probe") + ".json"))
+        values = trainer.strategy.broadcast(values, src=0)
+        _log_scalars(pl_module, values)

@@ -1,0 +1,210 @@
+"""Linear probe: are the frozen image embeddings still clinically useful?
+
+Multi-label logistic regression (one independent logistic model per CheXpert label, fitted
+jointly with full-batch L-BFGS on standardised features, L2 on the weights) trained on the
+train split and scored on the evaluation split; macro AUROC over the labels with
+torchmetrics. Labels are always addressed by name (CHEXPERT_LABELS), never by position.
+
+Uncertainty policy (configurable): ``uncertain`` in {"ignore" (default), "zeros", "ones"}
+for -1 and ``blank`` in {"ignore" (default), "zeros"} for NaN. "ignore" masks the value out
+of that label's loss and of its AUROC (the usual CheXpert evaluation). A label that has a
+single class among the evaluated test items is skipped and named in the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from callbacks.metrics import as_embeddings
+from datamodules.records import CHEXPERT_LABELS
+
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
+BLANK_POLICIES = ("ignore", "zeros")
+
+
+def resolve_label_names(names: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """Validate label names; ``None`` means all ``available``."""
+    if names is None:
+        return list(available)
+    names = [str(n) for n in names]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown label names {unknown}; known names are {list(available)}")
+    if not names:
+        raise ValueError("no label names to evaluate")
+    return names
+
+
+def apply_label_policy(y: torch.Tensor, uncertain: str, blank: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(binary targets, valid mask) under the uncertainty policy."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"unknown uncertain policy {uncertain!r}; expected one of {UNCERTAIN_POLICIES}")
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"unknown blank policy {blank!r}; expected one of {BLANK_POLICIES}")
+    nan, unc = torch.isnan(y), y == -1
+    valid = torch.ones_like(y, dtype=torch.bool)
+    t = torch.where(nan, torch.zeros_like(y), y)
+    if uncertain == "ignore":
+        valid &= ~unc
+    else:
+        t = torch.where(unc, torch.full_like(y, 1.0 if uncertain == "ones" else 0.0), t)
+    if blank == "ignore":
+        valid &= ~nan
+    return t.clamp(0, 1), valid
+
+
+def _check_labels(y: Any, n: int, n_cols: int, name: str) -> torch.Tensor:
+    if y is None:
+        raise ValueError(f"{name} labels are missing")
+    t = torch.as_tensor(np.asarray(y, dtype=np.float32))
+    if t.shape != (n, n_cols):
+        raise ValueError(f"{name} labels must have shape [{n}, {n_cols}], got {tuple(t.shape)}")
+    ok = torch.isnan(t) | (t == 1) | (t == 0) | (t == -1)
+    if not ok.all():
+        raise ValueError(f"{name} label values must be 1, 0, -1 or NaN")
+    return t
+
+
+def fit_logistic(
+    x: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, l2: float = 1e-3, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent masked logistic regressions, one per column, fitted jointly with L-BFGS.
+
+    Loss: sum over labels of the mean BCE over that label's valid rows + l2/2 * ||W||^2.
+    Returns (W [D, L], b [L]) in float64.
+    """
+    # Callers may sit inside Lightning's validation loop (torch.inference_mode): leave it,
+    # and clone the inputs so they are ordinary tensors autograd may save.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_logistic(x.clone(), t.clone(), valid.clone(), l2, max_iter)
+
+
+def _fit_logistic(x, t, valid, l2, max_iter):
+    x = x.to(torch.float64)
+    t = t.to(torch.float64)
+    m = valid.to(torch.float64)
+    per_label = m.sum(0).clamp(min=1)
+    w = torch.zeros(x.shape[1], t.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(t.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = x @ w + b
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none")
+        loss = ((bce * m).sum(0) / per_label).sum() + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def linear_probe(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    label_names: Sequence[str] = CHEXPERT_LABELS,
+    eval_labels: Sequence[str] | None = None,
+    uncertain: str = "ignore",
+    blank: str = "ignore",
+    l2: float = 1e-3,
+    max_iter: int = 200,
+    test_patient: Any = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    return_scores: bool = False,
+) -> dict[str, Any]:
+    """Fit on (train_x, train_y), score test_x, return the probe section of the audit result.
+
+    ``label_names`` names the columns of train_y/test_y; ``eval_labels`` (default: all of
+    them) picks the labels to fit and evaluate. ``test_patient`` (codes per test row)
+    enables a bootstrap-over-patients CI of the macro AUROC.
+    """
+    label_names = [str(n) for n in label_names]
+    names = resolve_label_names(eval_labels, label_names)
+    cols = [label_names.index(n) for n in names]
+    xtr = as_embeddings(train_x, "probe train embeddings")
+    xte = as_embeddings(test_x, "probe test embeddings")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"probe train dim {xtr.shape[1]} != test dim {xte.shape[1]}")
+    ytr = _check_labels(train_y, xtr.shape[0], len(label_names), "probe train")[:, cols]
+    yte = _check_labels(test_y, xte.shape[0], len(label_names), "probe test")[:, cols]
+    ttr, vtr = apply_label_policy(ytr, uncertain, blank)
+    tte, vte = apply_label_policy(yte, uncertain, blank)
+
+    mu, sd = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
+    w, b = fit_logistic((xtr - mu) / sd, ttr, vtr, l2=l2, max_iter=max_iter)
+    scores = (((xte - mu) / sd).to(torch.float64) @ w + b).to(torch.float32)
+
+    per_label: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    used: list[int] = []
+    for j, name in enumerate(names):
+        tr_pos = int((ttr[:, j][vtr[:, j]] == 1).sum())
+        tr_n = int(vtr[:, j].sum())
+        if tr_n == 0:
+            skipped[name] = "no valid label in train split"
+            continue
+        if tr_pos == 0 or tr_pos == tr_n:
+            skipped[name] = f"single class in train split ({tr_n} valid, {tr_pos} positive)"
+            continue
+        v = vte[:, j]
+        pos = int((tte[v, j] == 1).sum())
+        neg = int(v.sum()) - pos
+        if pos == 0 or neg == 0:
+            skipped[name] = f"single class in test split ({pos} positive, {neg} negative)"
+            continue
+        auc = float(binary_auroc(scores[v, j], tte[v, j].long()))
+        per_label[name] = {"auroc": auc, "n_pos": pos, "n_neg": neg}
+        used.append(j)
+    if not used:
+        raise ValueError(f"linear probe: no label has both classes in train and test; skipped {skipped}")
+    macro = float(np.mean([per_label[names[j]]["auroc"] for j in used]))
+    out: dict[str, Any] = {
+        "macro_auroc": macro,
+        "n_labels_evaluated": len(used),
+        "per_label": per_label,
+        "skipped": skipped,
+        "uncertainty_policy": {"uncertain": uncertain, "blank": blank},
+        "n_train": int(xtr.shape[0]),
+        "n_test": int(xte.shape[0]),
+        "l2": l2,
+    }
+    if test_patient is not None and n_boot > 0:
+        out["macro_auroc_ci"] = _bootstrap_macro(scores, tte, vte, used, test_patient, n_boot, seed)
+    if return_scores:
+        out["scores"] = scores
+        out["eval_labels"] = names
+    return out
+
+
+def _bootstrap_macro(scores, t, v, used, patient, n_boot, seed) -> list[float]:
+    pat = np.asarray(patient).reshape(-1)
+    if pat.size != scores.shape[0]:
+        raise ValueError(f"test_patient has {pat.size} entries but the test split has {scores.shape[0]} rows")
+    _, code = np.unique(pat, return_inverse=True)
+    code = code.reshape(-1)
+    rows_of = [np.flatnonzero(code == p) for p in range(code.max() + 1)]
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(rows_of), len(rows_of))
+        idx = torch.as_tensor(np.concatenate([rows_of[p] for p in pick]))
+        aucs = []
+        for j in used:
+            vv = v[idx, j]
+            tt = t[idx, j][vv]
+            if tt.numel() == 0 or tt.min() == tt.max():
+                continue
+            aucs.append(float(binary_auroc(scores[idx, j][vv], tt.long())))
+        if aucs:
+            reps.append(np.mean(aucs))
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    return [float(lo), float(hi)]

@@ -1,0 +1,253 @@
+"""The audit result: one versioned JSON document, its scalars, its plot and its Markdown table.
+
+Shape (schema_version 1)::
+
+    {
+      "schema": "cxr-relink/audit", "schema_version": 1, "created_utc": "...",
+      "meta": {...free-form run information: model, checkpoint, cohort, split, epoch...},
+      "settings": {...the audit parameters...},
+      "relinkage": {                         # keys: "i2t", "t2i", "hardneg/i2t", "dedup/i2t"
+        "<key>": {"direction", "variant", "n_queries", "n_candidates", "ties_policy",
+                  "ties": {...}, "rank": {"mrr", "mean_rank", "median_rank", "mrr_ci"?},
+                  "recall": [{"k", "n" ("100" | "full"), "n_value", "value", "ci"?,
+                              "chance", "x_chance", "x_chance_ci"?, "effective_pool_mean",
+                              "frac_queries_pool_below_n"}, ...],
+                  "clipped_n": [...], ...variant extras}
+      },
+      "probe": {"macro_auroc", "macro_auroc_ci"?, "per_label": {name: {"auroc", ...}},
+                "skipped": {name: reason}, ...}           # or absent
+    }
+
+Scalar names (stable; what loggers see): ``audit/<key>/R@<K>/N=<n>``, ``.../x_chance``,
+``audit/<key>/mrr``, ``audit/hardneg/i2t/R@<K>/N=<n>/chance`` (effective chance),
+``probe/macro_auroc``, ``probe/auroc/<label>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+SCHEMA = "cxr-relink/audit"
+SCHEMA_VERSION = 1
+VARIANT_TITLES = {
+    "i2t": "image→report",
+    "t2i": "report→image",
+    "hardneg/i2t": "image→report, hard negatives",
+    "dedup/i2t": "image→report, dedup reports",
+}
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, tensors/np scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return _clean(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def build_result(
+    relinkage: dict[str, Any] | None = None,
+    probe: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    probe = {k: v for k, v in (probe or {}).items() if k not in ("scores", "eval_labels")} or None
+    res: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "meta": dict(meta or {}),
+        "settings": dict(settings or {}),
+        "relinkage": dict(relinkage or {}),
+    }
+    if probe is not None:
+        res["probe"] = probe
+    res = _clean(res)
+    validate_result(res)
+    return res
+
+
+def validate_result(res: Any) -> None:
+    """Raise ValueError listing every way ``res`` departs from the schema."""
+    errs: list[str] = []
+    if not isinstance(res, dict):
+        raise ValueError("audit result must be a JSON object")
+    if res.get("schema") != SCHEMA:
+        errs.append(f"schema must be {SCHEMA!r}, got {res.get('schema')!r}")
+    if res.get("schema_version") != SCHEMA_VERSION:
+        errs.append(f"schema_version must be {SCHEMA_VERSION}, got {res.get('schema_version')!r}")
+    for key in ("meta", "settings", "relinkage"):
+        if not isinstance(res.get(key), dict):
+            errs.append(f"{key} must be an object")
+    for name, sec in (res.get("relinkage") or {}).items():
+        where = f"relinkage[{name!r}]"
+        if not isinstance(sec, dict):
+            errs.append(f"{where} must be an object")
+            continue
+        for f in ("direction", "n_queries", "n_candidates", "ties_policy", "recall", "rank"):
+            if f not in sec:
+                errs.append(f"{where} lacks {f!r}")
+        for i, row in enumerate(sec.get("recall") or []):
+            for f in ("k", "n", "n_value", "value", "chance", "x_chance"):
+                if f not in row:
+                    errs.append(f"{where}.recall[{i}] lacks {f!r}")
+            v = row.get("value")
+            if v is not None and not (isinstance(v, (int, float)) and -1e-9 <= v <= 1 + 1e-9):
+                errs.append(f"{where}.recall[{i}].value {v!r} is not a probability")
+    probe = res.get("probe")
+    if probe is not None:
+        if not isinstance(probe, dict) or "macro_auroc" not in probe or "per_label" not in probe:
+            errs.append("probe must be an object with macro_auroc and per_label")
+    if errs:
+        raise ValueError("invalid audit result: " + "; ".join(errs))
+
+
+def write_result(res: dict[str, Any], path: str | os.PathLike) -> str:
+    validate_result(res)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_result(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as f:
+        res = json.load(f)
+    validate_result(res)
+    return res
+
+
+def scalars(res: dict[str, Any]) -> dict[str, float]:
+    """Flat {stable name: value} for loggers."""
+    out: dict[str, float] = {}
+    for key, sec in res.get("relinkage", {}).items():
+        for row in sec["recall"]:
+            base = f"audit/{key}/R@{row['k']}/N={row['n']}"
+            out[base] = row["value"]
+            if row.get("x_chance") is not None:
+                out[base + "/x_chance"] = row["x_chance"]
+            if sec.get("variant") == "hardneg":
+                out[base + "/chance"] = row["chance"]
+        out[f"audit/{key}/mrr"] = sec["rank"]["mrr"]
+    probe = res.get("probe")
+    if probe:
+        out["probe/macro_auroc"] = probe["macro_auroc"]
+        for name, d in probe.get("per_label", {}).items():
+            out[f"probe/auroc/{name}"] = d["auroc"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.2f}" if pct else f"{v:.2f}"
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """A short Markdown report: re-linkage table (percent) and the probe."""
+    lines = []
+    meta = res.get("meta", {})
+    head = ", ".join(f"{k}={meta[k]}" for k in ("cohort", "split", "model", "epoch") if k in meta)
+    lines.append("## Re-linkage audit" + (f" ({head})" if head else ""))
+    rl = res.get("relinkage", {})
+    if rl:
+        lines += [
+            "",
+            "| variant | K | N | Recall@K (%) | 95% CI | chance (%) | × chance | × chance 95% CI |",
+            "|---|---:|---:|---:|---|---:|---:|---|",
+        ]
+        for key, sec in rl.items():
+            title = VARIANT_TITLES.get(key, key)
+            for row in sec["recall"]:
+                n = row["n"] if row["n"] != "full" else f"full ({row['n_value']})"
+                if sec.get("variant") == "hardneg" and row["frac_queries_pool_below_n"] > 0:
+                    n += f" (eff. {row['effective_pool_mean']:.0f})"
+                ci = row.get("ci")
+                xci = row.get("x_chance_ci")
+                lines.append(
+                    f"| {title} | {row['k']} | {n} | {_fmt(row['value'])} | "
+                    f"{'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '–'} | {_fmt(row['chance'])} | "
+                    f"{_fmt(row['x_chance'], False)} | "
+                    f"{'[' + _fmt(xci[0], False) + ', ' + _fmt(xci[1], False) + ']' if xci else '–'} |"
+                )
+        lines.append("")
+        for key, sec in rl.items():
+            t = sec["ties"]
+            extra = ""
+            if sec.get("variant") == "hardneg":
+                extra = (f"; label mapping {sec['label_mapping']}, {sec['n_label_groups']} label groups, "
+                         f"median population {sec['population_median']:.0f}, "
+                         f"{sec['n_queries_no_negatives']} queries without hard negatives left out")
+            if sec.get("variant") == "dedup":
+                extra = f"; {sec['n_unique_reports']} unique reports of {sec['n_studies']} studies"
+            lines.append(
+                f"- {VARIANT_TITLES.get(key, key)}: {sec['n_queries']} queries, {sec['n_candidates']} candidates, "
+                f"MRR {sec['rank']['mrr']:.4f}, median rank {sec['rank']['median_rank']:.0f}; ties "
+                f"{sec['ties_policy']} ({t['n_queries_with_ties']} queries with ties){extra}"
+            )
+    probe = res.get("probe")
+    if probe:
+        ci = probe.get("macro_auroc_ci")
+        lines += ["", "## Linear probe", "",
+                  f"Macro AUROC over {probe['n_labels_evaluated']} labels: {_fmt(probe['macro_auroc'])}%"
+                  + (f" (95% CI {_fmt(ci[0])}–{_fmt(ci[1])})" if ci else "")
+                  + f"; train {probe['n_train']}, test {probe['n_test']} images; uncertainty policy "
+                  f"{probe['uncertainty_policy']}.", "", "| label | AUROC (%) | pos | neg |", "|---|---:|---:|---:|"]
+        for name, d in probe["per_label"].items():
+            lines.append(f"| {name} | {_fmt(d['auroc'])} | {d['n_pos']} | {d['n_neg']} |")
+        for name, why in probe.get("skipped", {}).items():
+            lines.append(f"| {name} | skipped: {why} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None):
+    """Recall@K vs N (log N) per variant: one line per K, CI band, chance K/N dashed.
+    Returns the matplotlib Figure (Agg backend); saved to ``path`` when given."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rl = res.get("relinkage", {})
+    keys = list(rl) or ["(none)"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        sec = rl.get(key)
+        ax.set_title(VARIANT_TITLES.get(key, key), fontsize=10)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("candidate pool size N")
+        ax.set_ylabel("Recall@K")
+        ax.set_ylim(0, 1.02)
+        if not sec:
+            continue
+        ks = sorted({r["k"] for r in sec["recall"]})
+        for i, k in enumerate(ks):
+            rows = sorted((r for r in sec["recall"] if r["k"] == k), key=lambda r: r["n_value"])
+            ns = [r["n_value"] for r in rows]
+            color = f"C{i}"
+            ax.plot(ns, [r["value"] for r in rows], "o-", color=color, label=f"K={k}")
+            if all("ci" in r for r in rows):
+                ax.fill_between(ns, [r["ci"][0] for r in rows], [r["ci"][1] for r in rows], color=color, alpha=0.2)
+            ax.plot(ns, [r["chance"] for r in rows], "--", color=color, alpha=0.7, lw=1)
+        ax.plot([], [], "k--", lw=1, label="chance K/N")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=120)
+    return fig

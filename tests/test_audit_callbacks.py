@@ -1,0 +1,244 @@
+"""Audit callbacks end to end with a tiny fake dual encoder: scalar names, JSON, plot, and the
+gathered 2-process (gloo, ddp_spawn on CPU, padding DistributedSampler) result equal to the
+single-process one."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from callbacks.audit import LinearProbe, RelinkageAudit
+from callbacks.metrics import EmbeddingSet, relinkage_audit
+from callbacks.result import load_result
+
+DIM = 8
+N_STUDIES = 24
+N_ITEMS = 37  # odd: a 2-rank DistributedSampler pads one duplicate
+
+
+def _make_split(seed: int, n_items: int = N_ITEMS, n_studies: int = N_STUDIES):
+    rng = np.random.default_rng(seed)
+    study = np.concatenate([np.arange(n_studies), rng.integers(0, n_studies, n_items - n_studies)])
+    patient = np.arange(n_studies) // 2
+    rep = rng.normal(size=(n_studies, DIM)).astype(np.float32)
+    img = (rep[study] + 0.8 * rng.normal(size=(n_items, DIM))).astype(np.float32)
+    labels = np.zeros((n_studies, 14), np.float32)
+    labels[:, 2] = rng.integers(0, 2, n_studies)
+    labels[:, 10] = rng.choice([0.0, 1.0, np.nan], n_studies)
+    labels[:, 0] = 1 - labels[:, 2]
+    return {"img": img, "rep": rep, "study": study, "patient": patient, "labels": labels}
+
+
+class _Items(Dataset):
+    def __init__(self, split):
+        self.s = split
+
+    def __len__(self):
+        return len(self.s["study"])
+
+    def __getitem__(self, i):
+        st = int(self.s["study"][i])
+        return {
+            "image": torch.from_numpy(self.s["img"][i]),
+            "report_vec": torch.from_numpy(self.s["rep"][st]),
+            "labels": torch.from_numpy(self.s["labels"][st]),
+            "study_idx": st,
+            "patient_idx": int(self.s["patient"][st]),
+            "index": i,
+        }
+
+
+class _Study:
+    def __init__(self, i):
+        self.report = f"report text {i % 20}"  # studies i and i+20 share a text
+
+
+class FakeDataModule(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.splits = {"train": _make_split(1, 120, 70), "val": _make_split(2)}
+
+    def studies(self, split):
+        return [_Study(i) for i in range(len(self.splits[split]["rep"]))]
+
+    def eval_dataloader(self, split):
+        return DataLoader(_Items(self.splits[split]), batch_size=8, shuffle=False)
+
+    def val_dataloader(self):
+        return self.eval_dataloader("val")
+
+
+class FakeDual(L.LightningModule):
+    """Embeddings are a fixed function of the item: identical under any world size."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(DIM, DIM, bias=False)
+        torch.nn.init.eye_(self.proj.weight)
+
+    def encode_images(self, image):
+        return torch.nn.functional.normalize(self.proj(image), dim=-1)
+
+    def validation_step(self, batch, batch_idx):
+        return {
+            "image_emb": self.encode_images(batch["image"]),
+            "report_emb": torch.nn.functional.normalize(batch["report_vec"], dim=-1),
+            "labels": batch["labels"],
+            "study_idx": batch["study_idx"],
+            "patient_idx": batch["patient_idx"],
+            "index": batch["index"],
+        }
+
+
+def _callbacks(out_dir):
+    return [
+        RelinkageAudit(ks=[1, 5], ns=[10, 100, "full"], hardneg=True, dedup=True, n_boot=100,
+                       out_dir=str(out_dir), log_plot=True),
+        LinearProbe(n_boot=20, max_train_samples=100, out_dir=str(out_dir)),
+    ]
+
+
+def _validate(out_dir, **trainer_kw):
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=str(out_dir), callbacks=_callbacks(out_dir),
+                        **trainer_kw)
+    trainer.validate(FakeDual(), datamodule=FakeDataModule(), verbose=False)
+    return trainer
+
+
+def _comparable(res):
+    res = dict(res)
+    res.pop("created_utc")
+    meta = dict(res.pop("meta"))
+    for k in ("world_size", "n_padding_duplicates_dropped"):
+        meta.pop(k, None)
+    res["meta"] = meta
+    return res
+
+
+def test_single_process_scalars_json_and_plot(tmp_path):
+    trainer = _validate(tmp_path, accelerator="cpu", devices=1)
+    m = trainer.callback_metrics
+    for name in ["audit/i2t/R@1/N=10", "audit/i2t/R@1/N=10/x_chance", "audit/i2t/R@5/N=full",
+                 "audit/t2i/R@1/N=10", "audit/hardneg/i2t/R@1/N=10", "audit/hardneg/i2t/R@1/N=10/chance",
+                 "audit/dedup/i2t/R@1/N=full", "audit/i2t/mrr", "probe/macro_auroc", "probe/auroc/Cardiomegaly"]:
+        assert name in m, name
+    assert "audit/i2t/R@1/N=100" not in m  # clipped: the split holds 24 reports
+    res = load_result(tmp_path / "relinkage.json")
+    assert (tmp_path / "relinkage_recall_vs_n.png").stat().st_size > 0
+    assert res["relinkage"]["i2t"]["clipped_n"] == [100]
+    assert res["relinkage"]["dedup/i2t"]["n_unique_reports"] == 20
+    # the plumbing hands the metric exactly the validation embeddings
+    s = FakeDataModule().splits["val"]
+    es = EmbeddingSet.from_items(s["img"], s["rep"][s["study"]], s["study"], s["patient"][s["study"]],
+                                 s["labels"][s["study"]])
+    ref = relinkage_audit(es, ks=[1, 5], ns=[10, 100, "full"], hardneg=True, n_boot=100)
+    for key in ("i2t", "t2i", "hardneg/i2t"):
+        got = [r["value"] for r in res["relinkage"][key]["recall"]]
+        assert got == pytest.approx([r["value"] for r in ref[key]["recall"]], abs=1e-6)
+    assert m["audit/i2t/R@1/N=10"].item() == pytest.approx(res["relinkage"]["i2t"]["recall"][0]["value"], abs=1e-6)
+    probe = load_result(tmp_path / "probe.json")["probe"]
+    assert m["probe/macro_auroc"].item() == pytest.approx(probe["macro_auroc"], abs=1e-6)
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    _validate(tmp_path / "one", accelerator="cpu", devices=1)
+    _validate(tmp_path / "two", accelerator="cpu", devices=2, strategy="ddp_spawn")
+    for name in ("relinkage.json", "probe.json"):
+        one = json.loads((tmp_path / "one" / name).read_text())
+        two = json.loads((tmp_path / "two" / name).read_text())
+        assert two["meta"]["world_size"] == 2
+        assert two["meta"]["n_padding_duplicates_dropped"] == 1  # 37 items on 2 ranks
+        assert _comparable(one) == _comparable(two)
+
+
+def test_bad_validation_outputs_named(tmp_path):
+    class NoIds(FakeDual):
+        def validation_step(self, batch, batch_idx):
+            out = super().validation_step(batch, batch_idx)
+            out.pop("index")
+            return out
+
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        devices=1, default_root_dir=str(tmp_path), callbacks=_callbacks(tmp_path))
+    with pytest.raises(KeyError, match="lacks \\['index'\\]"):
+        trainer.validate(NoIds(), datamodule=FakeDataModule(), verbose=False)
+
+
+# --------------------------------------------------------------------------- evaluate.py
+
+
+def _npz(path, with_split=True, drop=None):
+    rng = np.random.default_rng(0)
+    parts = []
+    for name, n_st, n_items, off in (("train", 120, 180, 0), ("test", 60, 90, 1000)):
+        st = np.concatenate([np.arange(n_st), rng.integers(0, n_st, n_items - n_st)])
+        rep = rng.normal(size=(n_st, 16)).astype(np.float32)
+        lab = (rng.random((n_st, 14)) < 0.3).astype(np.float32)
+        lab[:, 4:] = 0  # few distinct label vectors: hard-negative groups with several patients
+        img = rep[st] + rng.normal(size=(n_items, 16)).astype(np.float32)
+        img[:, :14] += 2 * lab[st]
+        parts.append(dict(image_emb=img, report_emb=rep[st], labels=lab[st], study_id=st + off,
+                          patient_id=(st + off) // 2, report_text_hash=np.array([f"h{s % 50}" for s in st + off]),
+                          split=np.array([name] * n_items)))
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if not with_split:
+        data.pop("split")
+    if drop:
+        data.pop(drop)
+    np.savez(path, **data)
+    return path
+
+
+def _eval_cfg(overrides):
+    from hydra import compose, initialize_config_dir
+
+    import evaluate  # noqa: F401  (sets CXR_RELINK_ROOT)
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        return compose("evaluate.yaml", overrides=overrides)
+
+
+def test_evaluate_embeddings_writes_json_plot_report(tmp_path, capsys):
+    from evaluate import evaluate
+
+    npz = _npz(tmp_path / "emb.npz")
+    cfg = _eval_cfg([f"embeddings={npz}", "audit=all", f"paths.output_dir={tmp_path / 'out'}",
+                     "audit.relinkage.n_boot=50", "audit.probe.n_boot=20"])
+    metrics, obj = evaluate(cfg)
+    out = tmp_path / "out"
+    res = load_result(out / "audit.json")
+    assert set(res["relinkage"]) == {"i2t", "t2i", "hardneg/i2t", "dedup/i2t"}
+    assert res["relinkage"]["i2t"]["n_candidates"] == 60  # test rows only
+    assert (out / "recall_vs_n.png").stat().st_size > 0
+    assert "Recall@K" in (out / "report.md").read_text() and "Recall@K" in capsys.readouterr().out
+    assert "audit/i2t/R@1/N=full" in metrics and "probe/macro_auroc" in metrics
+    assert metrics["probe/macro_auroc"] > 0.7
+
+
+def test_evaluate_bad_inputs(tmp_path):
+    from evaluate import evaluate
+
+    with pytest.raises(ValueError, match="exactly one of ckpt_path"):
+        evaluate(_eval_cfg([f"paths.output_dir={tmp_path}"]))
+    npz = _npz(tmp_path / "nolab.npz", drop="patient_id")
+    with pytest.raises(ValueError, match="lacks \\['patient_id'\\]"):
+        evaluate(_eval_cfg([f"embeddings={npz}", f"paths.output_dir={tmp_path}"]))
+    npz = _npz(tmp_path / "nolabels.npz", drop="labels")
+    with pytest.raises(ValueError, match="labels is None"):
+        evaluate(_eval_cfg([f"embeddings={npz}", "audit=hardneg", f"paths.output_dir={tmp_path}"]))
+    npz = _npz(tmp_path / "nosplit.npz", with_split=False)
+    with pytest.raises(ValueError, match="train-split rows"):
+        evaluate(_eval_cfg([f"embeddings={npz}", "audit=probe", f"paths.output_dir={tmp_path}"]))
+    npz = _npz(tmp_path / "ok.npz")
+    with pytest.raises(ValueError, match="no rows with split == 'val'"):
+        evaluate(_eval_cfg([f"embeddings={npz}", "split=val", f"paths.output_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="unknown label names"):
+        evaluate(_eval_cfg([f"embeddings={npz}", "audit=probe", "audit.probe.eval_labels=[Pneumonitis]",
+                            f"paths.output_dir={tmp_path}"]))
