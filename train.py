@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("CXR_RELINK_ROOT", str(Path(__file__).resolve().parent))
-# W&B: offline unless the user says otherwise; never ask questions on a terminal.
-os.environ.setdefault("WANDB_MODE", "offline")
+# W&B: offline unless the user says otherwise; never ask questions on a terminal. A run started by
+# `wandb agent` (WANDB_SWEEP_ID set) must report to its sweep, so it keeps W&B's own (online) mode;
+# the sweep files also pass logger.wandb.offline=false (configs/sweep/).
+if not os.environ.get("WANDB_SWEEP_ID"):
+    os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import hydra  # noqa: E402
@@ -56,6 +59,33 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
+def write_final_audit(callbacks: list, out_dir: str | Path) -> str | None:
+    """Merge the audit callbacks' last results (test split) into one audit.json + plot + report.md
+    in the run directory, and return the Markdown table (aggregate numbers only, no PHI)."""
+    from callbacks import result as R
+
+    results = [cb.last_result for cb in callbacks if getattr(cb, "last_result", None)]
+    if not results:
+        return None
+    rel = next((r for r in results if r.get("relinkage")), None)
+    probe = next((r for r in results if r.get("probe")), None)
+    base = rel or probe
+    merged = R.build_result(
+        relinkage=rel["relinkage"] if rel else None, probe=probe["probe"] if probe else None,
+        meta=base["meta"], settings={"relinkage": rel["settings"] if rel else None, "probe": probe["settings"] if probe else None},
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    R.write_result(merged, out / "audit.json")
+    if rel:
+        import matplotlib.pyplot as plt
+
+        plt.close(R.plot_recall_vs_n(merged, out / "recall_vs_n.png"))
+    table = R.markdown_table(merged)
+    (out / "report.md").write_text(table)
+    return table
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -74,7 +104,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             datamodule.val_split = "test"
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
             trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-            metrics.update({f"test/{k}": float(v) for k, v in trainer.callback_metrics.items()})
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+            table = write_final_audit(callbacks, Path(cfg.paths.output_dir) / "final_audit")
+            if table:
+                log.info("final audit (test split, best checkpoint):\n%s", table)
+                print(table)
     finally:
         finish_wandb()
     return metrics, objects

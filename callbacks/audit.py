@@ -105,8 +105,12 @@ def _split_name(trainer: Trainer, cb: Any) -> str:
     return str(getattr(dm, "val_split", None) or cb.split)
 
 
-def _log_scalars(pl_module: LightningModule, values: dict[str, float]) -> None:
+def _log_scalars(pl_module: LightningModule, values: dict[str, float], split: str = "val") -> None:
+    # The validation split logs under the stable names (audit/..., probe/...); any other split
+    # (the final test audit after training) under "<split>/..." so the two never share a curve.
+    prefix = "" if split == "val" else f"{split}/"
     for name, v in values.items():
+        name = prefix + name
         pl_module.log(name, float(v), on_step=False, on_epoch=True, sync_dist=False, prog_bar=False)
 
 
@@ -227,7 +231,7 @@ class RelinkageAudit(Callback):
             values = R.scalars(res)
             self._write(trainer, res)
         values = trainer.strategy.broadcast(values, src=0)
-        _log_scalars(pl_module, values)
+        _log_scalars(pl_module, values, _split_name(trainer, self))
 
     def _write(self, trainer: Trainer, res: dict[str, Any]) -> None:
         if not (self.write_json or self.log_plot):
@@ -342,4 +346,4 @@ class LinearProbe(Callback):
                 out = _run_dir(trainer, self.out_dir)
                 R.write_result(res, os.path.join(out, _stem(trainer, "probe") + ".json"))
         values = trainer.strategy.broadcast(values, src=0)
-        _log_scalars(pl_module, values)
+        _log_scalars(pl_module, values, _split_name(trainer, self))

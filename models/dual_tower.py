@@ -114,7 +114,9 @@ class DualTowerModule(L.LightningModule):
             self.logit_scale.clamp_(0.0, self.max_logit_scale)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        _, img, txt = self._step(batch, "val")
+        # The datamodule's val_split is "val" while training and "test" for the final audit.
+        split = getattr(self.trainer.datamodule, "val_split", "val") if self.trainer.datamodule is not None else "val"
+        _, img, txt = self._step(batch, split)
         return {
             "image_emb": img.detach(),
             "report_emb": txt.detach(),
