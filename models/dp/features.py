@@ -1,0 +1,404 @@
+"""Frozen-encoder features, computed once per split and cached; the datasets the DP stage trains on.
+
+Privacy unit (``privacy_unit``):
+* ``study`` (default): one unit = one study = one report and the mean of its views' image features
+  (pre-projection). Adding or removing a study -- all its views and its report -- is one DP step of
+  adjacency. A patient with k studies is protected at k*epsilon (group privacy).
+* ``patient``: one unit = all studies of one patient (padded to the largest patient, with a mask);
+  epsilon then protects a whole patient.
+
+Evaluation splits keep one row per *image* (every view is a query, exactly as in stage 2), so the
+audit callbacks see the same items on the DP stage as on stage 2.
+
+Cache: ``{cache_dir}/dp_features/{sha256(checkpoint file)[:16]}-{cohort fingerprint[:16]}/{split}.safetensors``,
+written atomically (temporary file + rename). The cohort fingerprint hashes the study ids, patient
+ids, splits, report texts, image references (array bytes or paths) and every preprocessing setting,
+so a changed cohort or preprocessing never reuses stale features. Report text never leaves the
+hash function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from datamodules.datamodule import CXRDataModule, study_text
+from datamodules.records import SPLITS, Study
+
+log = logging.getLogger(__name__)
+
+PRIVACY_UNITS = ("study", "patient")
+FEATURE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def cohort_fingerprint(studies: Sequence[Study], settings: dict[str, Any]) -> str:
+    """Hash of everything that determines the features: records, image refs, text, preprocessing."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for st in studies:
+        h.update(f"\x00{st.study_id}\x01{st.patient_id}\x01{st.split}\x01{len(st.images)}\x01".encode())
+        h.update(st.report.encode())
+        h.update(np.ascontiguousarray(st.labels).tobytes())
+        for ref in st.images:
+            if isinstance(ref, np.ndarray):
+                h.update(np.ascontiguousarray(ref).tobytes())
+            else:
+                h.update(str(ref).encode())
+    return h.hexdigest()
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- feature extraction
+
+
+@torch.no_grad()
+def extract_split_features(backbone, dm: CXRDataModule, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pre-projection features of one split: one image row per view, one report row per study.
+
+    ``backbone`` is a frozen dual tower (``image_features``, ``text_features``); ``dm`` serves the
+    split with the backbone's tokenizer, without augmentation.
+    """
+    studies = dm.studies(split)
+    n_studies = len(studies)
+    img_rows, item_study, item_index = [], [], []
+    text = None
+    done = torch.zeros(n_studies, dtype=torch.bool)
+    raw_loader = dm.raw_eval_dataloader(split) if hasattr(dm, "raw_eval_dataloader") else dm.eval_dataloader(split)
+    for batch in raw_loader:
+        s_idx = batch["study_idx"]
+        img_rows.append(backbone.image_features(batch["image"].to(device)).float().cpu())
+        item_study.append(s_idx)
+        item_index.append(batch["index"])
+        # Each report once: the first item of each study not seen yet.
+        first = torch.zeros_like(s_idx, dtype=torch.bool)
+        seen_here: set[int] = set()
+        for j, s in enumerate(s_idx.tolist()):
+            if not done[s] and s not in seen_here:
+                first[j] = True
+                seen_here.add(s)
+        if first.any():
+            ids, mask = batch["input_ids"][first], batch["attention_mask"][first]
+            t = backbone.text_features(ids.to(device), mask.to(device)).float().cpu()
+            if text is None:
+                text = torch.zeros(n_studies, t.shape[1])
+            text[s_idx[first]] = t
+            done[s_idx[first]] = True
+    if not bool(done.all()):
+        raise RuntimeError(f"split {split!r}: {int((~done).sum())} studies have no image item; cannot cache their reports")
+    return {
+        "image": torch.cat(img_rows),
+        "item_study": torch.cat(item_study).long(),
+        "item_index": torch.cat(item_index).long(),
+        "text": text,
+        "labels": torch.as_tensor(np.stack([st.labels for st in studies])).float(),
+        "study_patient": torch.tensor([dm.patient_index[st.patient_id] for st in studies], dtype=torch.long),
+    }
+
+
+def cached_split_features(
+    backbone, dm: CXRDataModule, split: str, cache_root: Path, ckpt_hash: str, device: torch.device
+) -> dict[str, torch.Tensor]:
+    settings = {
+        "format": FEATURE_FORMAT, "image_size": dm.image_size, "image_channels": dm.image_channels, "mean": dm.mean,
+        "std": dm.std, "text_field": dm.text_field, "max_length": dm.max_length,
+    }
+    all_studies = [st for s in SPLITS for st in dm.studies(s)]
+    fp = cohort_fingerprint(all_studies, settings)
+    path = cache_root / "dp_features" / f"{ckpt_hash[:16]}-{fp[:16]}" / f"{split}.safetensors"
+    if path.exists():
+        log.info("DP features: cache hit %s", path)
+        return load_file(str(path))
+    log.info("DP features: computing split %r once (frozen encoders) -> %s", split, path)
+    feats = extract_split_features(backbone, dm, split, device)
+    atomic_save(feats, path, {"checkpoint_sha256": ckpt_hash, "cohort_fingerprint": fp, "split": split})
+    return feats
+
+
+# --------------------------------------------------------------------------- units
+
+
+def pool_units(feats: dict[str, torch.Tensor], privacy_unit: str = "study") -> dict[str, torch.Tensor]:
+    """Per-image features of a split -> training units.
+
+    Study units: mean of the study's view features (pre-projection), its report features; m = 1.
+    Patient units: the patient's studies stacked (each pooled over its views), padded, masked.
+    Returns img [U, m, Di], txt [U, m, Dt], mask [U, m] (float), unit_id [U] (long), unit_patient [U].
+    """
+    if privacy_unit not in PRIVACY_UNITS:
+        raise ValueError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
+    n_st = feats["text"].shape[0]
+    d_i = feats["image"].shape[1]
+    sums = torch.zeros(n_st, d_i).index_add_(0, feats["item_study"], feats["image"])
+    counts = torch.bincount(feats["item_study"], minlength=n_st).clamp(min=1).unsqueeze(1)
+    study_img = sums / counts
+    study_txt = feats["text"]
+    patients = feats["study_patient"]
+    if privacy_unit == "study":
+        return {
+            "img": study_img.unsqueeze(1), "txt": study_txt.unsqueeze(1), "mask": torch.ones(n_st, 1),
+            "unit_id": torch.arange(n_st), "unit_patient": patients.clone(),
+        }
+    uniq, inv = torch.unique(patients, return_inverse=True)
+    n_u = uniq.numel()
+    per = torch.bincount(inv, minlength=n_u)
+    m = int(per.max())
+    img = torch.zeros(n_u, m, d_i)
+    txt = torch.zeros(n_u, m, study_txt.shape[1])
+    mask = torch.zeros(n_u, m)
+    slot = torch.zeros(n_u, dtype=torch.long)
+    for s in range(n_st):
+        u = int(inv[s])
+        j = int(slot[u])
+        img[u, j], txt[u, j], mask[u, j] = study_img[s], study_txt[s], 1.0
+        slot[u] += 1
+    return {"img": img, "txt": txt, "mask": mask, "unit_id": torch.arange(n_u), "unit_patient": uniq.clone()}
+
+
+def _identity(batch):
+    return batch
+
+
+class UnitDataset(Dataset):
+    """Training units; ``__getitems__`` gathers a whole batch with one index op (fast on CPU)."""
+
+    def __init__(self, units: dict[str, torch.Tensor]) -> None:
+        self.img, self.txt, self.mask, self.unit_id = units["img"], units["txt"], units["mask"], units["unit_id"]
+
+    def __len__(self) -> int:
+        return self.img.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.img[i], self.txt[i], self.mask[i], self.unit_id[i]
+
+    def __getitems__(self, idx: list[int]):
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        return self.img[ix], self.txt[ix], self.mask[ix], self.unit_id[ix]
+
+
+class EvalItemDataset(Dataset):
+    """One item per image, as stage 2: its image features, its study's report features, ids."""
+
+    def __init__(self, feats: dict[str, torch.Tensor]) -> None:
+        self.f = feats
+
+    def __len__(self) -> int:
+        return self.f["image"].shape[0]
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        s = self.f["item_study"][ix]
+        return {
+            "image": self.f["image"][ix],  # cached pre-projection features [b, Di]
+            "text_feat": self.f["text"][s],
+            "labels": self.f["labels"][s],
+            "study_idx": s,
+            "patient_idx": self.f["study_patient"][s],
+            "index": self.f["item_index"][ix],
+        }
+
+
+class FeatureServing:
+    """Loaders over cached features (shared by the cohort-backed and the in-memory datamodules).
+
+    The DP module calls ``train_dataloader()`` once (a plain loader of expected batch size B), makes
+    it private (Poisson sampling, rate q = 1 / len(loader)) and hands the private loader back with
+    ``set_train_loader``; from then on ``train_dataloader()`` returns it.
+    """
+
+    features: dict[str, dict[str, torch.Tensor]]
+    units: dict[str, torch.Tensor]
+    public: tuple[torch.Tensor, torch.Tensor] | None
+    batch_size: int
+    eval_batch_size: int
+    val_split: str
+    _train_loader: DataLoader | None = None
+
+    @property
+    def n_train_units(self) -> int:
+        return int(self.units["img"].shape[0])
+
+    def public_bank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.public
+
+    def plain_train_loader(self) -> DataLoader:
+        ds = UnitDataset(self.units)
+        sampler = BatchSampler(RandomSampler(ds), batch_size=min(self.batch_size, len(ds)), drop_last=False)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=_identity)
+
+    def set_train_loader(self, loader: DataLoader | None) -> None:
+        self._train_loader = loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader if self._train_loader is not None else self.plain_train_loader()
+
+    def feature_loader(self, split: str) -> DataLoader:
+        ds = EvalItemDataset(self.features[split])
+        return DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), self.eval_batch_size, False), collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.feature_loader(self.val_split)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.feature_loader("test")
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        return self.feature_loader(split)
+
+
+class InMemoryFeatureDataModule(FeatureServing, L.LightningDataModule):
+    """Features given as tensors (tests, benchmarks, features computed elsewhere)."""
+
+    def __init__(
+        self,
+        features: dict[str, dict[str, torch.Tensor]],
+        public: tuple[torch.Tensor, torch.Tensor] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        privacy_unit: str = "study",
+        val_split: str = "val",
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.public = public
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.privacy_unit = privacy_unit
+        self.val_split = val_split
+        self.units = pool_units(features["train"], privacy_unit)
+        self.tokenizer = None
+
+
+class FeatureDataModule(FeatureServing, CXRDataModule):
+    """A cohort (any reader, same settings as CXRDataModule) seen through a frozen dual tower.
+
+    ``setup`` loads the backbone checkpoint (``models.checkpoint.load_module``), adopts its
+    tokenizer, computes (or loads from the cache) the features of every split once under
+    ``torch.no_grad``, pools the training split into privacy units, and embeds the public cohort
+    (``public_reader``: train split only, so its test split stays clean for transfer evaluation).
+    The public cohort must be disjoint from this one (checked on patient ids and report hashes).
+    """
+
+    def __init__(
+        self,
+        reader: Any,
+        backbone_ckpt: str,
+        public_reader: Any = None,
+        public_split: str = "train",
+        privacy_unit: str = "study",
+        feature_device: str = "auto",
+        feature_cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(reader=reader, **kwargs)
+        if privacy_unit not in PRIVACY_UNITS:
+            raise ValueError(f"data.privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
+        self.backbone_ckpt = backbone_ckpt
+        self.public_reader = public_reader
+        self.public_split = public_split
+        self.privacy_unit = privacy_unit
+        self.feature_device = feature_device
+        self.feature_cache_dir = feature_cache_dir or self.cache_dir or os.environ.get("CXR_RELINK_CACHE") or ".cache"
+        self.features: dict[str, dict[str, torch.Tensor]] | None = None
+        self.public = None
+
+    def raw_eval_dataloader(self, split: str) -> DataLoader:
+        """Images and report tokens of a split (CXRDataModule's loader), for feature extraction."""
+        return CXRDataModule.eval_dataloader(self, split)
+
+    def _device(self) -> torch.device:
+        if self.feature_device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.feature_device)
+
+    def prepare_data(self) -> None:
+        self.reader.load()
+        if self.public_reader is not None:
+            self.public_reader.load()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.features is not None:
+            return
+        from models.checkpoint import load_module
+
+        if not self.backbone_ckpt:
+            raise ValueError("the DP stage needs a dual-tower checkpoint: set data.backbone_ckpt (= model.backbone_ckpt)")
+        device = self._device()
+        backbone = load_module(self.backbone_ckpt).to(device).eval()
+        if self.tokenizer is None:
+            self.tokenizer = backbone.tokenizer
+        super().setup(stage)
+        ckpt_hash = file_sha256(self.backbone_ckpt)
+        root = Path(self.feature_cache_dir)
+        self.features = {s: cached_split_features(backbone, self, s, root, ckpt_hash, device) for s in SPLITS if self.studies(s)}
+        if "train" not in self.features:
+            raise ValueError("the cohort's train split is empty: nothing to finetune on")
+        self.units = pool_units(self.features["train"], self.privacy_unit)
+        if self.public_reader is not None:
+            self.public = self._public_features(backbone, root, ckpt_hash, device)
+        del backbone
+
+    def _public_features(self, backbone, root: Path, ckpt_hash: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pub = CXRDataModule(
+            reader=self.public_reader, batch_size=self.eval_batch_size, image_size=self.image_size,
+            image_channels=self.image_channels, mean=self.mean, std=self.std, augment=False, text_field=self.text_field,
+            max_length=self.max_length, cache_dir=self.cache_dir,
+        )
+        pub.tokenizer = self.tokenizer
+        pub.setup()
+        self._check_disjoint(pub)
+        feats = cached_split_features(backbone, pub, self.public_split, root, ckpt_hash, device)
+        units = pool_units(feats, "study")
+        self.public_features = feats
+        return units["img"][:, 0], units["txt"][:, 0]
+
+    def _check_disjoint(self, pub: CXRDataModule) -> None:
+        mine = [st for s in SPLITS for st in self.studies(s)]
+        theirs = pub.studies(self.public_split)
+        p_overlap = {st.patient_id for st in mine} & {st.patient_id for st in theirs}
+        h = lambda st: hashlib.sha256(study_text(st, self.text_field).encode()).hexdigest()  # noqa: E731
+        t_overlap = {h(st) for st in mine} & {h(st) for st in theirs}
+        if p_overlap:
+            raise ValueError(
+                f"public cohort shares {len(p_overlap)} patient ids with the private cohort: the public bank must be "
+                "disjoint (public_negatives' guarantee treats the bank as public data)"
+            )
+        if t_overlap:
+            log.warning("public cohort shares %d identical report texts with the private cohort (templated reports?)", len(t_overlap))

@@ -1,0 +1,574 @@
+"""Stage 3: DP-SGD on the projection heads, trained on cached frozen-encoder features.
+
+Trainable: copies of the dual tower's ``image_head`` and ``text_head`` (linear | mlp, no BatchNorm;
+checked with Opacus' ModuleValidator). Frozen: both towers (kept inside the module so that
+``encode_images``/``encode_reports`` and evaluate.py work on raw data) and ``logit_scale``.
+
+Why ``logit_scale`` is frozen: it is a bare scalar parameter outside any layer Opacus has a
+per-sample gradient rule for; training it privately would need a custom grad sampler and would
+add a parameter whose per-example gradient is large and badly scaled relative to the heads'
+(clipping would then spend most of C on the temperature). The temperature learned in stage 2 is
+kept; it is a buffer, so the DP parameters are exactly the heads' weights.
+
+What epsilon covers (the privacy statement, also saved in the checkpoint as ``dp_state``):
+epsilon bounds what *this stage* reveals about each training unit, given the frozen checkpoint it
+starts from. It is an end-to-end guarantee for the released heads only if that checkpoint (encoders
+and initial heads) was trained without the DP stage's training units -- e.g. on a public or
+another institution's cohort. If stage 2 was trained on the same studies, stage 2 itself leaks
+them with no bound, and the member/non-member linkage test (models/dp/membership.py) will show it.
+
+Opacus is wired by hand for Lightning 2.x (manual optimisation): ``configure_optimizers`` asks the
+datamodule for a plain loader of expected batch size B, makes it private with
+``PrivacyEngine.make_private_with_epsilon`` (Poisson sampling, q = 1/len(loader); sigma for the
+target epsilon over the planned epochs, binary search tolerance ``dp.epsilon_tolerance``) and hands
+the Poisson loader back to the datamodule. ``group_clipping`` uses the same Poisson loader and
+Opacus' accountant stepped explicitly with its own noise multiplier (sensitivity 2C, see
+models/dp/losses.py). The accountant's history is saved in every checkpoint and restored on
+resume, so a resumed run continues the same budget with the same sigma and q.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.data_loader import DPDataLoader
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.validators import ModuleValidator
+
+from models.checkpoint import ALLOWED_PREFIXES, KEY, load_checkpoint_dict, load_module, plain, save_extras
+from models.dp.accounting import (
+    ACCOUNTANTS,
+    accountant_state,
+    default_delta,
+    load_accountant_state,
+    noise_multiplier_for,
+)
+from models.dp.features import file_sha256
+from models.dp.losses import (
+    LOSS_MODES,
+    SENSITIVITY_FACTOR,
+    VALID_DP_MODES,
+    group_assignment,
+    group_loss,
+    in_batch_loss,
+    public_negatives_loss,
+)
+from models.heads import ProjectionHead
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOSS = {"mode": "public_negatives", "bank_size": 1024, "group_size": 16, "seed": 0}
+DEFAULT_DP = {
+    "enabled": True,
+    "target_epsilon": 3.0,
+    "target_delta": None,  # null: 1 / (10 N_train)
+    "accountant": "rdp",
+    "max_grad_norm": 1.0,
+    "epochs": None,  # null: trainer.max_epochs (sigma is set for the whole planned run)
+    "epsilon_tolerance": 1e-3,
+    "secure_mode": False,
+    "noise_seed": None,
+    # Opacus' per-sample clipping: "hooks" materialises per-sample gradients (grad_sample);
+    # "ghost" (ghost clipping, Li et al. 2021) computes the same per-sample norms from activations
+    # and output gradients and takes a second, rescaled backward: the same clipped sum, faster.
+    "grad_sample_mode": "ghost",
+}
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+INVALID_LABEL = "in_batch: NO valid epsilon (InfoNCE is not per-example decomposable)"
+
+
+class _Heads(nn.Module):
+    """The DP parameters: both heads, one forward (what Opacus wraps)."""
+
+    def __init__(self, image_head: nn.Module, text_head: nn.Module) -> None:
+        super().__init__()
+        self.image_head, self.text_head = image_head, text_head
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_head(img), self.text_head(txt)
+
+
+def _import_class(qualname: str):
+    if not qualname.startswith(ALLOWED_PREFIXES):
+        raise ValueError(f"refusing to build class {qualname!r} outside {ALLOWED_PREFIXES}")
+    mod, name = qualname.rsplit(".", 1)
+    return getattr(importlib.import_module(mod), name)
+
+
+class DPAlignmentModule(L.LightningModule):
+    """Heads-only finetune on cached features: DP-SGD (``dp.enabled``) or the same run without noise.
+
+    Args:
+        backbone_ckpt: stage-2 checkpoint (``models.checkpoint.load_module``); its towers are frozen.
+        loss: ``mode`` (public_negatives | group_clipping | in_batch), ``bank_size`` (public pairs per
+            step), ``group_size`` (expected units per group), ``seed`` (public randomness).
+        dp: see DEFAULT_DP.
+        optimizer: a partial optimizer config (``_target_``, ``_partial_: true``).
+        backbone: filled automatically ({module_class, hparams, checkpoint_sha256}); lets a DP
+            checkpoint rebuild its frozen towers without the stage-2 file.
+        heads: standalone heads without a backbone ({image_dim, text_dim, embed_dim, kind}) for
+            features computed elsewhere (tests, benchmarks).
+        tokenizer_spec: ignored (the backbone's own tokenizer is used; the key is shared with the
+            data config).
+    """
+
+    def __init__(
+        self,
+        backbone_ckpt: str | None = None,
+        loss: dict | None = None,
+        dp: dict | None = None,
+        optimizer: dict | None = None,
+        backbone: dict | None = None,
+        heads: dict | None = None,
+        temperature_init: float = 0.07,
+        tokenizer: Any = None,
+        tokenizer_spec: dict | None = None,
+    ) -> None:
+        super().__init__()
+        loss = {**DEFAULT_LOSS, **plain(loss or {})}
+        dp = {**DEFAULT_DP, **plain(dp or {})}
+        optimizer = plain(optimizer) or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+        if loss["mode"] not in LOSS_MODES:
+            raise ValueError(f"loss.mode must be one of {LOSS_MODES}, got {loss['mode']!r}")
+        if dp["accountant"] not in ACCOUNTANTS:
+            raise ValueError(f"dp.accountant must be one of {ACCOUNTANTS}, got {dp['accountant']!r}")
+        if dp["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"dp.grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {dp['grad_sample_mode']!r}")
+        self.automatic_optimization = False
+
+        self.backbone_module = None
+        if backbone is None and backbone_ckpt:
+            ckpt = load_checkpoint_dict(backbone_ckpt)
+            if KEY not in ckpt:
+                raise ValueError(f"{backbone_ckpt} was not written by cxr-relink")
+            backbone = {
+                "module_class": ckpt[KEY]["module_class"],
+                "hparams": plain(ckpt["hyper_parameters"]),
+                "checkpoint_sha256": file_sha256(backbone_ckpt),
+            }
+            bb = load_module(backbone_ckpt)
+        elif backbone is not None:
+            # Rebuilt from a DP checkpoint: architecture from config, weights from this state_dict.
+            bb = _import_class(backbone["module_class"])(**backbone["hparams"], tokenizer=tokenizer)
+        else:
+            bb = None
+        self.save_hyperparameters(
+            plain(dict(backbone_ckpt=backbone_ckpt, loss=loss, dp=dp, optimizer=optimizer, backbone=backbone, heads=heads,
+                       temperature_init=temperature_init))
+        )
+        if bb is not None:
+            bb.requires_grad_(False).eval()
+            self.backbone_module = bb
+            self.tokenizer = bb.tokenizer
+            self.image_head = copy.deepcopy(bb.image_head)
+            self.text_head = copy.deepcopy(bb.text_head)
+            self.register_buffer("logit_scale", bb.logit_scale.detach().clone().float())
+        else:
+            if not heads:
+                raise ValueError("DPAlignmentModule needs backbone_ckpt (a stage-2 checkpoint) or a standalone `heads` spec")
+            self.tokenizer = tokenizer
+            h = dict(heads)
+            image_dim, text_dim, embed_dim = h.pop("image_dim"), h.pop("text_dim"), h.pop("embed_dim")
+            self.image_head = ProjectionHead(image_dim, embed_dim, **h)
+            self.text_head = ProjectionHead(text_dim, embed_dim, **h)
+            self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / temperature_init)))
+        # Copies of an eval-mode backbone's heads start in eval mode: Opacus captures activations
+        # only in training mode, and Lightning 2.x keeps a module's mode at fit start.
+        self.image_head.requires_grad_(True).train()
+        self.text_head.requires_grad_(True).train()
+        heads_mod = _Heads(self.image_head, self.text_head)
+        ModuleValidator.validate(heads_mod, strict=True)  # raises on BatchNorm & co.
+        # Not registered as submodules: the state_dict keys stay image_head.* / text_head.* whether
+        # or not Opacus has wrapped the heads (resume loads into an unwrapped module).
+        self.__dict__["_heads"] = heads_mod
+        self.__dict__["_gsm"] = None
+        self.__dict__["_accountant"] = None
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+        self.delta: float | None = None
+        self.n_train_units: int | None = None
+        self._restored_dp: dict | None = None
+        self._noise_gen: torch.Generator | None = None
+        self._epsilon_spent: float = 0.0
+
+    # ---- frozen towers ----------------------------------------------------------------------------
+    @property
+    def backbone(self):
+        return self.backbone_module
+
+    @property
+    def image_tower(self):
+        return self.backbone_module.image_tower if self.backbone_module is not None else None
+
+    @property
+    def text_tower(self):
+        return self.backbone_module.text_tower if self.backbone_module is not None else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_module is not None:
+            self.backbone_module.eval()  # frozen: no dropout, ever
+        return self
+
+    # ---- the embedding contract -------------------------------------------------------------------
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        return self.backbone_module.image_features(image)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.backbone_module.text_features(input_ids, attention_mask)
+
+    def encode_image_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_head(feats), dim=-1)
+
+    def encode_report_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_head(feats), dim=-1)
+
+    def encode_images(self, image: torch.Tensor) -> torch.Tensor:
+        """Raw images [B, C, H, W] through the frozen tower, or cached features [B, Di] directly.
+
+        The DP stage's feature batches carry the cached pre-projection features under "image", so
+        the audit callbacks (which call ``encode_images(batch["image"])``) work unchanged.
+        """
+        if image.ndim == 2:
+            return self.encode_image_features(image)
+        if self.backbone_module is None:
+            raise RuntimeError("standalone heads: no image tower; use encode_image_features")
+        with torch.no_grad():
+            feats = self.image_features(image)
+        return self.encode_image_features(feats)
+
+    def encode_reports(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.backbone_module is None:
+            raise RuntimeError("standalone heads: no text tower; use encode_report_features")
+        with torch.no_grad():
+            feats = self.text_features(input_ids, attention_mask)
+        return self.encode_report_features(feats)
+
+    # ---- privacy state ----------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.hparams.loss["mode"]
+
+    @property
+    def dp_enabled(self) -> bool:
+        return bool(self.hparams.dp["enabled"])
+
+    @property
+    def guarantee_valid(self) -> bool:
+        return self.dp_enabled and self.mode in VALID_DP_MODES
+
+    @property
+    def grad_sample_mode(self) -> str:
+        """Ghost clipping rescales per-example *losses*, which equals per-sample gradient clipping
+        only when each loss reads one example (public_negatives); in_batch reproduces the seed with
+        Opacus' per-sample gradient hooks."""
+        return "hooks" if self.mode == "in_batch" else self.hparams.dp["grad_sample_mode"]
+
+    @property
+    def accountant(self):
+        return self._accountant
+
+    def epsilon_spent(self) -> float:
+        if not self.dp_enabled or self._accountant is None or not self._accountant.history:
+            return 0.0 if self.dp_enabled else math.inf
+        return float(self._accountant.get_epsilon(delta=self.delta))
+
+    def dp_state(self) -> dict[str, Any]:
+        """Everything a privacy team needs to check the claim (saved in every checkpoint)."""
+        dp = self.hparams.dp
+        state = {
+            "enabled": self.dp_enabled,
+            "loss_mode": self.mode,
+            "guarantee_valid": self.guarantee_valid,
+            "privacy_unit": getattr(self, "privacy_unit", "study"),
+            "adjacency": "add/remove one unit (Poisson sampling)",
+            "n_train_units": self.n_train_units,
+            "target_epsilon": dp["target_epsilon"],
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": dp["max_grad_norm"],
+            "sensitivity": (SENSITIVITY_FACTOR.get(self.mode, float("nan")) * dp["max_grad_norm"]) if self.mode in VALID_DP_MODES else None,
+            "accountant": accountant_state(self._accountant) if self._accountant is not None else None,
+            "epsilon_spent": self._epsilon_spent if self.dp_enabled else None,
+            "backbone_checkpoint_sha256": (self.hparams.backbone or {}).get("checkpoint_sha256"),
+            "scope": "epsilon covers this stage given the frozen checkpoint; end-to-end only if that checkpoint never saw these units",
+        }
+        if self.mode == "in_batch" and self.dp_enabled:
+            state["warning"] = INVALID_LABEL
+        return state
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.dp_enabled:
+            return
+        if self.trainer.world_size > 1:
+            raise ValueError("the DP stage runs on one device (Opacus' DPDDP is not wired here); use trainer=cpu or gpu with devices=1")
+        if str(self.trainer.precision) not in ("32-true", "32", "64-true"):
+            raise ValueError(f"DP-SGD runs in fp32 here (per-sample norms and noise), got trainer.precision={self.trainer.precision}")
+        if self.trainer.gradient_clip_val:
+            raise ValueError("set trainer.gradient_clip_val=null: DP-SGD clips per example itself")
+
+    def _datamodule(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "set_train_loader"):
+            raise ValueError("DPAlignmentModule trains on cached features: use models.dp.features.FeatureDataModule (experiment=dp_alignment)")
+        return dm
+
+    def configure_optimizers(self):
+        dm = self._datamodule()
+        opt = instantiate(self.hparams.optimizer)(params=[p for p in self._heads.parameters() if p.requires_grad])
+        self.privacy_unit = getattr(dm, "privacy_unit", "study")
+        bank = dm.public_bank()
+        if self.mode == "public_negatives" and bank is None:
+            raise ValueError("loss.mode=public_negatives needs a public cohort (data.public_reader)")
+        self.n_train_units = dm.n_train_units
+        loader = dm.plain_train_loader()
+        dp = self.hparams.dp
+        self.delta = float(dp["target_delta"]) if dp["target_delta"] is not None else default_delta(self.n_train_units)
+        if self.delta >= 1.0 / self.n_train_units:
+            log.warning("dp.target_delta=%.3g is not below 1/N = %.3g: the guarantee is weak", self.delta, 1 / self.n_train_units)
+        if not self.dp_enabled:
+            dm.set_train_loader(loader)
+            log.info("DP disabled: non-private head finetune (same loss %r, same data)", self.mode)
+            return opt
+        epochs = int(dp["epochs"] or self.trainer.max_epochs)
+        prev = self._restored_dp
+        if prev is not None and (not prev.get("enabled") or prev.get("loss_mode") != self.mode):
+            raise ValueError(
+                f"resuming a run saved with dp.enabled={prev.get('enabled')}, loss.mode={prev.get('loss_mode')!r} as "
+                f"dp.enabled=True, loss.mode={self.mode!r}: earlier epochs are not covered by this accounting (start a new run)"
+            )
+        restored = prev if (prev or {}).get("accountant") else None
+        if dp["noise_seed"] is not None:
+            self._noise_gen = torch.Generator(device=self.device).manual_seed(int(dp["noise_seed"]))
+        if self.mode in ("public_negatives", "in_batch"):
+            engine = PrivacyEngine(accountant=dp["accountant"], secure_mode=bool(dp["secure_mode"]))
+            common = dict(module=self._heads, optimizer=opt, data_loader=loader, max_grad_norm=float(dp["max_grad_norm"]),
+                          poisson_sampling=True, noise_generator=self._noise_gen, grad_sample_mode=self.grad_sample_mode)
+            if restored:
+                load_accountant_state(engine.accountant, restored["accountant"])
+                out = engine.make_private(noise_multiplier=float(restored["noise_multiplier"]), **common)
+            else:
+                out = engine.make_private_with_epsilon(
+                    target_epsilon=float(dp["target_epsilon"]), target_delta=self.delta, epochs=epochs,
+                    epsilon_tolerance=float(dp["epsilon_tolerance"]), **common,
+                )
+            # ghost mode also returns a criterion wrapper; our per-unit losses are wrapped directly.
+            gsm, dp_opt, dp_loader = (out[0], out[1], out[-1])
+            self.__dict__["_gsm"] = gsm
+            self.__dict__["_accountant"] = engine.accountant
+            self.noise_multiplier = float(dp_opt.noise_multiplier)
+            self.sample_rate = float(dp_loader.sample_rate)
+            out_opt = dp_opt
+        else:  # group_clipping: Poisson loader, explicit accountant and noise
+            if dp["secure_mode"]:
+                raise ValueError("dp.secure_mode is wired for Opacus' optimizer noise (public_negatives, in_batch) only")
+            dp_loader = DPDataLoader.from_data_loader(loader)
+            self.sample_rate = float(dp_loader.sample_rate)
+            acc = create_accountant(mechanism=dp["accountant"])
+            if restored:
+                load_accountant_state(acc, restored["accountant"])
+                self.noise_multiplier = float(restored["noise_multiplier"])
+            else:
+                self.noise_multiplier = noise_multiplier_for(
+                    float(dp["target_epsilon"]), self.delta, self.sample_rate, steps=epochs * len(dp_loader),
+                    accountant=dp["accountant"], epsilon_tolerance=float(dp["epsilon_tolerance"]),
+                )
+            self.__dict__["_accountant"] = acc
+            out_opt = opt
+        if restored:
+            for key in ("sample_rate", "n_train_units"):
+                if restored.get(key) is not None and not math.isclose(float(restored[key]), float(getattr(self, key)), rel_tol=1e-12):
+                    raise ValueError(
+                        f"resumed DP run: {key} was {restored[key]} and is now {getattr(self, key)}; the saved budget "
+                        "does not carry over to different data or batch size (start a new run)"
+                    )
+        dm.set_train_loader(dp_loader)
+        self._epsilon_spent = self.epsilon_spent()
+        if self.mode == "in_batch":
+            log.warning("DP with %s. The epsilon Opacus reports for it does not hold.", INVALID_LABEL)
+        log.info(
+            "DP-SGD: mode=%s sigma=%.4f q=%.5f C=%g delta=%.3g target eps=%g over %d epochs (N=%d units)",
+            self.mode, self.noise_multiplier, self.sample_rate, dp["max_grad_norm"], self.delta, dp["target_epsilon"],
+            epochs, self.n_train_units,
+        )
+        return out_opt
+
+    def _bank(self, batch_device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A public bank drawn (public randomness) and embedded with the current heads, no gradient."""
+        dm = self._datamodule()
+        bank = dm.public_bank()
+        if bank is None:
+            return None
+        u, v = bank
+        k = int(self.hparams.loss["bank_size"])
+        if k and k < u.shape[0]:
+            idx = torch.randperm(u.shape[0])[:k]
+            u, v = u[idx], v[idx]
+        with torch.no_grad():  # Opacus captures no activations without grad: grad_sample stays per-example
+            return self.encode_image_features(u.to(batch_device)), self.encode_report_features(v.to(batch_device))
+
+    def unit_losses(self, z: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bank) -> torch.Tensor:
+        if self.mode == "public_negatives":
+            return public_negatives_loss(z, w, mask, bank[0], bank[1], self.logit_scale)
+        return in_batch_loss(z, w, mask, self.logit_scale)
+
+    def _forward(self, img: torch.Tensor, txt: torch.Tensor, private: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self._gsm if (private and self._gsm is not None) else self._heads
+        if img.ndim == 3 and img.shape[1] == 1:  # study units: 2-D inputs keep Opacus' per-sample norms cheap
+            zi, zt = net(img[:, 0], txt[:, 0])
+            zi, zt = zi.unsqueeze(1), zt.unsqueeze(1)
+        else:
+            zi, zt = net(img, txt)
+        return F.normalize(zi, dim=-1), F.normalize(zt, dim=-1)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        img, txt, mask, unit_id = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        n = img.shape[0]
+        if self.mode == "group_clipping":
+            loss = self._group_step(img, txt, mask, unit_id, opt)
+        else:
+            bank = self._bank(img.device) if self.mode == "public_negatives" else None
+            z, w = self._forward(img, txt, private=True)
+            per_unit = self.unit_losses(z, w, mask, bank)
+            loss = per_unit.sum() / max(1, n)  # mean; Opacus 'mean' reduction rescales by the batch length
+            if self.dp_enabled and self.grad_sample_mode == "ghost":
+                if n > 0:
+                    # Two backward passes: per-unit norms (ghost), then sum_i clip_i * loss_i.
+                    DPTensorFastGradientClipping(self._gsm, opt.optimizer, per_unit, "mean").backward()
+                else:  # empty Poisson batch: the release is noise alone, and it still counts
+                    for p in self._heads.parameters():
+                        p.grad = torch.zeros_like(p)
+            else:
+                self.manual_backward(loss)
+            opt.step()
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=max(1, n))
+        return loss.detach()
+
+    def n_groups(self, batch_units: int) -> int:
+        """Number of groups: expected batch size / group_size (a public constant under DP)."""
+        expected = (self.sample_rate or 0.0) * (self.n_train_units or 0) if self.dp_enabled else batch_units
+        return max(1, round(max(1.0, expected) / int(self.hparams.loss["group_size"])))
+
+    def group_clipped_sum(self, img, txt, mask, unit_id, n_groups: int, step: int, clip: bool = True):
+        """Sum over groups of each group's gradient (clipped to C when ``clip``), before noise.
+
+        Returns (per-parameter sums, mean group loss). Groups come from ``group_assignment`` (a hash
+        of seed, step and unit id), so one unit more or less changes one group only: sensitivity 2C.
+        """
+        params = [p for p in self._heads.parameters() if p.requires_grad]
+        groups = group_assignment(unit_id, n_groups, step=step, seed=int(self.hparams.loss["seed"]))
+        c = float(self.hparams.dp["max_grad_norm"])
+        summed = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), device=img.device)
+        for k in range(n_groups):
+            sel = groups == k
+            if int(sel.sum()) == 0:
+                continue
+            z, w = self._forward(img[sel], txt[sel], private=False)
+            lk = group_loss(z, w, mask[sel], self.logit_scale)
+            grads = torch.autograd.grad(lk, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            if clip:
+                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+                factor = (c / (norm + 1e-6)).clamp(max=1.0)
+                grads = [g * factor for g in grads]
+            for s, g in zip(summed, grads):
+                s.add_(g)
+            total = total + lk.detach()
+        return summed, total / n_groups
+
+    def _group_step(self, img, txt, mask, unit_id, opt) -> torch.Tensor:
+        """Group clipping: per-group gradients clipped to C; noise std sigma * 2C (see losses.py)."""
+        params = [p for p in self._heads.parameters() if p.requires_grad]
+        n_groups = self.n_groups(img.shape[0])
+        summed, loss = self.group_clipped_sum(img, txt, mask, unit_id, n_groups, int(self.global_step), clip=self.dp_enabled)
+        c = float(self.hparams.dp["max_grad_norm"])
+        for p, s in zip(params, summed):
+            if self.dp_enabled:
+                std = self.noise_multiplier * SENSITIVITY_FACTOR["group_clipping"] * c
+                s = s + torch.normal(0.0, std, size=s.shape, device=s.device, generator=self._noise_gen)
+            p.grad = s / n_groups
+        opt.step()
+        if self.dp_enabled:
+            self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return loss
+
+    def on_train_start(self) -> None:
+        if self.dp_enabled and not isinstance(self.trainer.train_dataloader, DPDataLoader):
+            raise RuntimeError("DP training must draw batches by Poisson sampling (DPDataLoader); the accountant assumes it")
+
+    def on_train_epoch_start(self) -> None:
+        self.train()  # heads in training mode (Opacus hooks), backbone stays in eval (see train())
+
+    def on_train_epoch_end(self) -> None:
+        if not self.dp_enabled:
+            return
+        self._epsilon_spent = self.epsilon_spent()
+        name = "dp/epsilon" if self.guarantee_valid else "dp/epsilon_nominal_INVALID"
+        self.log(name, self._epsilon_spent, on_epoch=True, prog_bar=True)
+        self.log("dp/delta", float(self.delta), on_epoch=True)
+        self.log("dp/noise_multiplier", float(self.noise_multiplier), on_epoch=True)
+        self.log("dp/sample_rate", float(self.sample_rate), on_epoch=True)
+        self.log("dp/guarantee_valid", float(self.guarantee_valid), on_epoch=True)
+        if self._epsilon_spent > float(self.hparams.dp["target_epsilon"]) + float(self.hparams.dp["epsilon_tolerance"]):
+            log.warning("epsilon spent %.4f exceeds the target %.4g (more steps than planned: max_epochs raised on resume?)",
+                        self._epsilon_spent, self.hparams.dp["target_epsilon"])
+        if not self.guarantee_valid:
+            log.warning("epoch %d: %s (nominal eps %.3f)", self.current_epoch, INVALID_LABEL, self._epsilon_spent)
+        else:
+            log.info("epoch %d: eps spent %.4f (delta %.3g, %s)", self.current_epoch, self._epsilon_spent, self.delta, self.hparams.dp["accountant"])
+
+    # ---- validation: the embedding contract ------------------------------------------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        img = self.encode_images(batch["image"])  # cached features or raw images (evaluate.py)
+        if "text_feat" in batch:
+            txt = self.encode_report_features(batch["text_feat"])
+        else:
+            txt = self.encode_reports(batch["input_ids"], batch["attention_mask"])
+        bs = img.shape[0]
+        per_pair = public_negatives_loss(img[:, None], txt[:, None], torch.ones(bs, 1, device=img.device), *self._val_bank(img.device), self.logit_scale) \
+            if self._has_bank() else in_batch_loss(img[:, None], txt[:, None], torch.ones(bs, 1, device=img.device), self.logit_scale)
+        self.log("val/loss", per_pair.mean(), on_epoch=True, prog_bar=True, batch_size=bs)
+        return {
+            "image_emb": img.detach(),
+            "report_emb": txt.detach(),
+            "labels": batch["labels"],
+            "study_idx": batch["study_idx"],
+            "patient_idx": batch["patient_idx"],
+            "index": batch["index"],
+        }
+
+    def _has_bank(self) -> bool:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return dm is not None and hasattr(dm, "public_bank") and dm.public_bank() is not None
+
+    def _val_bank(self, device):
+        u, v = self._datamodule().public_bank()
+        k = int(self.hparams.loss["bank_size"]) or u.shape[0]
+        return self.encode_image_features(u[:k].to(device)), self.encode_report_features(v[:k].to(device))
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            save_extras(self, checkpoint)
+        if self.dp_enabled and self._accountant is not None:
+            self._epsilon_spent = self.epsilon_spent()
+        checkpoint["dp_state"] = plain(self.dp_state())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_dp = checkpoint.get("dp_state")

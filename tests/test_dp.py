@@ -1,0 +1,431 @@
+"""DP alignment (stage 3): per-sample gradients, sensitivity (leave-one-out), accounting, resume,
+feature caching and the experiment end to end. Small, seeded, CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+
+from models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp, noise_multiplier_for, rdp_sampled_gaussian
+from models.dp.features import InMemoryFeatureDataModule, pool_units
+from models.dp.losses import group_assignment
+from models.dp.membership import member_nonmember_linkage
+from models.dp.module import DPAlignmentModule, _Heads
+
+warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+D = 8
+C = 0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU (20x faster here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def heads_module(mode: str, kind: str = "linear", identity: bool = True, c: float = C) -> DPAlignmentModule:
+    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": D, "kind": kind},
+                          loss={"mode": mode, "group_size": 8}, dp={"max_grad_norm": c})
+    if identity and kind == "linear":
+        with torch.no_grad():
+            m.image_head.net.weight.copy_(torch.eye(D))
+            m.text_head.net.weight.copy_(torch.eye(D))
+    return m.double()
+
+
+def hub_batch(n: int = 48, seed: int = 0):
+    """Near-duplicate images, weakly aligned reports, and one 'hub' report close to every image."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.zeros(D, dtype=torch.double)
+    u[0] = 1
+    img = u + 0.05 * torch.randn(n, D, dtype=torch.double, generator=g)
+    txt = 0.3 * img + torch.randn(n, D, dtype=torch.double, generator=g) / math.sqrt(D)
+    txt[0] = u
+    return img[:, None], txt[:, None], torch.ones(n, 1, dtype=torch.double), torch.arange(n)
+
+
+def public_bank(m: DPAlignmentModule, k: int = 32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    pu, pv = torch.randn(k, D, dtype=torch.double, generator=g), torch.randn(k, D, dtype=torch.double, generator=g)
+    with torch.no_grad():
+        return m.encode_image_features(pu), m.encode_report_features(pv)
+
+
+def opacus_clipped_sum(m: DPAlignmentModule, img, txt, mask, bank) -> torch.Tensor:
+    """The exact pre-noise release of Opacus' DPOptimizer: sum of per-sample clipped gradients."""
+    params = list(m._heads.parameters())
+    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=img.shape[0])
+    opt.zero_grad()
+    z, w = m._forward(img, txt, private=True)
+    (m.unit_losses(z, w, mask, bank).sum() / img.shape[0]).backward()
+    opt.clip_and_accumulate()
+    return torch.cat([p.summed_grad.flatten() for p in params])
+
+
+def loo_max(release, img, txt, mask, uid) -> tuple[float, float]:
+    """max_j ||F(B) - F(B \\ j)|| / C over the batch, and the first unit's (the hub's) value."""
+    full = release(img, txt, mask, uid)
+    d = []
+    for j in range(img.shape[0]):
+        keep = torch.arange(img.shape[0]) != j
+        d.append(float((full - release(img[keep], txt[keep], mask[keep], uid[keep])).norm()) / C)
+    return max(d), d[0]
+
+
+# --------------------------------------------------------------------------- per-sample gradients
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_public_negatives_grad_sample_equals_per_example_autograd(kind) -> None:
+    torch.manual_seed(0)
+    m = heads_module("public_negatives", kind=kind, identity=False)
+    gsm = GradSampleModule(m._heads)
+    m.__dict__["_gsm"] = gsm
+    img, txt, mask, _ = hub_batch(12)
+    # The bank goes through the same (hooked) layers under no_grad: it must not reach grad_sample.
+    bank = public_bank(m)
+    z, w = m._forward(img, txt, private=True)
+    (m.unit_losses(z, w, mask, bank).sum() / img.shape[0]).backward()
+    params = list(m._heads.parameters())
+    grad_sample = [p.grad_sample.clone() for p in params]
+    assert all(g.shape[0] == img.shape[0] for g in grad_sample)
+    gsm.disable_hooks()  # the per-example references below must not feed the hooks
+    for i in range(img.shape[0]):
+        zi, wi = m._forward(img[i : i + 1], txt[i : i + 1], private=False)
+        ref = torch.autograd.grad(m.unit_losses(zi, wi, mask[i : i + 1], bank).sum(), params)
+        for g, r in zip(grad_sample, ref):
+            torch.testing.assert_close(g[i], r, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- sensitivity (leave-one-out)
+
+
+def test_public_negatives_leave_one_out_within_c_and_in_batch_violates() -> None:
+    torch.manual_seed(0)
+    batch = hub_batch(48)
+    out = {}
+    for mode in ("public_negatives", "in_batch"):
+        m = heads_module(mode)
+        m.__dict__["_gsm"] = GradSampleModule(m._heads)
+        bank = public_bank(m)
+        out[mode] = loo_max(lambda i, t, k, u: opacus_clipped_sum(m, i, t, k, bank), *batch)
+    assert out["public_negatives"][0] <= 1.0 + 1e-9  # removing any one pair moves the release by <= C
+    assert out["public_negatives"][0] > 0.99  # and the bound is attained (gradients are clipped)
+    # Same batch, in-batch InfoNCE: removing the hub moves every other pair's clipped gradient.
+    assert out["in_batch"][0] > 5.0, out
+
+
+@pytest.mark.parametrize("mode", ["public_negatives", "in_batch"])
+def test_ghost_clipping_releases_the_same_clipped_sum(mode) -> None:
+    """The default grad_sample_mode (ghost) releases exactly what per-sample clipping releases --
+    for public_negatives. For in_batch the two disagree (rescaling loss_i also rescales the
+    gradient it sends through every other pair), which is why in_batch always runs with hooks."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    torch.manual_seed(0)
+    img, txt, mask, _ = hub_batch(24)
+    m = heads_module(mode)
+    m.__dict__["_gsm"] = GradSampleModule(m._heads)
+    bank = public_bank(m)
+    ref = opacus_clipped_sum(m, img, txt, mask, bank)
+    m.__dict__["_gsm"].disable_hooks()
+    g = heads_module(mode)
+    gsm = GradSampleModuleFastGradientClipping(g._heads, max_grad_norm=C, use_ghost_clipping=True)
+    g.__dict__["_gsm"] = gsm
+    params = list(g._heads.parameters())
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=C,
+                                          expected_batch_size=img.shape[0])
+    opt.zero_grad()
+    z, w = g._forward(img, txt, private=True)
+    DPTensorFastGradientClipping(gsm, opt, g.unit_losses(z, w, mask, bank), "mean").backward()
+    ghost = torch.cat([p.grad.flatten() for p in params])
+    if mode == "public_negatives":
+        torch.testing.assert_close(ghost, ref, rtol=1e-8, atol=1e-12)
+    else:
+        assert not torch.allclose(ghost, ref, rtol=1e-3, atol=1e-6)
+        assert DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": D}, loss={"mode": "in_batch"}).grad_sample_mode == "hooks"
+
+
+def test_group_clipping_leave_one_out_within_derived_2c_bound() -> None:
+    torch.manual_seed(0)
+    batch = hub_batch(32)
+    m = heads_module("group_clipping")
+    worst = 0.0
+    for n_groups in (1, 3):
+        def release(i, t, k, u):
+            s, _ = m.group_clipped_sum(i, t, k, u, n_groups, step=3)
+            return torch.cat([x.flatten() for x in s])
+
+        mx, _ = loo_max(release, *batch)
+        assert mx <= 2.0 + 1e-9
+        worst = max(worst, mx)
+    assert worst > 1.0  # C alone would be wrong: one unit can move its group's clipped gradient by more
+
+
+def test_group_assignment_depends_only_on_own_id() -> None:
+    ids = torch.arange(100)
+    g = group_assignment(ids, 7, step=5, seed=1)
+    keep = ids != 13
+    assert torch.equal(group_assignment(ids[keep], 7, step=5, seed=1), g[keep])
+    assert not torch.equal(group_assignment(ids, 7, step=6, seed=1), g)  # fresh groups each step
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def test_rdp_formula_matches_numerical_integration() -> None:
+    from scipy import integrate
+
+    for q, sigma in ((0.05, 1.1), (0.3, 2.0)):
+        for a in (2, 3, 5):
+            f = lambda x: math.exp(-x * x / (2 * sigma**2)) / math.sqrt(2 * math.pi * sigma**2) * (1 - q + q * math.exp((2 * x - 1) / (2 * sigma**2))) ** a  # noqa: E731
+            val, _ = integrate.quad(f, -60 * sigma, 60 * sigma, limit=400)
+            assert rdp_sampled_gaussian(q, sigma, a) == pytest.approx(math.log(val) / (a - 1), rel=1e-7)
+
+
+@pytest.mark.parametrize("target_eps,q,steps", [(0.34, 256 / 3400, 20 * 14), (3.0, 0.01, 2000), (8.0, 0.1, 300)])
+def test_accountant_epsilon_matches_independent_rdp(target_eps, q, steps) -> None:
+    delta = 1e-5
+    sigma = noise_multiplier_for(target_eps, delta, q, steps, "rdp", epsilon_tolerance=1e-3)
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    eps_opacus = acc.get_epsilon(delta)
+    assert target_eps - 1e-3 <= eps_opacus <= target_eps  # tight tolerance, never above target
+    mine, _ = epsilon_from_rdp([(sigma, q, steps)], delta)
+    # Same orders -> the same number, computed independently.
+    assert acc.get_epsilon(delta, alphas=list(INTEGER_ORDERS)) == pytest.approx(mine, rel=1e-9)
+    # Opacus also searches fractional orders: never looser, and close.
+    assert eps_opacus <= mine + 1e-12 and mine <= eps_opacus * 1.05
+    # PRV (numerical composition) is tighter than RDP and in the same range.
+    prv = PRVAccountant()
+    prv.history = [(sigma, q, steps)]
+    eps_prv = prv.get_epsilon(delta)
+    assert 0.6 * eps_opacus <= eps_prv <= eps_opacus * 1.01
+
+
+# --------------------------------------------------------------------------- training, resume
+
+
+def synthetic_features(n_train: int = 240, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
+
+    def split(n_st, views=2):
+        items = torch.arange(n_st).repeat_interleave(views)
+        lat = torch.randn(n_st, 6, generator=g)
+        return {"image": lat[items] @ a + 0.3 * torch.randn(len(items), D, generator=g), "item_study": items,
+                "item_index": torch.arange(len(items)), "text": lat @ b + 0.3 * torch.randn(n_st, D, generator=g),
+                "labels": torch.randint(0, 2, (n_st, 14), generator=g).float(), "study_patient": torch.arange(n_st) // 2}
+
+    feats = {"train": split(n_train), "val": split(60), "test": split(60)}
+    pub = split(100, views=1)
+    return feats, (pub["image"], pub["text"])
+
+
+def fit(module, dm, tmp_path, max_epochs, ckpt_path=None, callbacks=()):
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks],
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("mode", ["public_negatives", "group_clipping"])
+def test_resume_continues_the_same_budget(tmp_path, mode) -> None:
+    L.seed_everything(0)
+    feats, pub = synthetic_features()
+    spec = dict(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, loss={"mode": mode, "bank_size": 64, "group_size": 24},
+                dp={"target_epsilon": 2.0, "epochs": 3})
+    m1 = DPAlignmentModule(**spec)
+    fit(m1, InMemoryFeatureDataModule(feats, pub, batch_size=48), tmp_path, max_epochs=1)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # safe-loadable
+    saved = ckpt["dp_state"]
+    steps1 = saved["accountant"]["history"][0][2]
+    assert steps1 == 5 and saved["epsilon_spent"] > 0 and saved["guarantee_valid"]
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["history"] = accountant_history(pl_module)
+            seen["sigma"] = pl_module.noise_multiplier
+
+    m2 = DPAlignmentModule(**spec)
+    fit(m2, InMemoryFeatureDataModule(feats, pub, batch_size=48), tmp_path / "r", max_epochs=3,
+        ckpt_path=tmp_path / "ckpt" / "last.ckpt", callbacks=[Probe()])
+    assert seen["history"] == [list(h) for h in saved["accountant"]["history"]]  # restored exactly
+    assert seen["sigma"] == saved["noise_multiplier"]
+    hist = accountant_history(m2)
+    assert hist[0][2] == 15  # 3 planned epochs x 1/q steps, one history
+    eps = m2.epsilon_spent()
+    assert saved["epsilon_spent"] < eps <= 2.0 + 1e-9  # continues, and ends at the planned budget
+
+
+def accountant_history(module) -> list:
+    return [[float(s), float(q), int(n)] for s, q, n in module.accountant.history]
+
+
+def test_non_private_finetune_same_code_and_contract(tmp_path) -> None:
+    L.seed_everything(0)
+    feats, pub = synthetic_features()
+    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, loss={"bank_size": 64}, dp={"enabled": False})
+    outs = []
+
+    class Grab(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            outs.append(outputs)
+
+    trainer = fit(m, InMemoryFeatureDataModule(feats, pub, batch_size=48), tmp_path, max_epochs=1, callbacks=[Grab()])
+    assert m.accountant is None and "dp/epsilon" not in trainer.callback_metrics
+    o = outs[0]
+    assert set(o) == {"image_emb", "report_emb", "labels", "study_idx", "patient_idx", "index"}
+    torch.testing.assert_close(o["image_emb"].norm(dim=1), torch.ones(o["image_emb"].shape[0]))
+
+
+def test_heads_with_batchnorm_are_rejected() -> None:
+    with pytest.raises(Exception):
+        ModuleValidator.validate(_Heads(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4)), strict=True)
+
+
+def test_patient_units_pool_views_and_studies() -> None:
+    feats, _ = synthetic_features(20)
+    st = pool_units(feats["train"], "study")
+    assert st["img"].shape == (20, 1, D)
+    torch.testing.assert_close(st["img"][3, 0], feats["train"]["image"][6:8].mean(0))
+    pt = pool_units(feats["train"], "patient")
+    assert pt["img"].shape == (10, 2, D) and float(pt["mask"].sum()) == 20
+
+
+# --------------------------------------------------------------------------- membership test
+
+
+def test_member_nonmember_linkage_bound() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, m = 200, 300
+    dist = torch.randn(m, D, generator=g)
+    mem_t, non_t = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    mem_i = mem_t + 0.3 * torch.randn(n, D, generator=g)  # memorised: images close to their reports
+    non_i = non_t + 1.5 * torch.randn(n, D, generator=g)
+    pat = torch.arange(n)
+    res = member_nonmember_linkage(mem_i, mem_t, pat, non_i, non_t, pat, dist, epsilon=0.34, delta=1e-5, ks=(1,), ns=(100,), n_boot=100)
+    row = res["rows"][0]
+    assert row["member"] > row["nonmember"] and not row["holds"] and row["violated_significantly"]
+    same = member_nonmember_linkage(non_i, non_t, pat, non_i, non_t, pat, dist, epsilon=0.34, delta=1e-5, ks=(1,), ns=(100,), n_boot=100)
+    assert same["rows"][0]["holds"] and not same["rows"][0]["violated_significantly"]
+
+
+# --------------------------------------------------------------------------- end to end: cache + experiment
+
+
+def compose_dp(out: Path, *overrides: str):
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("CXR_RELINK_ROOT", str(root))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
+        cfg = compose("train.yaml", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def stage2_ckpt(tmp_path_factory) -> Path:
+    """A tiny untrained dual tower, saved the way Lightning + models.checkpoint save one."""
+    from datamodules.text import build_tokenizer
+    from models.checkpoint import plain, save_extras
+    from models.dual_tower import DualTowerModule
+
+    torch.manual_seed(0)
+    words = "left right small large pleural effusion no acute findings heart size normal tube tip".split()
+    texts = [" ".join(words[i % 7 : i % 7 + 6]) for i in range(60)]
+    tok = build_tokenizer(texts, vocab_size=120)
+    m = DualTowerModule(
+        image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+        text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                    "intermediate_size": 32, "max_position_embeddings": 256},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, embed_dim=8, tokenizer=tok,
+    )
+    ckpt = {"state_dict": m.state_dict(), "hyper_parameters": plain(dict(m.hparams))}
+    save_extras(m, ckpt)
+    path = tmp_path_factory.mktemp("stage2") / "last.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckpt, monkeypatch) -> None:
+    from models.checkpoint import load_module
+    from models.dp import features as feat_mod
+    from train import train
+
+    cache = tmp_path / "cache"
+    cfg = compose_dp(
+        tmp_path / "run", "experiment=dp_alignment", f"model.backbone_ckpt={stage2_ckpt}", f"paths.cache_dir={cache}",
+        "data.reader.num_patients=30", "public_cohort.reader.num_patients=20", "data.reader.image_size=32", "data.image_size=32",
+        "data.batch_size=16", "trainer.max_epochs=2", "model.loss.bank_size=32", "logger=csv",
+        "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
+        "callbacks.relinkage_audit.n_boot=20", "callbacks.linear_probe.n_boot=10", "callbacks.relinkage_audit.hardneg=false",
+    )
+    metrics, objects = train(cfg)
+    module, dm = objects["model"], objects["datamodule"]
+    assert 0 < metrics["dp/epsilon"] <= 3.0 and metrics["dp/guarantee_valid"] == 1.0
+    assert "test/audit/i2t/R@1/N=full" in metrics and "test/probe/macro_auroc" in metrics
+    files = sorted((cache / "dp_features").rglob("*.safetensors"))
+    assert {f.stem for f in files} >= {"train", "val", "test"} and not list((cache / "dp_features").rglob("*.tmp"))
+
+    # Cache hit: a second datamodule never runs the encoders.
+    monkeypatch.setattr(feat_mod, "extract_split_features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    dm2 = type(dm)(**{k: getattr(dm, k) for k in ("reader", "backbone_ckpt", "public_reader", "privacy_unit")},
+                   image_size=32, augment=False, feature_cache_dir=str(cache), cache_dir=dm.cache_dir)
+    dm2.setup("fit")
+    torch.testing.assert_close(dm2.features["train"]["image"], dm.features["train"]["image"])
+
+    # The DP checkpoint rebuilds alone (no stage-2 file needed) and encodes raw images = cached path.
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    hidden = stage2_ckpt.with_suffix(".away")
+    stage2_ckpt.rename(hidden)
+    try:
+        rebuilt = load_module(ckpt)
+    finally:
+        hidden.rename(stage2_ckpt)
+    raw = next(iter(dm.raw_eval_dataloader("test")))
+    with torch.no_grad():
+        a = rebuilt.encode_images(raw["image"])
+        b = rebuilt.encode_image_features(dm.features["test"]["image"][: a.shape[0]])
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.load(ckpt, weights_only=True)["dp_state"]["guarantee_valid"] is True
+
+
+def test_patient_level_units_train_privately(tmp_path) -> None:
+    L.seed_everything(0)
+    feats, pub = synthetic_features()
+    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, loss={"bank_size": 64}, dp={"target_epsilon": 1.0, "accountant": "prv"})
+    fit(m, InMemoryFeatureDataModule(feats, pub, batch_size=24, privacy_unit="patient"), tmp_path, max_epochs=1)
+    assert m.n_train_units == 120 and m.dp_state()["privacy_unit"] == "patient"
+    assert 0 < m.epsilon_spent() <= 1.0
