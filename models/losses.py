@@ -132,7 +132,8 @@ class SupConLoss(nn.Module):
     averaged over anchors that have at least one positive. Similarities are cosine.
 
     Like ClipLoss it is told its distributed setting: local anchors are scored against the
-    candidates gathered from all ranks (group ids must be global, e.g. study indices).
+    variants gathered from all ranks (group ids must be global, e.g. study indices) plus the local
+    hard negatives.
     """
 
     def __init__(self, temperature: float = 0.05, gather_with_grad: bool = True, rank: int = 0, world_size: int = 1) -> None:
@@ -158,10 +159,11 @@ class SupConLoss(nn.Module):
         not_self[torch.arange(n, device=z.device), self_idx] = False
         pos = (group_ids[:, None] == all_ids[None, :]) & not_self
         if hard_negatives is not None and hard_negatives.numel():
+            # Hard negatives stay local: they are variants of this rank's own studies (where they
+            # matter), and their count may differ between ranks.
             h = F.normalize(hard_negatives.float(), dim=-1)
-            all_h = gather_features(h, self.rank, self.world_size, self.gather_with_grad)
-            logits = torch.cat([logits, z @ all_h.T / self.temperature], dim=1)
-            extra = torch.zeros(n, all_h.shape[0], dtype=torch.bool, device=z.device)
+            logits = torch.cat([logits, z @ h.T / self.temperature], dim=1)
+            extra = torch.zeros(n, h.shape[0], dtype=torch.bool, device=z.device)
             not_self = torch.cat([not_self, ~extra], dim=1)
             pos = torch.cat([pos, extra], dim=1)
         log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
