@@ -155,19 +155,29 @@ def mimic_report(st: Study) -> str:
     findings, impression = _sections(st)
     views = list(dict.fromkeys(v.upper() for v in st.views)) or ["PA"]
     exam = "CHEST (PORTABLE AP)" if views[0] == "AP" else ("CHEST (PA AND LAT)" if "LATERAL" in views else "CHEST (PA)")
-    parts = [" " * 33 + "FINAL REPORT", f" EXAMINATION:  {exam}", "", " INDICATION:  ___ with ___.", "",
-             f" TECHNIQUE:  Chest {' and '.join(views)}.", "",
-             " COMPARISON:  None.", ""]
-    if findings:
-        parts += [" FINDINGS: ", "", wrap(findings), ""]
-    if impression:
-        parts += [" IMPRESSION: ", "", wrap(impression), ""]
-    text = "\n".join(parts).replace("\n\n", "\n \n")
-    parsed = parse_report(text)
-    if (parsed.findings, parsed.impression) != (findings, impression):
-        # A wrapped line that looks like a header ("XYZ: ...") would be split off by any MIMIC parser.
-        raise ValueError(f"export mimic_cxr: study {st.study_id}: report would not read back with the same sections")
-    return text
+    head = [" " * 33 + "FINAL REPORT", f" EXAMINATION:  {exam}", "", " INDICATION:  ___ with ___.", "",
+            f" TECHNIQUE:  Chest {' and '.join(views)}.", "",
+            " COMPARISON:  None.", ""]
+
+    def section(name: str, body: str, same_line: bool) -> list[str]:
+        if same_line:  # "IMPRESSION: text..." as MIMIC also writes it
+            return [textwrap.fill(body, width=79, initial_indent=f" {name}: ", subsequent_indent=" ",
+                                  break_long_words=False, break_on_hyphens=False), ""]
+        return [f" {name}: ", "", wrap(body), ""]
+
+    # Text starting like a header ("PA CXR: ...") on its own line would be split off by any MIMIC
+    # parser; MIMIC also writes the text on the header's line, which keeps it in the section.
+    for same_line in (False, True):
+        parts = list(head)
+        if findings:
+            parts += section("FINDINGS", findings, same_line)
+        if impression:
+            parts += section("IMPRESSION", impression, same_line)
+        text = "\n".join(parts).replace("\n\n", "\n \n")
+        parsed = parse_report(text)
+        if (parsed.findings, parsed.impression) == (findings, impression):
+            return text
+    raise ValueError(f"export mimic_cxr: study {st.study_id}: report would not read back with the same sections")
 
 
 def _dicom_id(study_id: str, j: int) -> str:

@@ -37,6 +37,7 @@ class DualTowerModule(L.LightningModule):
         temperature_init: float = 0.07,
         min_temperature: float = 0.01,
         freeze_image_tower: bool = False,
+        freeze_text_tower: bool = False,
         grad_checkpointing: bool = False,
         local_loss: bool = False,
         tokenizer_spec: dict | None = None,
@@ -50,7 +51,7 @@ class DualTowerModule(L.LightningModule):
                 dict(
                     image_tower=image_tower, text_tower=text_tower, optimizer=optimizer, scheduler=scheduler,
                     embed_dim=embed_dim, head=head, temperature_init=temperature_init, min_temperature=min_temperature,
-                    freeze_image_tower=freeze_image_tower, grad_checkpointing=grad_checkpointing, local_loss=local_loss,
+                    freeze_image_tower=freeze_image_tower, freeze_text_tower=freeze_text_tower, grad_checkpointing=grad_checkpointing, local_loss=local_loss,
                     tokenizer_spec=tokenizer_spec,
                 )
             )
@@ -63,8 +64,12 @@ class DualTowerModule(L.LightningModule):
         self.text_head = ProjectionHead(self.text_tower.output_dim, embed_dim, **head)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
         self.max_logit_scale = math.log(1.0 / min_temperature)
+        # Frozen towers keep their weights (e.g. a "generic" text tower that never sees a report)
+        # and stay in eval mode (no dropout: a fixed feature map), also across Lightning's mode switches.
         if freeze_image_tower:
-            self.image_tower.requires_grad_(False)
+            self.image_tower.requires_grad_(False).eval()
+        if freeze_text_tower:
+            self.text_tower.requires_grad_(False).eval()
         if grad_checkpointing and hasattr(self.text_tower, "set_grad_checkpointing"):
             self.text_tower.set_grad_checkpointing(True)
         self.loss_fn = ClipLoss(local_loss=local_loss)
@@ -108,6 +113,14 @@ class DualTowerModule(L.LightningModule):
         loss, _, _ = self._step(batch, "train")
         self.log("train/temperature", 1.0 / self.logit_scale.exp(), on_step=True, on_epoch=False)
         return loss
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.hparams.freeze_image_tower:
+            self.image_tower.eval()
+        if self.hparams.freeze_text_tower:
+            self.text_tower.eval()
+        return self
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
