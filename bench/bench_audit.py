@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -37,19 +36,7 @@ POS = [0.10, 0.04, 0.12, 0.22, 0.03, 0.10, 0.05, 0.03, 0.12, 0.04, 0.20, 0.01, 0
 UNC = [0.00, 0.03, 0.02, 0.02, 0.01, 0.04, 0.02, 0.05, 0.04, 0.01, 0.03, 0.00, 0.00, 0.00]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {dev}; torch {torch.__version__}"
-
+from bench.machine import describe  # noqa: E402
 
 def make_data(m: int, d: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -108,7 +95,7 @@ def main() -> None:
     hn = (label_groups(labels), patient, patient)
 
     print(f"# bench_audit  M={m:,}  D={args.d}  device={dev}  chunk={chunk} queries")
-    print(f"# machine: {machine()}")
+    print(f"# machine: {describe()}")
     # Compile the fused counting kernels once (a per-process cost, reported, not in the ratio).
     # Warm up on the audit's own shapes (one full chunk and a remainder chunk).
     qw = min(m, chunk + 7)

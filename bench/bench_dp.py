@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,19 +32,7 @@ from models.dp.features import InMemoryFeatureDataModule  # noqa: E402
 from models.dp.module import DPAlignmentModule  # noqa: E402
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads); {gpu}"
-
+from bench.machine import describe  # noqa: E402
 
 def encoder_epoch_seconds(n_units: int, batches: int, batch: int, views_per_study: float = 1.5) -> tuple[float, int, int]:
     from datamodules.text import build_tokenizer
@@ -135,7 +122,7 @@ def main() -> None:
         t_dp, acct = cached_epoch_seconds(feats, pub, di, dt, mode, True, args.batch, args.epochs)
         t_np, _ = cached_epoch_seconds(feats, pub, di, dt, mode, False, args.batch, args.epochs)
         rows.append((mode, t_dp, t_np, acct))
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {describe()}")
     print(f"N = {args.units} study units, expected batch {args.batch}, features {di}/{dt} -> 128, public bank 1024")
     print(f"frozen encoders, one pass over the training studies (extrapolated from {args.encoder_batches} batches of 64): {enc:.2f} s\n")
     print("| loss mode | DP epoch, cached (s) | non-private epoch, cached (s) | encoders / DP-cached | DP / non-private "

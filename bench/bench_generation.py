@@ -25,15 +25,7 @@ import numpy as np  # noqa: E402
 from datamodules.synthetic import SyntheticReader  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+from bench.machine import cpu_model  # noqa: E402
 
 def cpu_seconds() -> float:
     """CPU time of this process and its (finished) child processes."""
