@@ -108,11 +108,19 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, di
     module = load_module(cfg.ckpt_path)
     dm = instantiate(cfg.data)
     dm.tokenizer = module.tokenizer  # the checkpoint's tokenizer, whatever the cohort
+    # ... and its preprocessing (image size, normalisation, text field, max length): a model is only
+    # audited on inputs prepared the way it was trained on.
+    for key, value in (getattr(module, "data_preprocessing", None) or {}).items():
+        if getattr(dm, key, value) != value:
+            log.info("using the checkpoint's data.%s=%r (the data config says %r)", key, value, getattr(dm, key))
+            setattr(dm, key, value)
     dm.val_split = cfg.split  # val_dataloader serves the audited split
     dm.setup("validate")
     callbacks = [cb for cb in (rel_cb, probe_cb) if cb is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     trainer.validate(module, datamodule=dm, verbose=False)
+    if not trainer.is_global_zero:  # under DDP only rank 0 holds the results and writes them
+        return None, None, None
     rel = rel_cb.last_result["relinkage"] if rel_cb is not None else None
     probe = probe_cb.last_result["probe"] if probe_cb is not None else None
     meta: dict[str, Any] = {"source": "checkpoint", "checkpoint": str(cfg.ckpt_path), "model": type(module).__name__,
@@ -138,6 +146,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb)
     else:
         rel, probe, meta = audit_checkpoint(cfg, rel_cb, probe_cb)
+        if meta is None:
+            return {}, {}
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
     res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings)
     out = Path(cfg.output_dir)

@@ -89,7 +89,14 @@ def write_final_audit(callbacks: list, out_dir: str | Path) -> str | None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # builds the tokenizer the text tower is sized by
+    if cfg.get("ckpt_path"):
+        # Resuming: token ids must keep their meaning, so reuse the checkpoint's tokenizer rather
+        # than retraining one on today's data (same size, different words, would load silently).
+        from datamodules.text import tokenizer_from_state
+        from models.checkpoint import KEY, load_checkpoint_dict
+
+        datamodule.tokenizer = tokenizer_from_state(load_checkpoint_dict(cfg.ckpt_path)[KEY]["tokenizer"])
+    datamodule.setup("fit")  # builds the tokenizer the text tower is sized by (unless resuming)
     model = instantiate(cfg.model, tokenizer=datamodule.tokenizer)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -97,7 +104,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "callbacks": callbacks}
     try:
         log_run_config(cfg, model, loggers)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("final_audit") and not trainer.fast_dev_run:
             # The final audit runs on the held-out test split with the best checkpoint.

@@ -269,7 +269,7 @@ class LinearProbe(Callback):
         self,
         eval_labels: Sequence[str] | None = None,
         uncertain: str = "ignore",
-        blank: str = "ignore",
+        blank: str = "zeros",
         l2: float = 1e-3,
         max_iter: int = 200,
         max_train_samples: int = 20000,

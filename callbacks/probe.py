@@ -6,7 +6,8 @@ train split and scored on the evaluation split; macro AUROC over the labels with
 torchmetrics. Labels are always addressed by name (CHEXPERT_LABELS), never by position.
 
 Uncertainty policy (configurable): ``uncertain`` in {"ignore" (default), "zeros", "ones"}
-for -1 and ``blank`` in {"ignore" (default), "zeros"} for NaN. "ignore" masks the value out
+for -1 and ``blank`` in {"ignore", "zeros" (default)} for NaN (blank = not mentioned = negative, as
+CheXpert evaluations read it). "ignore" masks the value out
 of that label's loss and of its AUROC (the usual CheXpert evaluation). A label that has a
 single class among the evaluated test items is skipped and named in the result.
 """
@@ -113,7 +114,7 @@ def linear_probe(
     label_names: Sequence[str] = CHEXPERT_LABELS,
     eval_labels: Sequence[str] | None = None,
     uncertain: str = "ignore",
-    blank: str = "ignore",
+    blank: str = "zeros",
     l2: float = 1e-3,
     max_iter: int = 200,
     test_patient: Any = None,

@@ -42,11 +42,17 @@ def study_text(study: Study, text_field: str) -> str:
 def load_image(ref: Any, where: str) -> np.ndarray:
     """An image reference (HxW uint8 array or a file path) -> HxW uint8 array (grey-scale)."""
     if isinstance(ref, np.ndarray):
-        if ref.ndim != 2:
-            raise ValueError(f"{where}: expected a 2-D grey-scale array, got shape {ref.shape}")
-        return np.asarray(ref, dtype=np.uint8)
+        if ref.ndim != 2 or ref.dtype != np.uint8:
+            raise ValueError(f"{where}: expected a 2-D uint8 grey-scale array, got shape {ref.shape} dtype {ref.dtype}")
+        return ref
     try:
         with Image.open(ref) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                # 16-bit / float radiographs: PIL's convert("L") would saturate them; rescale the
+                # image's own range to 0..255 instead.
+                a = np.asarray(im, dtype=np.float64)
+                lo, hi = float(a.min()), float(a.max())
+                return np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
             return np.asarray(im.convert("L"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image file {ref} does not exist") from None
@@ -71,9 +77,17 @@ class StudyImageDataset(Dataset):
         self.transform = transform
         self.image_channels = image_channels
         self.items = [(s, v) for s, st in enumerate(self.studies) for v in range(len(st.images))]
+        no_images = sum(1 for st in self.studies if not st.images)
+        if no_images:
+            # Such a study has no query image; its report still sits in the audit's candidate pool
+            # only if another item carries it, so say how many there are.
+            log.warning("%d of %d studies have no image and yield no item", no_images, len(self.studies))
         texts = [study_text(st, text_field) for st in self.studies]
         enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
         self.input_ids = enc["input_ids"]
+        self.n_truncated = sum(1 for ids in self.input_ids if len(ids) >= max_length)
+        if self.n_truncated:
+            log.info("%d of %d reports truncated to max_length=%d tokens (%s)", self.n_truncated, len(texts), max_length, text_field)
         self.patient_idx = [patient_index[st.patient_id] for st in self.studies]
 
     def __len__(self) -> int:
@@ -179,6 +193,14 @@ class CXRDataModule(L.LightningDataModule):
             by_split: dict[str, list[Study]] = {s: [] for s in SPLITS}
             for st in studies:
                 by_split[st.split].append(st)
+            # Splits are by patient: a patient in two splits would leak its anatomy into evaluation.
+            seen: dict[str, str] = {}
+            crossing = sorted({st.patient_id for st in studies if seen.setdefault(st.patient_id, st.split) != st.split})
+            if crossing:
+                raise ValueError(
+                    f"{len(crossing)} patients have studies in more than one split (e.g. {crossing[:3]}); "
+                    "splits must be by patient"
+                )
             self._studies = by_split
             # Patient ids -> ints over the whole cohort (stable: sorted), for bootstrap by patient.
             self.patient_index = {p: i for i, p in enumerate(sorted({st.patient_id for st in studies}))}

@@ -54,15 +54,16 @@ class Study:
 
     study_id: str
     patient_id: str
-    images: list[ImageRef]
-    report: str
-    findings: str
-    impression: str
+    # PHI never goes into a repr (debug logs, test failures, tracebacks): only ids, labels, split.
+    images: list[ImageRef] = field(repr=False)
+    report: str = field(repr=False)
+    findings: str = field(repr=False)
+    impression: str = field(repr=False)
     labels: np.ndarray
     split: str
     source: str
     views: list[str] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = validate_labels(self.labels, where=f"study {self.study_id!r}")

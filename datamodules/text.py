@@ -28,8 +28,13 @@ SPECIAL_TOKENS = {
 }
 
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool = True) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece tokenizer on `texts` with HF `tokenizers` (deterministic)."""
+def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool = True, min_frequency: int = 10) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer on `texts` with HF `tokenizers` (deterministic).
+
+    The vocabulary is learned from report text and travels in every checkpoint, so a piece must be
+    seen `min_frequency` times to become a token: a rare word (e.g. a name that survived
+    de-identification) is then spelled in sub-word pieces instead of being stored whole.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -39,7 +44,7 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool = Tru
     tok.normalizer = normalizers.Sequence(norm)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
     )
     tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -55,6 +60,7 @@ def build_tokenizer(
     pretrained: str | None = None,
     vocab_size: int = 4096,
     lowercase: bool = True,
+    min_frequency: int = 10,
     cache_dir: str | os.PathLike | None = None,
     padding_side: str = "right",
 ) -> PreTrainedTokenizerBase:
@@ -81,7 +87,7 @@ def build_tokenizer(
     if not texts:
         raise ValueError("build_tokenizer: no training texts to train a tokenizer on")
     key = hashlib.sha256()
-    key.update(json.dumps({"vocab_size": vocab_size, "lowercase": lowercase, "v": 1}).encode())
+    key.update(json.dumps({"vocab_size": vocab_size, "lowercase": lowercase, "min_frequency": min_frequency, "v": 1}).encode())
     for t in texts:
         key.update(t.encode())
         key.update(b"\0")
@@ -89,7 +95,7 @@ def build_tokenizer(
     if path is not None and path.exists():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
     else:
-        tok = train_wordpiece(texts, vocab_size=vocab_size, lowercase=lowercase)
+        tok = train_wordpiece(texts, vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:

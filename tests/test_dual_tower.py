@@ -123,3 +123,47 @@ def test_checkpoint_refuses_foreign_classes(tmp_path) -> None:
     torch.save({"cxr_relink": {"format_version": 1, "module_class": "os.system", "tokenizer": {}}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="refusing"):
         load_module(tmp_path / "x.ckpt")
+
+
+def test_checkpoint_refuses_foreign_targets_in_its_config(dm, tmp_path) -> None:
+    """Hyper-parameters are data from the file: a nested `_target_` must not reach any callable."""
+    module = _module(dm)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["image_tower"] = {"_target_": "builtins.print", "args": ["pwned"]}
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="builtins.print"):
+        load_module(tmp_path / "evil.ckpt")
+
+
+def test_study_repr_carries_no_report_text() -> None:
+    st = random_studies(1)[0]
+    st.report = "SECRET-REPORT-TEXT"
+    assert "SECRET" not in repr(st) and st.study_id in repr(st)
+
+
+def test_patient_in_two_splits_is_refused(tmp_path) -> None:
+    studies = random_studies(4)
+    other = next(s for s in studies if s.patient_id != studies[0].patient_id and s.split != studies[0].split)
+    other.patient_id = studies[0].patient_id
+    dm = CXRDataModule(InMemoryReader(studies), tokenizer={"vocab_size": 200}, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="more than one split"):
+        dm.setup()
+
+
+def test_sixteen_bit_png_is_rescaled_not_saturated(tmp_path) -> None:
+    from PIL import Image
+
+    from datamodules.datamodule import load_image
+
+    a = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7) % 4096 + 1000  # 12-bit data in 16-bit
+    Image.fromarray(a).save(tmp_path / "x16.png")
+    got = load_image(str(tmp_path / "x16.png"), where="test")
+    ref = np.round((a - a.min()) * 255.0 / (a.max() - a.min())).astype(np.uint8)
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(ValueError, match="uint8"):
+        load_image(a.astype(np.float32), where="test")

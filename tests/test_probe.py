@@ -28,7 +28,8 @@ def _data(seed=0, n_train=300, n_test=200, dim=12):
 def test_probe_auroc_equals_sklearn_on_same_scores():
     (xtr, ytr), (xte, yte) = _data()
     yte[:, 5] = np.where(np.isnan(yte[:, 5]), np.nan, 0.0)  # one class only in test -> skipped
-    res = linear_probe(xtr, ytr, xte, yte, test_patient=np.arange(len(xte)) // 2, n_boot=50, return_scores=True)
+    res = linear_probe(xtr, ytr, xte, yte, test_patient=np.arange(len(xte)) // 2, n_boot=50, return_scores=True,
+                       uncertain="ignore", blank="ignore")
     scores = res["scores"].numpy()
     name5 = CHEXPERT_LABELS[5]
     assert name5 in res["skipped"] and "single class in test" in res["skipped"][name5]
@@ -47,12 +48,25 @@ def test_probe_auroc_equals_sklearn_on_same_scores():
     assert lo <= res["macro_auroc"] <= hi
 
 
+def test_blank_as_negative_policy_equals_sklearn_with_nan_read_as_zero():
+    (xtr, ytr), (xte, yte) = _data()
+    res = linear_probe(xtr, ytr, xte, yte, test_patient=np.arange(len(xte)) // 2, n_boot=10, return_scores=True,
+                       uncertain="ignore", blank="zeros")
+    scores = res["scores"].numpy()
+    for j, name in enumerate(CHEXPERT_LABELS):
+        if name in res["skipped"]:
+            continue
+        y = np.nan_to_num(yte[:, j], nan=0.0)
+        valid = y != -1
+        assert res["per_label"][name]["auroc"] == pytest.approx(roc_auc_score(y[valid], scores[valid, j]), abs=1e-6)
+
+
 def test_probe_matches_sklearn_logistic_ranking():
     # Same model family: sklearn's L2 logistic regression gives nearly the same AUROC.
     from sklearn.linear_model import LogisticRegression
 
     (xtr, ytr), (xte, yte) = _data(seed=1)
-    res = linear_probe(xtr, ytr, xte, yte, eval_labels=["Cardiomegaly", "Edema"], n_boot=0)
+    res = linear_probe(xtr, ytr, xte, yte, eval_labels=["Cardiomegaly", "Edema"], n_boot=0, blank="ignore")
     for name in ["Cardiomegaly", "Edema"]:
         j = CHEXPERT_LABELS.index(name)
         vtr = ~np.isnan(ytr[:, j]) & (ytr[:, j] != -1)

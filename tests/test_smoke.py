@@ -7,7 +7,8 @@ trees in tests/test_readers_e2e.py; experiments with their own stage-specific te
 
 from __future__ import annotations
 
-import math
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,33 @@ def run_option(compose_train, group: str, option: str, *extra: str) -> dict:
 
 
 def test_default_run_learns_and_audits(compose_train) -> None:
-    cfg = compose_train("trainer.max_epochs=3", "trainer.limit_train_batches=4")
+    cfg = compose_train("trainer.max_epochs=3", "trainer.limit_train_batches=4", "logger=csv")
     metrics, objects = train(cfg)
-    assert math.isfinite(metrics["val/loss"])
     out = Path(cfg.paths.output_dir)
     assert (out / "checkpoints" / "last.ckpt").exists()
+    # The audits ran as validation callbacks and as the final test-split audit ...
+    assert "audit/i2t/R@1/N=full" in metrics and "probe/macro_auroc" in metrics
+    assert "test/audit/i2t/R@1/N=full" in metrics and "test/audit/hardneg/i2t/R@1/N=full" in metrics
+    res = json.loads((out / "final_audit" / "audit.json").read_text())
+    assert res["meta"]["split"] == "test" and "i2t" in res["relinkage"] and res["probe"]
+    assert (out / "final_audit" / "report.md").exists() and (out / "final_audit" / "recall_vs_n.png").exists()
+    # ... and the logged curve shows the first epoch's loss above the last one's (it trains).
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_resume_keeps_the_checkpoint_tokenizer(compose_train, tmp_path) -> None:
+    cfg = compose_train("trainer.max_epochs=1", "final_audit=false", "callbacks=none", "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                        f"+callbacks.ckpt.dirpath={tmp_path}/ck", "+callbacks.ckpt.save_last=true", "logger=none")
+    _, first = train(cfg)
+    ckpt = tmp_path / "ck" / "last.ckpt"
+    # Resume on a cohort with other reports (another seed): a retrained vocabulary would differ.
+    cfg2 = compose_train("trainer.max_epochs=2", "final_audit=false", "callbacks=none", "logger=none",
+                         "data.reader.seed=99", f"ckpt_path={ckpt}")
+    _, second = train(cfg2)
+    assert second["trainer"].current_epoch == 2
+    assert second["datamodule"].tokenizer.get_vocab() == first["datamodule"].tokenizer.get_vocab()
 
 
 @pytest.mark.parametrize("option", options("model"))

@@ -30,7 +30,6 @@ resume, so a resumed run continues the same budget with the same sigma and q.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
 from typing import Any
@@ -46,7 +45,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 
-from models.checkpoint import ALLOWED_PREFIXES, KEY, load_checkpoint_dict, load_module, plain, save_extras
+from models.checkpoint import KEY, import_module_class, load_checkpoint_dict, load_module, plain, save_extras
 from models.dp.accounting import (
     ACCOUNTANTS,
     accountant_state,
@@ -97,13 +96,6 @@ class _Heads(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_head(img), self.text_head(txt)
-
-
-def _import_class(qualname: str):
-    if not qualname.startswith(ALLOWED_PREFIXES):
-        raise ValueError(f"refusing to build class {qualname!r} outside {ALLOWED_PREFIXES}")
-    mod, name = qualname.rsplit(".", 1)
-    return getattr(importlib.import_module(mod), name)
 
 
 class DPAlignmentModule(L.LightningModule):
@@ -160,7 +152,9 @@ class DPAlignmentModule(L.LightningModule):
             bb = load_module(backbone_ckpt)
         elif backbone is not None:
             # Rebuilt from a DP checkpoint: architecture from config, weights from this state_dict.
-            bb = _import_class(backbone["module_class"])(**backbone["hparams"], tokenizer=tokenizer)
+            bb = import_module_class(backbone["module_class"], backbone["hparams"], "DP checkpoint backbone")(
+                **backbone["hparams"], tokenizer=tokenizer
+            )
         else:
             bb = None
         self.save_hyperparameters(
