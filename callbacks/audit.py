@@ -209,6 +209,9 @@ class RelinkageAudit(Callback):
         self._active = False
         data, dropped = self._collector.gather(trainer, pl_module.device)
         self._collector.reset()
+        # trainer.log_dir is itself a collective (a broadcast): resolve it on every rank, never
+        # inside the rank-0 block, or rank 0's extra broadcast pairs with the others' scalars.
+        out_dir = _run_dir(trainer, self.out_dir)
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
             s = self.settings
@@ -229,14 +232,13 @@ class RelinkageAudit(Callback):
             res = R.build_result(relinkage=rel, meta=meta, settings=s)
             self.last_result = res
             values = R.scalars(res)
-            self._write(trainer, res)
+            self._write(trainer, res, out_dir)
         values = trainer.strategy.broadcast(values, src=0)
         _log_scalars(pl_module, values, _split_name(trainer, self))
 
-    def _write(self, trainer: Trainer, res: dict[str, Any]) -> None:
+    def _write(self, trainer: Trainer, res: dict[str, Any], out: str) -> None:
         if not (self.write_json or self.log_plot):
             return
-        out = _run_dir(trainer, self.out_dir)
         os.makedirs(out, exist_ok=True)
         stem = _stem(trainer, "relinkage")
         if self.write_json:
@@ -327,6 +329,7 @@ class LinearProbe(Callback):
         self._active = False
         data, dropped = self._collector.gather(trainer, pl_module.device)
         self._collector.reset()
+        out_dir = _run_dir(trainer, self.out_dir)  # a collective: on every rank (see RelinkageAudit)
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
             xtr, ytr = self.encode_train(trainer, pl_module)
@@ -343,7 +346,7 @@ class LinearProbe(Callback):
             self.last_result = res
             values = R.scalars(res)
             if self.write_json:
-                out = _run_dir(trainer, self.out_dir)
-                R.write_result(res, os.path.join(out, _stem(trainer, "probe") + ".json"))
+                os.makedirs(out_dir, exist_ok=True)
+                R.write_result(res, os.path.join(out_dir, _stem(trainer, "probe") + ".json"))
         values = trainer.strategy.broadcast(values, src=0)
         _log_scalars(pl_module, values, _split_name(trainer, self))

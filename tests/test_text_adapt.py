@@ -159,7 +159,7 @@ def variant_studies(n: int = 24, seed: int = 0) -> list[Study]:
         out.append(Study(
             study_id=f"s{k}", patient_id=f"p{k // 2}", images=[np.zeros((8, 8), np.uint8)], report=report,
             findings=f"{full[0]}. {full[1]}.", impression=f"{full[0]}.", labels=np.full(NUM_LABELS, np.nan, np.float32),
-            split=("train", "train", "val", "test")[k % 4], source="handmade",
+            split=("train", "val", "train", "test")[(k // 2) % 4], source="handmade",  # by patient
             extras={
                 "variants": [
                     {"style": "structured", "text": report},
