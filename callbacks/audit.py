@@ -133,9 +133,13 @@ def embedding_set_from_outputs(
     )
 
 
-def report_hashes(studies: Sequence[Any]) -> list[str]:
-    """SHA-1 of each study's report text (whitespace-normalised); the text itself is never kept."""
-    return [hashlib.sha1(" ".join(str(s.report).split()).encode()).hexdigest() for s in studies]
+def report_hashes(studies: Sequence[Any], text_field: str = "report") -> list[str]:
+    """SHA-1 of the text the model sees for each study (whitespace-normalised; the `text_field` the
+    datamodule uses, so identical impressions collapse when the model reads impressions). The text
+    itself is never kept."""
+    from datamodules.datamodule import study_text
+
+    return [hashlib.sha1(" ".join(study_text(s, text_field).split()).encode()).hexdigest() for s in studies]
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -201,7 +205,7 @@ class RelinkageAudit(Callback):
         if dm is None or not hasattr(dm, "studies"):
             rank_zero_warn("RelinkageAudit: dedup needs datamodule.studies(split); dedup skipped")
             return None
-        return report_hashes(dm.studies(_split_name(trainer, self)))
+        return report_hashes(dm.studies(_split_name(trainer, self)), getattr(dm, "text_field", "report"))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active:

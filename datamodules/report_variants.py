@@ -213,15 +213,3 @@ class ReportVariantsDataModule(CXRDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=partial(collate_variants, tokenizer=self.tokenizer, max_length=self.max_length),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def eval_dataloader(self, split: str) -> DataLoader:
-        return self._loader(split, train=False)
