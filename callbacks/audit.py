@@ -101,7 +101,7 @@ def _run_dir(trainer: Trainer, out_dir: str | None) -> str:
 
 def _split_name(trainer: Trainer, cb: Any) -> str:
     """The split being validated: the datamodule's ``val_split`` when it has one."""
-    dm = cb.datamodule or trainer.datamodule
+    dm = trainer.datamodule
     return str(getattr(dm, "val_split", None) or cb.split)
 
 
@@ -145,7 +145,29 @@ def report_hashes(studies: Sequence[Any], text_field: str = "report") -> list[st
 # --------------------------------------------------------------------------- callbacks
 
 
-class RelinkageAudit(Callback):
+class _CollectingCallback(Callback):
+    """Collects the validation outputs named by `keys` on epochs that are due (both audits)."""
+
+    def __init__(self, keys: Sequence[str], every_n_epochs: int, out_dir: str | None, write_json: bool, split: str):
+        super().__init__()
+        self.every_n_epochs = every_n_epochs
+        self.out_dir = out_dir
+        self.write_json = write_json
+        self.split = split  # label used only when the datamodule names no val_split
+        self.last_result: dict[str, Any] | None = None
+        self._collector = _Collector(keys)
+        self._active = False
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._active = _is_due(trainer, self.every_n_epochs)
+        self._collector.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active and dataloader_idx == 0:
+            self._collector.add(outputs, type(self).__name__)
+
+
+class RelinkageAudit(_CollectingCallback):
     """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation callback.
 
     ns: pool sizes, integers and/or "full"; integers >= the number of candidates in the
@@ -173,35 +195,19 @@ class RelinkageAudit(Callback):
         log_plot: bool = True,
         split: str = "val",
     ):
-        super().__init__()
+        super().__init__(REQUIRED_KEYS, every_n_epochs, out_dir, write_json, split)
         self.settings = {
             "ks": [int(k) for k in ks], "ns": [n if isinstance(n, str) else int(n) for n in ns],
             "directions": list(directions), "hardneg": bool(hardneg), "label_mapping": label_mapping,
             "dedup": bool(dedup), "ties": ties, "n_boot": int(n_boot), "seed": int(seed),
         }
-        self.every_n_epochs = every_n_epochs
         self.chunk_size = chunk_size
         self.device = device
         self.fused = fused  # compile the counting step (see metrics.rank_counts); results identical
-        self.out_dir = out_dir
-        self.write_json = write_json
         self.log_plot = log_plot
-        self.split = split
-        self.datamodule: Any = None  # set by evaluate.py when validating on explicit dataloaders
-        self.last_result: dict[str, Any] | None = None
-        self._collector = _Collector(REQUIRED_KEYS)
-        self._active = False
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._active = _is_due(trainer, self.every_n_epochs)
-        self._collector.reset()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._active and dataloader_idx == 0:
-            self._collector.add(outputs, "RelinkageAudit")
 
     def _text_hashes(self, trainer: Trainer) -> list[str] | None:
-        dm = self.datamodule or trainer.datamodule
+        dm = trainer.datamodule
         if dm is None or not hasattr(dm, "studies"):
             rank_zero_warn("RelinkageAudit: dedup needs datamodule.studies(split); dedup skipped")
             return None
@@ -262,7 +268,7 @@ class RelinkageAudit(Callback):
                     lg.log_image(key="audit/recall_vs_n", images=[png], step=trainer.global_step)
 
 
-class LinearProbe(Callback):
+class LinearProbe(_CollectingCallback):
     """Linear probe of the frozen image embeddings: train split -> evaluation split.
 
     The evaluation embeddings are the validation outputs; the train-split embeddings come
@@ -286,31 +292,15 @@ class LinearProbe(Callback):
         write_json: bool = True,
         split: str = "val",
     ):
-        super().__init__()
+        super().__init__(("image_emb", "labels", "patient_idx", "index"), every_n_epochs, out_dir, write_json, split)
         self.settings = {
             "eval_labels": list(eval_labels) if eval_labels is not None else None, "uncertain": uncertain,
             "blank": blank, "l2": float(l2), "max_iter": int(max_iter),
             "max_train_samples": int(max_train_samples), "n_boot": int(n_boot), "seed": int(seed),
         }
-        self.every_n_epochs = every_n_epochs
-        self.out_dir = out_dir
-        self.write_json = write_json
-        self.split = split
-        self.datamodule: Any = None
-        self.last_result: dict[str, Any] | None = None
-        self._collector = _Collector(("image_emb", "labels", "patient_idx", "index"))
-        self._active = False
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._active = _is_due(trainer, self.every_n_epochs)
-        self._collector.reset()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._active and dataloader_idx == 0:
-            self._collector.add(outputs, "LinearProbe")
 
     def encode_train(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
-        dm = self.datamodule or trainer.datamodule
+        dm = trainer.datamodule
         if dm is None or not hasattr(dm, "eval_dataloader"):
             raise ValueError("LinearProbe needs a datamodule with eval_dataloader('train') for train-split embeddings")
         cap = self.settings["max_train_samples"]

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 
 from models.checkpoint import plain, save_extras
 from models.heads import ProjectionHead
+from models.optim import configure_optimizers
 from models.losses import ClipLoss, in_batch_accuracy
 
 
@@ -140,19 +141,7 @@ class DualTowerModule(L.LightningModule):
         }
 
     def configure_optimizers(self):
-        # No weight decay on biases, norms and the temperature (as CLIP/open_clip).
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-        optimizer = instantiate(self.hparams.optimizer)(
-            params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        )
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_extras(self, checkpoint)

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 
 from models.checkpoint import plain, save_extras
 from models.losses import IGNORE_INDEX, SupConLoss, mask_tokens, mntp_labels, mntp_loss
+from models.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +150,7 @@ class TextAdaptModule(L.LightningModule):
             self.log(f"val/{k}", v, on_step=False, on_epoch=True, prog_bar=k == "loss", batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for _, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
-        optimizer = instantiate(self.hparams.optimizer)(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # ---- output ------------------------------------------------------------------------------------
     def export_hf(self, path: str | Path) -> Path:
