@@ -59,9 +59,10 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def write_final_audit(callbacks: list, out_dir: str | Path) -> str | None:
+def write_final_audit(callbacks: list, out_dir: str | Path, model=None) -> str | None:
     """Merge the audit callbacks' last results (test split) into one audit.json + plot + report.md
-    in the run directory, and return the Markdown table (aggregate numbers only, no PHI)."""
+    in the run directory, and return the Markdown table (aggregate numbers only, no PHI). A DP model's
+    privacy statement (``dp_state``) goes into both, next to the numbers it qualifies."""
     from callbacks import result as R
 
     results = [cb.last_result for cb in callbacks if getattr(cb, "last_result", None)]
@@ -73,6 +74,7 @@ def write_final_audit(callbacks: list, out_dir: str | Path) -> str | None:
     merged = R.build_result(
         relinkage=rel["relinkage"] if rel else None, probe=probe["probe"] if probe else None,
         meta=base["meta"], settings={"relinkage": rel["settings"] if rel else None, "probe": probe["settings"] if probe else None},
+        privacy=model.dp_state() if hasattr(model, "dp_state") else None,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
             trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-            table = write_final_audit(callbacks, Path(cfg.paths.output_dir) / "final_audit")
+            table = write_final_audit(callbacks, Path(cfg.paths.output_dir) / "final_audit", model)
             if table:
                 log.info("final audit (test split, best checkpoint):\n%s", table)
                 print(table)

@@ -269,12 +269,13 @@ class RelinkageAudit(_CollectingCallback):
 
 
 class LinearProbe(_CollectingCallback):
-    """Linear probe of the frozen image embeddings: train split -> evaluation split.
+    """Linear probe of the frozen image embeddings: ``train_split`` -> evaluation split.
 
-    The evaluation embeddings are the validation outputs; the train-split embeddings come
-    from ``datamodule.eval_dataloader("train")`` encoded with ``pl_module.encode_images``
+    The evaluation embeddings are the validation outputs; the probe's training embeddings come
+    from ``datamodule.eval_dataloader(train_split)`` encoded with ``pl_module.encode_images``
     (at most ``max_train_samples`` images, in loader order; on rank 0 only). Logs
-    ``probe/macro_auroc`` and ``probe/auroc/<label>``.
+    ``probe/macro_auroc`` and ``probe/auroc/<label>``. The DP stage sets ``train_split=public``:
+    a probe fitted on the DP training units would be a non-private release about them.
     """
 
     def __init__(
@@ -291,9 +292,11 @@ class LinearProbe(_CollectingCallback):
         out_dir: str | None = None,
         write_json: bool = True,
         split: str = "val",
+        train_split: str = "train",
     ):
         super().__init__(("image_emb", "labels", "patient_idx", "index"), every_n_epochs, out_dir, write_json, split)
         self.settings = {
+            "train_split": str(train_split),
             "eval_labels": list(eval_labels) if eval_labels is not None else None, "uncertain": uncertain,
             "blank": blank, "l2": float(l2), "max_iter": int(max_iter),
             "max_train_samples": int(max_train_samples), "n_boot": int(n_boot), "seed": int(seed),
@@ -302,11 +305,11 @@ class LinearProbe(_CollectingCallback):
     def encode_train(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "eval_dataloader"):
-            raise ValueError("LinearProbe needs a datamodule with eval_dataloader('train') for train-split embeddings")
+            raise ValueError("LinearProbe needs a datamodule with eval_dataloader(split) for its training embeddings")
         cap = self.settings["max_train_samples"]
         embs, labs, n = [], [], 0
         with torch.no_grad():
-            for batch in dm.eval_dataloader("train"):
+            for batch in dm.eval_dataloader(self.settings["train_split"]):
                 emb = pl_module.encode_images(batch["image"].to(pl_module.device))
                 embs.append(emb.detach().float().cpu())
                 labs.append(torch.as_tensor(batch["labels"]).float().cpu())
@@ -314,7 +317,7 @@ class LinearProbe(_CollectingCallback):
                 if n >= cap:
                     break
         if not embs:
-            raise ValueError("LinearProbe: the train split is empty")
+            raise ValueError(f"LinearProbe: the probe's training split {self.settings['train_split']!r} is empty")
         return torch.cat(embs)[:cap], torch.cat(labs)[:cap]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -15,7 +15,9 @@ Shape (schema_version 1)::
                   "clipped_n": [...], ...variant extras}
       },
       "probe": {"macro_auroc", "macro_auroc_ci"?, "per_label": {name: {"auroc", ...}},
-                "skipped": {name: reason}, ...}           # or absent
+                "skipped": {name: reason}, ...},          # or absent
+      "privacy": {...the DP stage's dp_state: epsilon, delta, sigma, q, steps, accountant, loss mode,
+                  privacy unit, guarantee_valid, invalid_reasons, outside_guarantee...}   # or absent
     }
 
 Scalar names (stable; what loggers see): ``audit/<key>/R@<K>/N=<n>``, ``.../x_chance``,
@@ -59,6 +61,7 @@ def build_result(
     probe: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     probe = {k: v for k, v in (probe or {}).items() if k not in ("scores", "eval_labels")} or None
     res: dict[str, Any] = {
@@ -71,6 +74,8 @@ def build_result(
     }
     if probe is not None:
         res["probe"] = probe
+    if privacy is not None:
+        res["privacy"] = dict(privacy)
     res = _clean(res)
     validate_result(res)
     return res
@@ -210,7 +215,34 @@ def markdown_table(res: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(d['auroc'])} | {d['n_pos']} | {d['n_neg']} |")
         for name, why in probe.get("skipped", {}).items():
             lines.append(f"| {name} | skipped: {why} | | |")
+    if res.get("privacy"):
+        lines += ["", *privacy_lines(res["privacy"])]
     return "\n".join(lines) + "\n"
+
+
+def privacy_lines(p: dict[str, Any]) -> list[str]:
+    """The DP statement, in the words a privacy team checks: what epsilon, for what, and what not."""
+    if not p.get("enabled"):
+        return ["## Differential privacy", "", "DP disabled: no privacy guarantee."]
+    acc = p.get("accountant") or {}
+    steps = sum(int(h[2]) for h in acc.get("history", []))
+    eps = p.get("epsilon_spent")
+    verdict = "VALID" if p.get("guarantee_valid") else "NOT VALID (" + "; ".join(p.get("invalid_reasons") or []) + ")"
+    lines = [
+        "## Differential privacy",
+        "",
+        f"- guarantee: **{verdict}**",
+        f"- epsilon spent {eps:.4g} (target {p.get('target_epsilon')}), delta {p.get('delta'):.3g}, "
+        f"accountant {acc.get('mechanism')}" if eps is not None else "- epsilon: not computed",
+        f"- loss mode {p.get('loss_mode')}, privacy unit {p.get('privacy_unit')} (N = {p.get('n_train_units')}), "
+        f"adjacency {p.get('adjacency')}",
+        f"- noise multiplier sigma {p.get('noise_multiplier'):.4g}, sample rate q {p.get('sample_rate'):.4g}, "
+        f"steps {steps} (planned {p.get('steps_planned')}), clipping norm C {p.get('max_grad_norm')}, "
+        f"sensitivity {p.get('sensitivity')}",
+        f"- noise and sampling: {p.get('noise_source')}",
+        "- outside the guarantee:",
+    ]
+    return lines + [f"  - {item}" for item in p.get("outside_guarantee") or []]
 
 
 def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None):

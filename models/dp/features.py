@@ -7,6 +7,11 @@ Privacy unit (``privacy_unit``):
 * ``patient``: one unit = all studies of one patient (padded to the largest patient, with a mask);
   epsilon then protects a whole patient.
 
+Unit ids are *stable keys*: 63 bits of SHA-256 of the unit's own identifier (patient id + study id, or
+patient id), never its row position. ``group_clipping`` groups units by a hash of their id, and its
+2C sensitivity needs one unit's arrival to leave every other unit's group unchanged: with positional
+ids, one study inserted at the front shifted every id and regrouped everyone (tests/test_dp.py).
+
 Evaluation splits keep one row per *image* (every view is a query, exactly as in stage 2), so the
 audit callbacks see the same items on the DP stage as on stage 2.
 
@@ -39,10 +44,22 @@ from datamodules.records import SPLITS, Study
 log = logging.getLogger(__name__)
 
 PRIVACY_UNITS = ("study", "patient")
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2  # 2: stable study/patient keys
 
 
 # --------------------------------------------------------------------------- hashing
+
+
+def stable_key(*parts: str) -> int:
+    """A 63-bit integer key of an identifier (fits int64): the same for the same unit in every
+    neighbouring dataset, whatever else is added or removed. Study ids are keyed with their patient id
+    because some cohorts (CheXpert Plus: ``study1``) number studies per patient."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def stable_keys(ids: Sequence[str | tuple[str, ...]]) -> torch.Tensor:
+    return torch.tensor([stable_key(*((i,) if isinstance(i, str) else i)) for i in ids], dtype=torch.long)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -128,6 +145,8 @@ def extract_split_features(backbone, dm: CXRDataModule, split: str, device: torc
         "text": text,
         "labels": torch.as_tensor(np.stack([st.labels for st in studies])).float(),
         "study_patient": torch.tensor([dm.patient_index[st.patient_id] for st in studies], dtype=torch.long),
+        "study_key": stable_keys([(st.patient_id, st.study_id) for st in studies]),
+        "patient_key": stable_keys([st.patient_id for st in studies]),
     }
 
 
@@ -158,21 +177,28 @@ def pool_units(feats: dict[str, torch.Tensor], privacy_unit: str = "study") -> d
 
     Study units: mean of the study's view features (pre-projection), its report features; m = 1.
     Patient units: the patient's studies stacked (each pooled over its views), padded, masked.
-    Returns img [U, m, Di], txt [U, m, Dt], mask [U, m] (float), unit_id [U] (long), unit_patient [U].
+    Returns img [U, m, Di], txt [U, m, Dt], mask [U, m] (float), unit_id [U] (the unit's stable key,
+    ``study_key`` or ``patient_key``), unit_patient [U].
     """
     if privacy_unit not in PRIVACY_UNITS:
         raise ValueError(f"privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
+    missing = [k for k in ("study_key", "patient_key") if k not in feats]
+    if missing:
+        raise ValueError(
+            f"features lack {missing}: DP units need stable ids (models.dp.features.stable_keys of the study/patient "
+            "ids), not row positions, so that a neighbouring dataset never shifts another unit's id"
+        )
     n_st = feats["text"].shape[0]
     d_i = feats["image"].shape[1]
-    sums = torch.zeros(n_st, d_i).index_add_(0, feats["item_study"], feats["image"])
+    sums = torch.zeros(n_st, d_i, dtype=feats["image"].dtype).index_add_(0, feats["item_study"], feats["image"])
     counts = torch.bincount(feats["item_study"], minlength=n_st).clamp(min=1).unsqueeze(1)
     study_img = sums / counts
     study_txt = feats["text"]
     patients = feats["study_patient"]
     if privacy_unit == "study":
         return {
-            "img": study_img.unsqueeze(1), "txt": study_txt.unsqueeze(1), "mask": torch.ones(n_st, 1),
-            "unit_id": torch.arange(n_st), "unit_patient": patients.clone(),
+            "img": study_img.unsqueeze(1), "txt": study_txt.unsqueeze(1), "mask": torch.ones(n_st, 1, dtype=study_img.dtype),
+            "unit_id": feats["study_key"].long().clone(), "unit_patient": patients.clone(),
         }
     uniq, inv = torch.unique(patients, return_inverse=True)
     n_u = uniq.numel()
@@ -187,7 +213,20 @@ def pool_units(feats: dict[str, torch.Tensor], privacy_unit: str = "study") -> d
         j = int(slot[u])
         img[u, j], txt[u, j], mask[u, j] = study_img[s], study_txt[s], 1.0
         slot[u] += 1
-    return {"img": img, "txt": txt, "mask": mask, "unit_id": torch.arange(n_u), "unit_patient": uniq.clone()}
+    unit_key = torch.zeros(n_u, dtype=torch.long).index_copy_(0, inv, feats["patient_key"].long())
+    return {"img": img, "txt": txt, "mask": mask, "unit_id": unit_key, "unit_patient": uniq.clone()}
+
+
+def select_studies(feats: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The features of a split restricted to the studies where ``keep`` [S] is true (their image rows
+    follow, study indices are renumbered): a neighbouring dataset, for audits and tests."""
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    new_index = torch.full((keep.numel(),), -1, dtype=torch.long)
+    new_index[keep] = torch.arange(int(keep.sum()))
+    rows = keep[feats["item_study"]]
+    per_study = {k: v[keep] for k, v in feats.items() if k not in ("image", "item_study", "item_index")}
+    return {**per_study, "image": feats["image"][rows], "item_study": new_index[feats["item_study"][rows]],
+            "item_index": feats["item_index"][rows]}
 
 
 def _identity(batch):
@@ -271,6 +310,8 @@ class FeatureServing:
         return self._train_loader if self._train_loader is not None else self.plain_train_loader()
 
     def feature_loader(self, split: str) -> DataLoader:
+        if split not in self.features:
+            raise ValueError(f"no cached features for split {split!r}; have {sorted(self.features)}")
         ds = EvalItemDataset(self.features[split])
         return DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), self.eval_batch_size, False), collate_fn=_identity)
 
@@ -386,7 +427,9 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         self._check_disjoint(pub)
         feats = cached_split_features(backbone, pub, self.public_split, root, ckpt_hash, device)
         units = pool_units(feats, "study")
-        self.public_features = feats
+        # Served as split "public" too: the DP stage's linear probe trains there, not on the private
+        # train split (a probe fitted on the DP units would be a non-private release about them).
+        self.features["public"] = feats
         return units["img"][:, 0], units["txt"][:, 0]
 
     def _check_disjoint(self, pub: CXRDataModule) -> None:

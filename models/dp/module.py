@@ -18,13 +18,20 @@ another institution's cohort. If stage 2 was trained on the same studies, stage 
 them with no bound, and the member/non-member linkage test (models/dp/membership.py) will show it.
 
 Opacus is wired by hand for Lightning 2.x (manual optimisation): ``configure_optimizers`` asks the
-datamodule for a plain loader of expected batch size B, makes it private with
-``PrivacyEngine.make_private_with_epsilon`` (Poisson sampling, q = 1/len(loader); sigma for the
-target epsilon over the planned epochs, binary search tolerance ``dp.epsilon_tolerance``) and hands
-the Poisson loader back to the datamodule. ``group_clipping`` uses the same Poisson loader and
-Opacus' accountant stepped explicitly with its own noise multiplier (sensitivity 2C, see
-models/dp/losses.py). The accountant's history is saved in every checkpoint and restored on
-resume, so a resumed run continues the same budget with the same sigma and q.
+datamodule for a plain loader of expected batch size B, finds sigma for the target epsilon over the
+planned steps (``models.dp.accounting.noise_multiplier_for``), wraps the heads and optimizer with
+``PrivacyEngine.make_private`` and hands a Poisson loader (q = 1/len(loader)) back to the datamodule.
+``group_clipping`` uses the same Poisson loader and an Opacus accountant stepped explicitly (noise
+sigma * 2C, see models/dp/losses.py). The accountant's history is saved in every checkpoint and
+restored on resume, so a resumed run continues the same budget with the same sigma and q.
+
+Secret randomness. The adversary of DP knows the code, the config (``cfg.seed`` included) and every
+other record. Noise and Poisson batches therefore come from generators seeded from the OS entropy
+pool (``secrets``), never from ``cfg.seed``, and the seeds are kept nowhere: two runs of the same
+command release different heads, and retraining without a target unit cannot reproduce the release
+(with a seeded generator it did, bit for bit, deciding membership with certainty). The debugging
+switch ``dp.INSECURE_replayable_seed`` brings that back and marks the run ``guarantee_valid = False``.
+Other randomness (the public bank draw, group assignment) is public by design and stays seeded.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import secrets
 from typing import Any
 
 import lightning as L
@@ -50,6 +58,7 @@ from models.dp.accounting import (
     ACCOUNTANTS,
     accountant_state,
     default_delta,
+    epsilon_kwargs,
     load_accountant_state,
     noise_multiplier_for,
 )
@@ -77,7 +86,12 @@ DEFAULT_DP = {
     "epochs": None,  # null: trainer.max_epochs (sigma is set for the whole planned run)
     "epsilon_tolerance": 1e-3,
     "secure_mode": False,
-    "noise_seed": None,
+    # Debugging only: noise and Poisson batches drawn from this seed, so the run can be replayed by
+    # anyone who reads the config -- and so it is marked guarantee_valid = False.
+    "INSECURE_replayable_seed": None,
+    # delta >= 1/N admits a mechanism that publishes one whole record: refused unless this is set
+    # (and the run is then marked guarantee_valid = False).
+    "allow_delta_ge_1_over_n": False,
     # Opacus' per-sample clipping: "hooks" materialises per-sample gradients (grad_sample);
     # "ghost" (ghost clipping, Li et al. 2021) computes the same per-sample norms from activations
     # and output gradients and takes a second, rescaled backward: the same clipped sum, faster.
@@ -85,6 +99,14 @@ DEFAULT_DP = {
 }
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 INVALID_LABEL = "in_batch: NO valid epsilon (InfoNCE is not per-example decomposable)"
+# Outputs of a DP run that touch private data outside the mechanism (stated next to epsilon).
+OUTSIDE_GUARANTEE = (
+    "the frozen stage-2 checkpoint: epsilon is end to end only if it was trained without these units",
+    "audits of the val/test splits (re-linkage, probe scores): those patients are not DP training units "
+    "and are not protected by epsilon; only aggregate numbers are written",
+    "repeated runs and hyper-parameter sweeps on the same units: each run spends its own epsilon "
+    "(k runs: up to k * epsilon by composition; choosing the best run is a further release)",
+)
 
 
 class _Heads(nn.Module):
@@ -192,6 +214,9 @@ class DPAlignmentModule(L.LightningModule):
         self.sample_rate: float | None = None
         self.delta: float | None = None
         self.n_train_units: int | None = None
+        self.expected_batch_size: int | None = None
+        self.steps_planned: int | None = None
+        self.outside_guarantee: list[str] = list(OUTSIDE_GUARANTEE)
         self._restored_dp: dict | None = None
         self._noise_gen: torch.Generator | None = None
         self._epsilon_spent: float = 0.0
@@ -260,7 +285,27 @@ class DPAlignmentModule(L.LightningModule):
 
     @property
     def guarantee_valid(self) -> bool:
-        return self.dp_enabled and self.mode in VALID_DP_MODES
+        return self.dp_enabled and not self.invalid_reasons()
+
+    def invalid_reasons(self) -> list[str]:
+        """Why the printed epsilon does not hold for the released heads (empty: it holds)."""
+        dp = self.hparams.dp
+        reasons = []
+        if self.mode not in VALID_DP_MODES:
+            reasons.append(INVALID_LABEL)
+        if dp["INSECURE_replayable_seed"] is not None:
+            reasons.append("dp.INSECURE_replayable_seed is set: noise and batches can be replayed by anyone with the config")
+        if self.delta is not None and self.n_train_units and self.delta >= 1.0 / self.n_train_units:
+            reasons.append(f"delta {self.delta:.3g} >= 1/N = {1.0 / self.n_train_units:.3g}")
+        return reasons
+
+    @property
+    def noise_source(self) -> str:
+        if self.hparams.dp["INSECURE_replayable_seed"] is not None:
+            return "INSECURE: seeded from dp.INSECURE_replayable_seed (replayable)"
+        if self.hparams.dp["secure_mode"]:
+            return "Opacus secure_mode (cryptographically secure generator)"
+        return "secret: generators seeded from the OS entropy pool, seeds recorded nowhere"
 
     @property
     def grad_sample_mode(self) -> str:
@@ -276,7 +321,8 @@ class DPAlignmentModule(L.LightningModule):
     def epsilon_spent(self) -> float:
         if not self.dp_enabled or self._accountant is None or not self._accountant.history:
             return 0.0 if self.dp_enabled else math.inf
-        return float(self._accountant.get_epsilon(delta=self.delta))
+        dp = self.hparams.dp
+        return float(self._accountant.get_epsilon(delta=self.delta, **epsilon_kwargs(dp["accountant"], float(dp["target_epsilon"]))))
 
     def dp_state(self) -> dict[str, Any]:
         """Everything a privacy team needs to check the claim (saved in every checkpoint)."""
@@ -285,6 +331,8 @@ class DPAlignmentModule(L.LightningModule):
             "enabled": self.dp_enabled,
             "loss_mode": self.mode,
             "guarantee_valid": self.guarantee_valid,
+            "invalid_reasons": self.invalid_reasons() if self.dp_enabled else ["DP disabled"],
+            "noise_source": self.noise_source if self.dp_enabled else None,
             "privacy_unit": getattr(self, "privacy_unit", "study"),
             "adjacency": "add/remove one unit (Poisson sampling)",
             "n_train_units": self.n_train_units,
@@ -292,12 +340,15 @@ class DPAlignmentModule(L.LightningModule):
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
+            "expected_batch_size": self.expected_batch_size,
+            "steps_planned": self.steps_planned,
             "max_grad_norm": dp["max_grad_norm"],
             "sensitivity": (SENSITIVITY_FACTOR.get(self.mode, float("nan")) * dp["max_grad_norm"]) if self.mode in VALID_DP_MODES else None,
             "accountant": accountant_state(self._accountant) if self._accountant is not None else None,
             "epsilon_spent": self._epsilon_spent if self.dp_enabled else None,
             "backbone_checkpoint_sha256": (self.hparams.backbone or {}).get("checkpoint_sha256"),
             "scope": "epsilon covers this stage given the frozen checkpoint; end-to-end only if that checkpoint never saw these units",
+            "outside_guarantee": list(self.outside_guarantee),
         }
         if self.mode == "in_batch" and self.dp_enabled:
             state["warning"] = INVALID_LABEL
@@ -328,15 +379,23 @@ class DPAlignmentModule(L.LightningModule):
         if self.mode == "public_negatives" and bank is None:
             raise ValueError("loss.mode=public_negatives needs a public cohort (data.public_reader)")
         self.n_train_units = dm.n_train_units
+        # The expected batch is the configured one (public), not q * N: group_clipping's number of
+        # groups must not move when one unit comes or goes.
+        self.expected_batch_size = int(getattr(dm, "batch_size", 0) or self.n_train_units)
         loader = dm.plain_train_loader()
         dp = self.hparams.dp
         self.delta = float(dp["target_delta"]) if dp["target_delta"] is not None else default_delta(self.n_train_units)
-        if self.delta >= 1.0 / self.n_train_units:
-            log.warning("dp.target_delta=%.3g is not below 1/N = %.3g: the guarantee is weak", self.delta, 1 / self.n_train_units)
         if not self.dp_enabled:
             dm.set_train_loader(loader)
             log.info("DP disabled: non-private head finetune (same loss %r, same data)", self.mode)
             return opt
+        if self.delta >= 1.0 / self.n_train_units:
+            msg = (f"dp.target_delta={self.delta:.3g} is not below 1/N = {1 / self.n_train_units:.3g} (N = {self.n_train_units} "
+                   f"{self.privacy_unit} units): such a delta admits a mechanism that publishes a whole record")
+            if not dp["allow_delta_ge_1_over_n"]:
+                raise ValueError(msg + "; lower it (null = 1/(10 N)) or set model.dp.allow_delta_ge_1_over_n=true "
+                                 "(the run is then marked guarantee_valid=0)")
+            log.warning("%s; allowed by dp.allow_delta_ge_1_over_n, run marked guarantee_valid=0", msg)
         epochs = int(dp["epochs"] or self.trainer.max_epochs)
         prev = self._restored_dp
         if prev is not None and (not prev.get("enabled") or prev.get("loss_mode") != self.mode):
@@ -345,43 +404,44 @@ class DPAlignmentModule(L.LightningModule):
                 f"dp.enabled=True, loss.mode={self.mode!r}: earlier epochs are not covered by this accounting (start a new run)"
             )
         restored = prev if (prev or {}).get("accountant") else None
-        if dp["noise_seed"] is not None:
-            self._noise_gen = torch.Generator(device=self.device).manual_seed(int(dp["noise_seed"]))
+        self.sample_rate = 1.0 / len(loader)  # the rate of DPDataLoader.from_data_loader(loader) below
+        self.steps_planned = epochs * len(loader)
+        if restored:
+            self.noise_multiplier = float(restored["noise_multiplier"])
+        else:
+            self.noise_multiplier = noise_multiplier_for(
+                float(dp["target_epsilon"]), self.delta, self.sample_rate, steps=self.steps_planned,
+                accountant=dp["accountant"], epsilon_tolerance=float(dp["epsilon_tolerance"]),
+            )
+        sample_gen, self._noise_gen = self._generators()
         if self.mode in ("public_negatives", "in_batch"):
             engine = PrivacyEngine(accountant=dp["accountant"], secure_mode=bool(dp["secure_mode"]))
-            common = dict(module=self._heads, optimizer=opt, data_loader=loader, max_grad_norm=float(dp["max_grad_norm"]),
-                          poisson_sampling=True, noise_generator=self._noise_gen, grad_sample_mode=self.grad_sample_mode)
             if restored:
                 load_accountant_state(engine.accountant, restored["accountant"])
-                out = engine.make_private(noise_multiplier=float(restored["noise_multiplier"]), **common)
-            else:
-                out = engine.make_private_with_epsilon(
-                    target_epsilon=float(dp["target_epsilon"]), target_delta=self.delta, epochs=epochs,
-                    epsilon_tolerance=float(dp["epsilon_tolerance"]), **common,
-                )
+            # The plain loader goes in unchanged (poisson_sampling=False) so that its Poisson
+            # replacement below draws from our generator, not Opacus' default (the global RNG).
+            out = engine.make_private(
+                module=self._heads, optimizer=opt, data_loader=loader, noise_multiplier=self.noise_multiplier,
+                max_grad_norm=float(dp["max_grad_norm"]), poisson_sampling=False, grad_sample_mode=self.grad_sample_mode,
+                noise_generator=None if dp["secure_mode"] else self._noise_gen,
+            )
             # ghost mode also returns a criterion wrapper; our per-unit losses are wrapped directly.
-            gsm, dp_opt, dp_loader = (out[0], out[1], out[-1])
-            self.__dict__["_gsm"] = gsm
+            self.__dict__["_gsm"] = out[0]
             self.__dict__["_accountant"] = engine.accountant
-            self.noise_multiplier = float(dp_opt.noise_multiplier)
-            self.sample_rate = float(dp_loader.sample_rate)
-            out_opt = dp_opt
-        else:  # group_clipping: Poisson loader, explicit accountant and noise
+            if dp["secure_mode"]:
+                sample_gen = engine.secure_rng
+            out_opt = out[1]
+        else:  # group_clipping: explicit accountant and noise
             if dp["secure_mode"]:
                 raise ValueError("dp.secure_mode is wired for Opacus' optimizer noise (public_negatives, in_batch) only")
-            dp_loader = DPDataLoader.from_data_loader(loader)
-            self.sample_rate = float(dp_loader.sample_rate)
             acc = create_accountant(mechanism=dp["accountant"])
             if restored:
                 load_accountant_state(acc, restored["accountant"])
-                self.noise_multiplier = float(restored["noise_multiplier"])
-            else:
-                self.noise_multiplier = noise_multiplier_for(
-                    float(dp["target_epsilon"]), self.delta, self.sample_rate, steps=epochs * len(dp_loader),
-                    accountant=dp["accountant"], epsilon_tolerance=float(dp["epsilon_tolerance"]),
-                )
             self.__dict__["_accountant"] = acc
             out_opt = opt
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)
+        if not math.isclose(dp_loader.sample_rate, self.sample_rate, rel_tol=1e-12):
+            raise RuntimeError(f"Poisson rate {dp_loader.sample_rate} != accounted rate {self.sample_rate}")
         if restored:
             for key in ("sample_rate", "n_train_units"):
                 if restored.get(key) is not None and not math.isclose(float(restored[key]), float(getattr(self, key)), rel_tol=1e-12):
@@ -394,11 +454,22 @@ class DPAlignmentModule(L.LightningModule):
         if self.mode == "in_batch":
             log.warning("DP with %s. The epsilon Opacus reports for it does not hold.", INVALID_LABEL)
         log.info(
-            "DP-SGD: mode=%s sigma=%.4f q=%.5f C=%g delta=%.3g target eps=%g over %d epochs (N=%d units)",
+            "DP-SGD: mode=%s sigma=%.4f q=%.5f C=%g delta=%.3g target eps=%g over %d epochs = %d steps (N=%d units); noise %s",
             self.mode, self.noise_multiplier, self.sample_rate, dp["max_grad_norm"], self.delta, dp["target_epsilon"],
-            epochs, self.n_train_units,
+            epochs, self.steps_planned, self.n_train_units, self.noise_source,
         )
         return out_opt
+
+    def _generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """(Poisson sampling generator on the CPU, noise generator on the heads' device)."""
+        seed = self.hparams.dp["INSECURE_replayable_seed"]
+        if seed is None:
+            seeds = (secrets.randbits(63), secrets.randbits(63))  # never derived from cfg.seed; kept nowhere
+        else:
+            log.warning("dp.INSECURE_replayable_seed=%s: DP noise and batches are REPLAYABLE from the config; "
+                        "the epsilon of this run does NOT hold (dp/guarantee_valid=0). Debugging only.", seed)
+            seeds = (int(seed), int(seed) + 1)
+        return torch.Generator().manual_seed(seeds[0]), torch.Generator(device=self.device).manual_seed(seeds[1])
 
     def _bank(self, batch_device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A public bank drawn (public randomness) and embedded with the current heads, no gradient."""
@@ -454,9 +525,10 @@ class DPAlignmentModule(L.LightningModule):
         return loss.detach()
 
     def n_groups(self, batch_units: int) -> int:
-        """Number of groups: expected batch size / group_size (a public constant under DP)."""
-        expected = (self.sample_rate or 0.0) * (self.n_train_units or 0) if self.dp_enabled else batch_units
-        return max(1, round(max(1.0, expected) / int(self.hparams.loss["group_size"])))
+        """Number of groups: configured batch size / group_size under DP (a public constant: a count
+        derived from N or from the sampled batch would regroup every unit when one comes or goes)."""
+        expected = self.expected_batch_size if self.dp_enabled else batch_units
+        return max(1, round(max(1, expected or 1) / int(self.hparams.loss["group_size"])))
 
     def group_clipped_sum(self, img, txt, mask, unit_id, n_groups: int, step: int, clip: bool = True):
         """Sum over groups of each group's gradient (clipped to C when ``clip``), before noise.
@@ -501,6 +573,17 @@ class DPAlignmentModule(L.LightningModule):
         if self.dp_enabled:
             self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return loss
+
+    def on_fit_start(self) -> None:
+        """Record the run's other uses of private data next to epsilon (dp_state.outside_guarantee)."""
+        extra = []
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "monitor", None):
+            extra.append(f"the released checkpoint is chosen by {ckpt.monitor!r} on the val split (a selection on private data)")
+        for cb in self.trainer.callbacks:
+            if (getattr(cb, "settings", None) or {}).get("train_split") == "train":
+                extra.append(f"{type(cb).__name__} is fitted on the DP training units (train split): a non-private release about them")
+        self.outside_guarantee = list(OUTSIDE_GUARANTEE) + extra
 
     def on_train_start(self) -> None:
         if self.dp_enabled and not isinstance(self.trainer.train_dataloader, DPDataLoader):
