@@ -2,8 +2,9 @@
 or `python evaluate.py audit=hardneg embeddings=path.npz` (any external model, no checkpoint).
 
 The work is `evaluate(cfg)`, which tests call with a composed config; `main()` is the Hydra
-entry point. Writes `audit.json` (callbacks/result.py schema), `recall_vs_n.png` and
-`report.md` into the output directory and prints the table (aggregate numbers only).
+entry point. Writes `audit.json` (audit/result.py schema), `recall_vs_n.png` and
+`report.md` into the output directory and prints the table (aggregate numbers only). The audit
+settings come from configs/audit/ (defaults: configs/audit/settings/, shared with the callbacks).
 
 embeddings=path.npz holds one row per image item:
   image_emb [I, D], report_emb [I, D] (the row's study report; rows of a study are collapsed),
@@ -20,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("CXR_RELINK_ROOT", str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from callbacks import result as R  # noqa: E402
-from callbacks.metrics import EmbeddingSet, relinkage_audit  # noqa: E402
-from callbacks.probe import linear_probe  # noqa: E402
+import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
+from audit import result as R  # noqa: E402
+from audit.embeddings import EmbeddingSet  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -75,15 +75,11 @@ def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict, dict | No
                             "n_items": int(len(ev["image_emb"]))}
     rel = None
     if rel_cb is not None:
-        s = rel_cb.settings
         es = EmbeddingSet.from_items(ev["image_emb"], ev["report_emb"], ev["study_id"], ev["patient_id"],
                                      ev.get("labels"), ev.get("report_text_hash"))
-        if s["dedup"] and es.study_text_hash is None:
+        if rel_cb.settings["dedup"] and es.study_text_hash is None:
             log.warning("dedup requested but the embeddings file has no report_text_hash: dedup skipped")
-        rel = relinkage_audit(es, ks=s["ks"], ns=s["ns"], directions=s["directions"], hardneg=s["hardneg"],
-                              dedup=s["dedup"] and es.study_text_hash is not None, ties=s["ties"],
-                              label_mapping=s["label_mapping"], n_boot=s["n_boot"], seed=s["seed"],
-                              chunk_size=rel_cb.chunk_size, device=rel_cb.device, fused=rel_cb.fused)
+        rel = rel_cb.audit(es)
         meta.update(n_studies=es.n_studies)
     probe = None
     if probe_cb is not None:
@@ -93,11 +89,7 @@ def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict, dict | No
         if "labels" not in data:
             raise ValueError("the linear probe needs `labels` [I, 14] in the embeddings file")
         tr = _rows(data, data["split"].astype(str) == "train")
-        s = probe_cb.settings
-        cap = s["max_train_samples"]
-        probe = linear_probe(tr["image_emb"][:cap], tr["labels"][:cap], ev["image_emb"], ev["labels"],
-                             eval_labels=s["eval_labels"], uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"],
-                             max_iter=s["max_iter"], test_patient=ev["patient_id"], n_boot=s["n_boot"], seed=s["seed"])
+        probe = probe_cb.probe(tr["image_emb"], tr["labels"], ev["image_emb"], ev["labels"], ev["patient_id"])
     return rel, probe, meta
 
 
@@ -151,14 +143,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
     res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    R.write_result(res, out / "audit.json")
-    if res["relinkage"]:
-        import matplotlib.pyplot as plt
-
-        plt.close(R.plot_recall_vs_n(res, out / "recall_vs_n.png"))
-    table = R.markdown_table(res)
-    (out / "report.md").write_text(table)
+    table = R.write_bundle(res, out)
     print(table)
     log.info("audit written to %s", out)
     return R.scalars(res), {"cfg": cfg, "result": res, "output_dir": str(out)}

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("CXR_RELINK_ROOT", str(Path(__file__).resolve().parent))
 # W&B: offline unless the user says otherwise; never ask questions on a terminal. A run started by
 # `wandb agent` (WANDB_SWEEP_ID set) must report to its sweep, so it keeps W&B's own (online) mode;
 # the sweep files also pass logger.wandb.offline=false (configs/sweep/).
@@ -23,6 +22,8 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 
 log = logging.getLogger("train")
 
@@ -61,9 +62,10 @@ def finish_wandb() -> None:
 
 def write_final_audit(callbacks: list, out_dir: str | Path, model=None) -> str | None:
     """Merge the audit callbacks' last results (test split) into one audit.json + plot + report.md
-    in the run directory, and return the Markdown table (aggregate numbers only, no PHI). A DP model's
-    privacy statement (``dp_state``) goes into both, next to the numbers it qualifies."""
-    from callbacks import result as R
+    in the run directory (audit.result.write_bundle, as evaluate.py), and return the Markdown table
+    (aggregate numbers only, no PHI). A DP model's privacy statement (``dp_state``) goes into both, next
+    to the numbers it qualifies."""
+    from audit import result as R
 
     results = [cb.last_result for cb in callbacks if getattr(cb, "last_result", None)]
     if not results:
@@ -76,16 +78,7 @@ def write_final_audit(callbacks: list, out_dir: str | Path, model=None) -> str |
         meta=base["meta"], settings={"relinkage": rel["settings"] if rel else None, "probe": probe["settings"] if probe else None},
         privacy=model.dp_state() if hasattr(model, "dp_state") else None,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    R.write_result(merged, out / "audit.json")
-    if rel:
-        import matplotlib.pyplot as plt
-
-        plt.close(R.plot_recall_vs_n(merged, out / "recall_vs_n.png"))
-    table = R.markdown_table(merged)
-    (out / "report.md").write_text(table)
-    return table
+    return R.write_bundle(merged, out_dir)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

@@ -1,11 +1,11 @@
 """Benchmark: the full re-linkage audit vs the bare chunked similarity GEMM of the same shapes.
 
-    .venv/bin/python bench/bench_audit.py            # M = 43,793 queries, D = 512 (MIMIC test-size)
-    .venv/bin/python bench/bench_audit.py --quick    # M = 6,000: under a minute on 2 CPU cores
+    .venv/bin/python -m bench.bench_audit            # M = 43,793 queries, D = 512 (MIMIC test-size)
+    .venv/bin/python -m bench.bench_audit --quick    # M = 6,000: under a minute on 2 CPU cores
 
-The audit = image->report counts (K in {1,5,10}, N in {100, 1000, 10000, M}, exact), hard
-negatives (pathology-matched populations, realistic label prevalences), rank statistics and
-the bootstrap CIs over patients. Also: the Monte Carlo pool sampler (time, and agreement
+The audit = image->report counts (exact, at the K and N of configs/audit/settings/relinkage.yaml,
+the settings the callbacks and evaluate.py use), hard negatives (pathology-matched populations,
+realistic label prevalences), rank statistics and the bootstrap CIs over patients. Also: the Monte Carlo pool sampler (time, and agreement
 with the exact value in standard errors) and torchmetrics' RetrievalRecall at a size it can
 hold (it needs all Q x C scores flattened).
 """
@@ -13,30 +13,23 @@ hold (it needs all Q x C scores flattened).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from callbacks.metrics import (  # noqa: E402
-    EmbeddingSet,
-    _auto_chunk,
-    label_groups,
-    monte_carlo_recall,
-    rank_counts,
-    relinkage_audit,
-)
+from audit.counting import _auto_chunk, rank_counts
+from audit.embeddings import EmbeddingSet
+from audit.labels import label_groups
+from audit.reference import monte_carlo_recall
+from audit.relinkage import relinkage_audit
+from bench.machine import describe
+from configs import audit_settings
 
 # Rough CheXpert-like prevalences of positive (1) and uncertain (-1) mentions, per label.
 POS = [0.10, 0.04, 0.12, 0.22, 0.03, 0.10, 0.05, 0.03, 0.12, 0.04, 0.20, 0.01, 0.02, 0.25]
 UNC = [0.00, 0.03, 0.02, 0.02, 0.01, 0.04, 0.02, 0.05, 0.04, 0.01, 0.03, 0.00, 0.00, 0.00]
 
-
-from bench.machine import describe  # noqa: E402
 
 def make_data(m: int, d: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -73,11 +66,12 @@ def bare_gemm(q: torch.Tensor, c: torch.Tensor, chunk: int) -> float:
 
 
 def main() -> None:
+    settings = audit_settings("relinkage")  # the audit as the callbacks and evaluate.py run it
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, default=43793, help="queries = reports (one image per study)")
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="M = 6,000 (under a minute on 2 cores)")
-    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--n-boot", type=int, default=settings["n_boot"])
     ap.add_argument("--eager-queries", type=int, default=4096, help="queries for the eager-counting comparison")
     ap.add_argument("--mc-queries", type=int, default=500)
     ap.add_argument("--mc-pools", type=int, default=10)
@@ -86,13 +80,13 @@ def main() -> None:
     args = ap.parse_args()
     m = 6000 if args.quick else args.m
     dev = torch.device(args.device)
-    ks, ns = [1, 5, 10], [100, 1000, 10000, "full"]
+    ks, ns = settings["ks"], settings["ns"]
 
     img, rep, patient, labels = make_data(m, args.d)
     img, rep = img.to(dev), rep.to(dev)
     es = EmbeddingSet(img, rep, torch.arange(m), patient, labels)
     chunk = _auto_chunk(m)
-    hn = (label_groups(labels), patient, patient)
+    hn = (label_groups(labels, settings["label_mapping"]), patient, patient)
 
     print(f"# bench_audit  M={m:,}  D={args.d}  device={dev}  chunk={chunk} queries")
     print(f"# machine: {describe()}")
@@ -104,8 +98,9 @@ def main() -> None:
     bare_gemm(img[:chunk], rep, chunk)  # warm-up
     t_gemm, _ = timed(lambda: bare_gemm(img, rep, chunk), dev)
     t_audit, res = timed(
-        lambda: relinkage_audit(es, ks=ks, ns=ns, directions=["i2t"], hardneg=True, n_boot=args.n_boot,
-                                normalize=False, device=dev, fused=True),
+        lambda: relinkage_audit(es, ks=ks, ns=ns, directions=["i2t"], hardneg=True, label_mapping=settings["label_mapping"],
+                                ties=settings["ties"], n_boot=args.n_boot, seed=settings["seed"], normalize=False,
+                                device=dev, fused=True),
         dev,
     )
     # Eager (unfused) counting vs fused on a subset of queries, against the GEMM of the subset.
@@ -133,7 +128,7 @@ def main() -> None:
           f"{hn_sec['population_median']:.0f}, {hn_sec['n_queries_no_negatives']} queries without negatives")
     r1 = {(r['n'], r['k']): r for r in res["i2t"]["recall"]}
     print("i2t R@1: " + ", ".join(f"N={n}: {r1[(n, 1)]['value']:.4f} ({r1[(n, 1)]['x_chance']:.1f}x chance)"
-                                  for n in ["100", "1000", "10000", "full"] if (n, 1) in r1))
+                                  for n in [str(n) for n in ns] if (n, 1) in r1))
     h1 = {(r['n'], r['k']): r for r in hn_sec["recall"]}
     print("hardneg R@1: " + ", ".join(f"N={n}: {h1[(n, 1)]['value']:.4f} (eff. pool {h1[(n, 1)]['effective_pool_mean']:.0f}, "
                                       f"{h1[(n, 1)]['x_chance']:.1f}x chance)" for n in ["100", "full"] if (n, 1) in h1))

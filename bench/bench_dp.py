@@ -1,6 +1,6 @@
 """DP stage speed: one epoch on cached features vs forwarding the frozen encoders, and DP vs non-private.
 
-    python bench/bench_dp.py [--units 3400] [--batch 256] [--epochs 3] [--threads 1]
+    python -m bench.bench_dp [--units 3400] [--batch 256] [--epochs 3] [--threads 1]
 
 * "encoders" = what a DP epoch would cost without the feature cache: the frozen towers of the
   default stage-2 model (configs/model/bert_encoder.yaml: SmallCNN at 128^2, 2-layer BERT) run over
@@ -14,31 +14,27 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from bench.machine import describe  # noqa: E402
+from configs import CONFIG_DIR  # noqa: E402
 from models.dp.features import InMemoryFeatureDataModule  # noqa: E402
 from models.dp.module import DPAlignmentModule  # noqa: E402
 
-
-from bench.machine import describe  # noqa: E402
 
 def encoder_epoch_seconds(n_units: int, batches: int, batch: int, views_per_study: float = 1.5) -> tuple[float, int, int]:
     from datamodules.text import build_tokenizer
     from models.dual_tower import DualTowerModule
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / "bert_encoder.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / "bert_encoder.yaml")
     img_cfg = OmegaConf.to_container(cfg.image_tower)
     img_cfg["in_channels"] = 1
     txt_cfg = OmegaConf.to_container(cfg.text_tower)

@@ -1,7 +1,7 @@
 """Synthetic cohort generation speed: studies/s and images/s (generation + cache write + load).
 
-    python bench/bench_generation.py                  # 128^2, 250 / 1000 / 2000 patients, 1 and 2 workers
-    python bench/bench_generation.py --sizes 5000 --image-size 224 --workers 2
+    python -m bench.bench_generation                  # 128^2, 250 / 1000 / 2000 patients, 1 and 2 workers
+    python -m bench.bench_generation --sizes 5000 --image-size 224 --workers 2
 
 Target (issue 2): >= 1,000 studies/s at 128^2 on the 2-core CPU machine. The machine may be
 shared, so besides wall-clock rates the table gives studies per CPU-second of this process and
@@ -13,19 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bench.machine import cpu_model
+from datamodules.synthetic import SyntheticReader
 
-from datamodules.synthetic import SyntheticReader  # noqa: E402
-
-
-from bench.machine import cpu_model  # noqa: E402
 
 def cpu_seconds() -> float:
     """CPU time of this process and its (finished) child processes."""

@@ -7,8 +7,8 @@ batches, after `--warmup` untimed steps. Memory:
   RSS after the model was built (activations + gradients + optimizer state);
 - CUDA: torch.cuda.max_memory_allocated during training.
 
-    python bench/bench_lora.py                       # tiny default + a small (~9M) model, on CPU
-    python bench/bench_lora.py --device cuda --sizes small,medium
+    python -m bench.bench_lora                       # tiny default + a small (~9M) model, on CPU
+    python -m bench.bench_lora --device cuda --sizes small,medium
 
 CPU wall-clock timings on a shared machine are noisy (the table prints the load average next to them);
 CPU s/step (process CPU time, all threads) is the steadier figure there.
@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from configs import ROOT
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
@@ -130,10 +129,10 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--child", "--size", size, "--mode", mode, "--device", args.device,
+            cmd = [sys.executable, "-m", "bench.bench_lora", "--child", "--size", size, "--mode", mode, "--device", args.device,
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
             if res.returncode or not line:
                 print(f"{size}/{mode} failed:\n{res.stderr[-2000:]}", file=sys.stderr)

@@ -1,18 +1,19 @@
-"""Lightning callbacks: the re-linkage audit and the linear probe, run during validation.
+"""Lightning glue that runs the audit library (audit/) during validation: collect -> gather ->
+run the audit -> broadcast -> log.
 
-Both collect what ``validation_step`` returns (contract: a dict with "image_emb",
-"report_emb", "labels", "study_idx", "patient_idx", "index"), gather it across ranks,
-drop the duplicates a padding DistributedSampler adds (by the dataset ``index``), sort by
-``index`` (so the result does not depend on the world size), compute on rank 0 every
-``every_n_epochs`` (always under ``trainer.validate``), broadcast the scalars so every rank
-logs the same values (they can be monitored), and write a versioned JSON result (and the
-Recall-vs-N plot) into the run directory. The plot goes to W&B as an image only when a
-WandbLogger is attached. Report text never leaves memory: dedup uses hashes.
+Both callbacks collect what ``validation_step`` returns (audit.embeddings.validation_outputs:
+"image_emb", "report_emb", "labels", "study_idx", "patient_idx", "index"), gather it across ranks,
+drop the duplicates a padding DistributedSampler adds (by the dataset ``index``), sort by ``index``
+(so the result does not depend on the world size), run the audit on rank 0 every
+``every_n_epochs`` (always under ``trainer.validate``), broadcast the scalars so every rank logs the
+same values (they can be monitored), and write a versioned JSON result (and the Recall-vs-N plot)
+into the run directory. The plot goes to W&B as an image only when a WandbLogger is attached. Report
+text never leaves memory: dedup uses hashes. The audit settings and their defaults live in
+configs/audit/settings/ (configs.audit_settings), shared with evaluate.py and bench/.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Sequence
 
@@ -22,11 +23,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks import result as R
-from callbacks.metrics import EmbeddingSet, relinkage_audit
-from callbacks.probe import linear_probe
-
-REQUIRED_KEYS = ("image_emb", "report_emb", "labels", "study_idx", "patient_idx", "index")
+from audit import result as R
+from audit.embeddings import VALIDATION_KEYS, EmbeddingSet, embedding_set_from_outputs, report_hash
+from audit.probe import linear_probe
+from audit.relinkage import relinkage_audit
+from configs import audit_settings
 
 
 # --------------------------------------------------------------------------- collection
@@ -120,33 +121,22 @@ def _stem(trainer: Trainer, prefix: str) -> str:
     return prefix
 
 
-def embedding_set_from_outputs(
-    data: dict[str, torch.Tensor], text_hash: Sequence[str] | None = None
-) -> EmbeddingSet:
-    """Gathered validation outputs (one row per image item) -> EmbeddingSet."""
-    th = None
-    if text_hash is not None:
-        th = [text_hash[int(s)] for s in data["study_idx"].reshape(-1)]
-    return EmbeddingSet.from_items(
-        data["image_emb"], data["report_emb"], data["study_idx"].reshape(-1).numpy(),
-        data["patient_idx"].reshape(-1).numpy(), data["labels"].numpy(), th,
-    )
-
-
 def report_hashes(studies: Sequence[Any], text_field: str = "report") -> list[str]:
-    """SHA-1 of the text the model sees for each study (whitespace-normalised; the `text_field` the
-    datamodule uses, so identical impressions collapse when the model reads impressions). The text
-    itself is never kept."""
+    """audit.embeddings.report_hash of the text the model sees for each study (the ``text_field`` the
+    datamodule uses, so identical impressions collapse when the model reads impressions)."""
     from datamodules.datamodule import study_text
 
-    return [hashlib.sha1(" ".join(study_text(s, text_field).split()).encode()).hexdigest() for s in studies]
+    return [report_hash(study_text(s, text_field)) for s in studies]
 
 
 # --------------------------------------------------------------------------- callbacks
 
 
 class _CollectingCallback(Callback):
-    """Collects the validation outputs named by `keys` on epochs that are due (both audits)."""
+    """Collects the validation outputs named by ``keys`` on epochs that are due, then gathers them,
+    runs the audit on rank 0 (``run_audit``), writes its result, broadcasts and logs the scalars."""
+
+    name = "audit"  # file stem of the per-epoch JSON
 
     def __init__(self, keys: Sequence[str], every_n_epochs: int, out_dir: str | None, write_json: bool, split: str):
         super().__init__()
@@ -166,53 +156,6 @@ class _CollectingCallback(Callback):
         if self._active and dataloader_idx == 0:
             self._collector.add(outputs, type(self).__name__)
 
-
-class RelinkageAudit(_CollectingCallback):
-    """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation callback.
-
-    ns: pool sizes, integers and/or "full"; integers >= the number of candidates in the
-    split are clipped (the full database covers them). Logs ``audit/<variant>/R@K/N=<n>``
-    and ``.../x_chance`` (see callbacks/result.py for every name).
-    """
-
-    def __init__(
-        self,
-        ks: Sequence[int] = (1, 5, 10),
-        ns: Sequence[int | str] = (100, 1000, 10000, "full"),
-        directions: Sequence[str] = ("i2t", "t2i"),
-        hardneg: bool = True,
-        label_mapping: str = "blank_negative",
-        dedup: bool = False,
-        ties: str = "pessimistic",
-        n_boot: int = 1000,
-        seed: int = 0,
-        every_n_epochs: int = 1,
-        chunk_size: int | None = None,
-        device: str | None = None,
-        fused: bool | str = "auto",
-        out_dir: str | None = None,
-        write_json: bool = True,
-        log_plot: bool = True,
-        split: str = "val",
-    ):
-        super().__init__(REQUIRED_KEYS, every_n_epochs, out_dir, write_json, split)
-        self.settings = {
-            "ks": [int(k) for k in ks], "ns": [n if isinstance(n, str) else int(n) for n in ns],
-            "directions": list(directions), "hardneg": bool(hardneg), "label_mapping": label_mapping,
-            "dedup": bool(dedup), "ties": ties, "n_boot": int(n_boot), "seed": int(seed),
-        }
-        self.chunk_size = chunk_size
-        self.device = device
-        self.fused = fused  # compile the counting step (see metrics.rank_counts); results identical
-        self.log_plot = log_plot
-
-    def _text_hashes(self, trainer: Trainer) -> list[str] | None:
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "studies"):
-            rank_zero_warn("RelinkageAudit: dedup needs datamodule.studies(split); dedup skipped")
-            return None
-        return report_hashes(dm.studies(_split_name(trainer, self)), getattr(dm, "text_field", "report"))
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active:
             return
@@ -222,85 +165,142 @@ class RelinkageAudit(_CollectingCallback):
         # trainer.log_dir is itself a collective (a broadcast): resolve it on every rank, never
         # inside the rank-0 block, or rank 0's extra broadcast pairs with the others' scalars.
         out_dir = _run_dir(trainer, self.out_dir)
+        split = _split_name(trainer, self)
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
-            s = self.settings
-            hashes = self._text_hashes(trainer) if s["dedup"] else None
-            es = embedding_set_from_outputs(data, hashes)
-            rel = relinkage_audit(
-                es, ks=s["ks"], ns=s["ns"], directions=s["directions"], hardneg=s["hardneg"],
-                dedup=s["dedup"] and hashes is not None, ties=s["ties"], label_mapping=s["label_mapping"],
-                n_boot=s["n_boot"], seed=s["seed"], chunk_size=self.chunk_size,
-                device=self.device or pl_module.device, fused=self.fused,
-            )
-            meta = {
-                "model": type(pl_module).__name__, "split": _split_name(trainer, self), "epoch": int(trainer.current_epoch),
-                "global_step": int(trainer.global_step), "n_items": es.n_items, "n_studies": es.n_studies,
-                "n_patients": int(torch.unique(es.study_patient).numel()), "world_size": int(trainer.world_size),
-                "n_padding_duplicates_dropped": dropped,
-            }
-            res = R.build_result(relinkage=rel, meta=meta, settings=s)
+            meta = {"model": type(pl_module).__name__, "split": split, "epoch": int(trainer.current_epoch),
+                    "global_step": int(trainer.global_step), "world_size": int(trainer.world_size),
+                    "n_padding_duplicates_dropped": dropped}
+            res = self.run_audit(trainer, pl_module, data, meta)
             self.last_result = res
             values = R.scalars(res)
-            self._write(trainer, res, out_dir)
+            self.write(trainer, res, out_dir)
         values = trainer.strategy.broadcast(values, src=0)
-        _log_scalars(pl_module, values, _split_name(trainer, self))
+        _log_scalars(pl_module, values, split)
 
-    def _write(self, trainer: Trainer, res: dict[str, Any], out: str) -> None:
-        if not (self.write_json or self.log_plot):
-            return
-        os.makedirs(out, exist_ok=True)
-        stem = _stem(trainer, "relinkage")
+    def run_audit(self, trainer: Trainer, pl_module: LightningModule, data: dict[str, torch.Tensor],
+                  meta: dict[str, Any]) -> dict[str, Any]:
+        """The audit result (audit.result.build_result) of the gathered outputs, on rank 0."""
+        raise NotImplementedError
+
+    def write(self, trainer: Trainer, res: dict[str, Any], out_dir: str) -> None:
         if self.write_json:
-            R.write_result(res, os.path.join(out, stem + ".json"))
-        if self.log_plot:
-            import matplotlib.pyplot as plt
+            os.makedirs(out_dir, exist_ok=True)
+            R.write_result(res, os.path.join(out_dir, _stem(trainer, self.name) + ".json"))
 
-            png = os.path.join(out, stem + "_recall_vs_n.png")
-            fig = R.plot_recall_vs_n(res, png)
-            plt.close(fig)
-            try:
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError:  # pragma: no cover
-                return
-            for lg in trainer.loggers:
-                if isinstance(lg, WandbLogger):
-                    lg.log_image(key="audit/recall_vs_n", images=[png], step=trainer.global_step)
+
+class RelinkageAudit(_CollectingCallback):
+    """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation callback.
+
+    ``settings``: any key of configs/audit/settings/relinkage.yaml (ks, ns, directions, hardneg,
+    label_mapping, dedup, ties, n_boot, seed, chunk_size, device, fused); that file's values fill in
+    the rest. ns: pool sizes, integers and/or "full"; integers >= the number of candidates in the
+    split are clipped (the full database covers them). Logs ``audit/<variant>/R@K/N=<n>`` and
+    ``.../x_chance`` (see audit/result.py for every name).
+    """
+
+    name = "relinkage"
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        out_dir: str | None = None,
+        write_json: bool = True,
+        log_plot: bool = True,
+        split: str = "val",
+        **settings: Any,
+    ):
+        super().__init__(VALIDATION_KEYS, every_n_epochs, out_dir, write_json, split)
+        s = audit_settings("relinkage", settings)
+        self.settings = {
+            "ks": [int(k) for k in s["ks"]], "ns": [n if isinstance(n, str) else int(n) for n in s["ns"]],
+            "directions": list(s["directions"]), "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
+            "dedup": bool(s["dedup"]), "ties": s["ties"], "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
+        }
+        self.chunk_size = s["chunk_size"]
+        self.device = s["device"]
+        self.fused = s["fused"]  # compile the counting step (see audit.counting.rank_counts); results identical
+        self.log_plot = log_plot
+
+    def audit(self, es: EmbeddingSet, device: str | torch.device | None = None) -> dict[str, dict[str, Any]]:
+        """relinkage_audit of ``es`` with these settings (evaluate.py calls it on a file of embeddings);
+        the dedup variant runs only when ``es`` carries report hashes."""
+        s = self.settings
+        return relinkage_audit(es, **{**s, "dedup": s["dedup"] and es.study_text_hash is not None},
+                               chunk_size=self.chunk_size, device=self.device or device, fused=self.fused)
+
+    def _text_hashes(self, trainer: Trainer) -> list[str] | None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "studies"):
+            rank_zero_warn("RelinkageAudit: dedup needs datamodule.studies(split); dedup skipped")
+            return None
+        return report_hashes(dm.studies(_split_name(trainer, self)), getattr(dm, "text_field", "report"))
+
+    def run_audit(self, trainer, pl_module, data, meta):
+        hashes = self._text_hashes(trainer) if self.settings["dedup"] else None
+        es = embedding_set_from_outputs(data, hashes)
+        rel = self.audit(es, pl_module.device)
+        meta.update(n_items=es.n_items, n_studies=es.n_studies, n_patients=int(torch.unique(es.study_patient).numel()))
+        return R.build_result(relinkage=rel, meta=meta, settings=self.settings)
+
+    def write(self, trainer: Trainer, res: dict[str, Any], out_dir: str) -> None:
+        super().write(trainer, res, out_dir)
+        if not self.log_plot:
+            return
+        import matplotlib.pyplot as plt
+
+        os.makedirs(out_dir, exist_ok=True)
+        png = os.path.join(out_dir, _stem(trainer, self.name) + "_recall_vs_n.png")
+        fig = R.plot_recall_vs_n(res, png)
+        plt.close(fig)
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            return
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_image(key="audit/recall_vs_n", images=[png], step=trainer.global_step)
 
 
 class LinearProbe(_CollectingCallback):
     """Linear probe of the frozen image embeddings: ``train_split`` -> evaluation split.
 
-    The evaluation embeddings are the validation outputs; the probe's training embeddings come
-    from ``datamodule.eval_dataloader(train_split)`` encoded with ``pl_module.encode_images``
-    (at most ``max_train_samples`` images, in loader order; on rank 0 only). Logs
-    ``probe/macro_auroc`` and ``probe/auroc/<label>``. The DP stage sets ``train_split=public``:
-    a probe fitted on the DP training units would be a non-private release about them.
+    ``settings``: any key of configs/audit/settings/probe.yaml (eval_labels, uncertain, blank, l2,
+    max_iter, max_train_samples, train_split, n_boot, seed); that file's values fill in the rest.
+    The evaluation embeddings are the validation outputs; the probe's training embeddings come from
+    ``datamodule.eval_dataloader(train_split)`` encoded with ``pl_module.encode_images`` (at most
+    ``max_train_samples`` images, in loader order; on rank 0 only). Logs ``probe/macro_auroc`` and
+    ``probe/auroc/<label>``. The DP stage sets ``train_split=public``: a probe fitted on the DP
+    training units would be a non-private release about them.
     """
+
+    name = "probe"
 
     def __init__(
         self,
-        eval_labels: Sequence[str] | None = None,
-        uncertain: str = "ignore",
-        blank: str = "zeros",
-        l2: float = 1e-3,
-        max_iter: int = 200,
-        max_train_samples: int = 20000,
-        n_boot: int = 200,
-        seed: int = 0,
         every_n_epochs: int = 1,
         out_dir: str | None = None,
         write_json: bool = True,
         split: str = "val",
-        train_split: str = "train",
+        **settings: Any,
     ):
         super().__init__(("image_emb", "labels", "patient_idx", "index"), every_n_epochs, out_dir, write_json, split)
+        s = audit_settings("probe", settings)
         self.settings = {
-            "train_split": str(train_split),
-            "eval_labels": list(eval_labels) if eval_labels is not None else None, "uncertain": uncertain,
-            "blank": blank, "l2": float(l2), "max_iter": int(max_iter),
-            "max_train_samples": int(max_train_samples), "n_boot": int(n_boot), "seed": int(seed),
+            "train_split": str(s["train_split"]),
+            "eval_labels": list(s["eval_labels"]) if s["eval_labels"] is not None else None,
+            "uncertain": s["uncertain"], "blank": s["blank"], "l2": float(s["l2"]), "max_iter": int(s["max_iter"]),
+            "max_train_samples": int(s["max_train_samples"]), "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
         }
+
+    def probe(self, train_x: Any, train_y: Any, test_x: Any, test_y: Any, test_patient: Any) -> dict[str, Any]:
+        """linear_probe with these settings, on at most ``max_train_samples`` training rows
+        (evaluate.py calls it on a file of embeddings)."""
+        s = self.settings
+        cap = s["max_train_samples"]
+        return linear_probe(train_x[:cap], train_y[:cap], test_x, test_y, eval_labels=s["eval_labels"],
+                            uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"], max_iter=s["max_iter"],
+                            test_patient=test_patient, n_boot=s["n_boot"], seed=s["seed"])
 
     def encode_train(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         dm = trainer.datamodule
@@ -320,30 +320,7 @@ class LinearProbe(_CollectingCallback):
             raise ValueError(f"LinearProbe: the probe's training split {self.settings['train_split']!r} is empty")
         return torch.cat(embs)[:cap], torch.cat(labs)[:cap]
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active:
-            return
-        self._active = False
-        data, dropped = self._collector.gather(trainer, pl_module.device)
-        self._collector.reset()
-        out_dir = _run_dir(trainer, self.out_dir)  # a collective: on every rank (see RelinkageAudit)
-        values: dict[str, float] | None = None
-        if trainer.is_global_zero:
-            xtr, ytr = self.encode_train(trainer, pl_module)
-            s = self.settings
-            probe = linear_probe(
-                xtr, ytr.numpy(), data["image_emb"], data["labels"].numpy(), eval_labels=s["eval_labels"],
-                uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"], max_iter=s["max_iter"],
-                test_patient=data["patient_idx"].numpy(), n_boot=s["n_boot"], seed=s["seed"],
-            )
-            meta = {"model": type(pl_module).__name__, "split": _split_name(trainer, self), "epoch": int(trainer.current_epoch),
-                    "global_step": int(trainer.global_step), "world_size": int(trainer.world_size),
-                    "n_padding_duplicates_dropped": dropped}
-            res = R.build_result(probe=probe, meta=meta, settings=s)
-            self.last_result = res
-            values = R.scalars(res)
-            if self.write_json:
-                os.makedirs(out_dir, exist_ok=True)
-                R.write_result(res, os.path.join(out_dir, _stem(trainer, "probe") + ".json"))
-        values = trainer.strategy.broadcast(values, src=0)
-        _log_scalars(pl_module, values, _split_name(trainer, self))
+    def run_audit(self, trainer, pl_module, data, meta):
+        xtr, ytr = self.encode_train(trainer, pl_module)
+        probe = self.probe(xtr, ytr.numpy(), data["image_emb"], data["labels"].numpy(), data["patient_idx"].numpy())
+        return R.build_result(probe=probe, meta=meta, settings=self.settings)

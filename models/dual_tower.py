@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from audit.embeddings import validation_outputs
 from models.checkpoint import plain, save_extras
 from models.heads import ProjectionHead
 from models.optim import configure_optimizers
@@ -131,14 +132,7 @@ class DualTowerModule(L.LightningModule):
         # The datamodule's val_split is "val" while training and "test" for the final audit.
         split = getattr(self.trainer.datamodule, "val_split", "val") if self.trainer.datamodule is not None else "val"
         _, img, txt = self._step(batch, split)
-        return {
-            "image_emb": img.detach(),
-            "report_emb": txt.detach(),
-            "labels": batch["labels"],
-            "study_idx": batch["study_idx"],
-            "patient_idx": batch["patient_idx"],
-            "index": batch["index"],
-        }
+        return validation_outputs(img, txt, batch)
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)

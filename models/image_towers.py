@@ -1,31 +1,12 @@
 """Image towers. All map [B, C, H, W] -> [B, output_dim] pre-projection features.
 
-The CPU default is a small GroupNorm CNN; torchvision ResNets and ViT-B/16 are selectable and take
-optional *local* weights (safetensors or a plain state_dict loaded with weights_only=True).
+The CPU default is a small GroupNorm CNN (the one tower with a config: configs/model/*.yaml).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-import torchvision
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict safely: safetensors, or torch.load with weights_only=True."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
 
 
 class SmallCNN(nn.Module):
@@ -52,35 +33,3 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=(2, 3))
-
-
-class TorchvisionTower(nn.Module):
-    """resnet18 | resnet50 | vit_b_16 from torchvision, classification head removed."""
-
-    ARCHS = ("resnet18", "resnet50", "vit_b_16")
-
-    def __init__(self, arch: str = "resnet18", weights_path: str | None = None, image_size: int = 224) -> None:
-        super().__init__()
-        if arch not in self.ARCHS:
-            raise ValueError(f"image tower arch must be one of {self.ARCHS}, got {arch!r}")
-        if arch == "vit_b_16":
-            net = torchvision.models.vit_b_16(weights=None, image_size=image_size)
-        else:
-            net = getattr(torchvision.models, arch)(weights=None)
-        if weights_path:
-            missing, unexpected = net.load_state_dict(load_state_dict_file(weights_path), strict=False)
-            # A classification head from another task is expected to be missing/unexpected; a
-            # backbone key is not.
-            bad = [k for k in missing if not k.startswith(("fc.", "heads."))]
-            if bad:
-                raise ValueError(f"{weights_path}: weights do not match {arch}; missing e.g. {bad[:5]}")
-        if arch == "vit_b_16":
-            self.output_dim = net.heads.head.in_features
-            net.heads = nn.Identity()
-        else:
-            self.output_dim = net.fc.in_features
-            net.fc = nn.Identity()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)

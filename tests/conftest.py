@@ -12,9 +12,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
-os.environ.setdefault("CXR_RELINK_ROOT", str(ROOT))
+from configs import CONFIG_DIR as _CONFIG_DIR  # importing configs sets CXR_RELINK_ROOT
+from configs import ROOT  # noqa: F401  (tests import it from here)
+
+CONFIG_DIR = str(_CONFIG_DIR)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

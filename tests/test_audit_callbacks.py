@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.audit import LinearProbe, RelinkageAudit
-from callbacks.metrics import EmbeddingSet, relinkage_audit
-from callbacks.result import load_result
+from audit.embeddings import EmbeddingSet
+from audit.relinkage import relinkage_audit
+from audit.result import load_result
 
 DIM = 8
 N_STUDIES = 24
@@ -196,13 +197,9 @@ def _npz(path, with_split=True, drop=None):
 
 
 def _eval_cfg(overrides):
-    from hydra import compose, initialize_config_dir
+    from configs import compose
 
-    import evaluate  # noqa: F401  (sets CXR_RELINK_ROOT)
-
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
-        return compose("evaluate.yaml", overrides=overrides)
+    return compose("evaluate.yaml", overrides)
 
 
 def test_evaluate_embeddings_writes_json_plot_report(tmp_path, capsys):

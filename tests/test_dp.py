@@ -16,10 +16,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
+from audit.membership import member_nonmember_linkage
 from models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp, noise_multiplier_for, rdp_sampled_gaussian
 from models.dp.features import InMemoryFeatureDataModule, pool_units, select_studies, stable_keys
 from models.dp.losses import group_assignment
-from models.dp.membership import member_nonmember_linkage
 from models.dp.module import DPAlignmentModule, _Heads
 
 warnings.filterwarnings("ignore", message=".*Secure RNG.*")
@@ -443,18 +443,11 @@ def test_member_nonmember_linkage_bound() -> None:
 
 
 def compose_dp(out: Path, *overrides: str):
-    import os
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    root = Path(__file__).resolve().parents[1]
-    os.environ.setdefault("CXR_RELINK_ROOT", str(root))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
-        cfg = compose("train.yaml", overrides=list(overrides))
-    GlobalHydra.instance().clear()
+    from configs import compose
+
+    cfg = compose("train.yaml", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return cfg

@@ -9,16 +9,12 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
-from callbacks.metrics import (
-    EmbeddingSet,
-    hardneg_counts,
-    hardneg_pools,
-    hypergeom_cdf,
-    label_groups,
-    monte_carlo_recall,
-    rank_counts,
-    relinkage_audit,
-)
+from audit.counting import hardneg_counts, rank_counts
+from audit.embeddings import EmbeddingSet
+from audit.labels import label_groups
+from audit.recall import hypergeom_cdf
+from audit.reference import hardneg_pools, monte_carlo_recall
+from audit.relinkage import relinkage_audit
 
 
 def _cohort(seed=0, n_studies=60, extra_views=30, dim=6, n_patients=25, levels=3):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from callbacks.probe import apply_label_policy, linear_probe
+from audit.probe import apply_label_policy, linear_probe
 from datamodules.records import CHEXPERT_LABELS
 
 

@@ -1,4 +1,4 @@
-"""bench/reproduce.py: every scale's configs compose (fast), and the tiny scale writes RESULTS.md with a
+"""experiments/reproduce.py: every scale's configs compose (fast), and the tiny scale writes RESULTS.md with a
 row for every claim of issue 7, each naming the config that made it (slow: minutes)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import reproduce as rp
+from experiments import reproduce as rp
 
 CLAIMS = ("1.", "2.", "3.", "4.", "4b.", "5.")
 

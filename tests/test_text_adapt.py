@@ -256,7 +256,6 @@ def compose_stage1(tmp_path, overrides):
     from hydra.core.hydra_config import HydraConfig
 
     root = Path(__file__).resolve().parents[1]
-    os.environ.setdefault("CXR_RELINK_ROOT", str(root))
     os.environ.setdefault("WANDB_MODE", "offline")
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from audit.embeddings import report_hash
 from datamodules.datamodule import CXRDataModule, study_text
 from datamodules.records import SPLITS, Study
 
@@ -436,7 +437,7 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         mine = [st for s in SPLITS for st in self.studies(s)]
         theirs = pub.studies(self.public_split)
         p_overlap = {st.patient_id for st in mine} & {st.patient_id for st in theirs}
-        h = lambda st: hashlib.sha256(study_text(st, self.text_field).encode()).hexdigest()  # noqa: E731
+        h = lambda st: report_hash(study_text(st, self.text_field))  # noqa: E731
         t_overlap = {h(st) for st in mine} & {h(st) for st in theirs}
         if p_overlap:
             raise ValueError(

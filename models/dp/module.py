@@ -15,7 +15,7 @@ epsilon bounds what *this stage* reveals about each training unit, given the fro
 starts from. It is an end-to-end guarantee for the released heads only if that checkpoint (encoders
 and initial heads) was trained without the DP stage's training units -- e.g. on a public or
 another institution's cohort. If stage 2 was trained on the same studies, stage 2 itself leaks
-them with no bound, and the member/non-member linkage test (models/dp/membership.py) will show it.
+them with no bound, and the member/non-member linkage test (audit/membership.py) will show it.
 
 Opacus is wired by hand for Lightning 2.x (manual optimisation): ``configure_optimizers`` asks the
 datamodule for a plain loader of expected batch size B, finds sigma for the target epsilon over the
@@ -53,6 +53,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 
+from audit.embeddings import validation_outputs
 from models.checkpoint import KEY, import_module_class, load_checkpoint_dict, load_module, plain, save_extras
 from models.dp.accounting import (
     ACCOUNTANTS,
@@ -222,18 +223,6 @@ class DPAlignmentModule(L.LightningModule):
         self._epsilon_spent: float = 0.0
 
     # ---- frozen towers ----------------------------------------------------------------------------
-    @property
-    def backbone(self):
-        return self.backbone_module
-
-    @property
-    def image_tower(self):
-        return self.backbone_module.image_tower if self.backbone_module is not None else None
-
-    @property
-    def text_tower(self):
-        return self.backbone_module.text_tower if self.backbone_module is not None else None
-
     def train(self, mode: bool = True):
         super().train(mode)
         if self.backbone_module is not None:
@@ -621,14 +610,7 @@ class DPAlignmentModule(L.LightningModule):
         per_pair = public_negatives_loss(img[:, None], txt[:, None], torch.ones(bs, 1, device=img.device), *self._val_bank(img.device), self.logit_scale) \
             if self._has_bank() else in_batch_loss(img[:, None], txt[:, None], torch.ones(bs, 1, device=img.device), self.logit_scale)
         self.log("val/loss", per_pair.mean(), on_epoch=True, prog_bar=True, batch_size=bs)
-        return {
-            "image_emb": img.detach(),
-            "report_emb": txt.detach(),
-            "labels": batch["labels"],
-            "study_idx": batch["study_idx"],
-            "patient_idx": batch["patient_idx"],
-            "index": batch["index"],
-        }
+        return validation_outputs(img, txt, batch)
 
     def _has_bank(self) -> bool:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

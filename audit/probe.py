@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from callbacks.metrics import as_embeddings
+from audit.embeddings import as_embeddings
 from datamodules.records import CHEXPERT_LABELS
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")

@@ -31,6 +31,7 @@ import json
 import math
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 SCHEMA = "cxr-relink/audit"
@@ -126,6 +127,23 @@ def write_result(res: dict[str, Any], path: str | os.PathLike) -> str:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def write_bundle(res: dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """The audit's output bundle in ``out_dir`` (train.py's final audit and evaluate.py): audit.json,
+    recall_vs_n.png (when there is a re-linkage section) and report.md. Returns the Markdown report
+    (aggregate numbers only, never report text)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(res, out / "audit.json")
+    if res.get("relinkage"):
+        fig = plot_recall_vs_n(res, out / "recall_vs_n.png")  # selects the Agg backend first
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    table = markdown_table(res)
+    (out / "report.md").write_text(table)
+    return table
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Rows: bidirectional vs causal attention x before / after stage 1 (MNTP + supervi
 training split's variants). "Before" is the tiny model at its random initialisation (no pretrained LLM
 can be downloaded here); with `--pretrained /local/llm` it is that checkpoint.
 
-    python bench/text_eval.py --num-patients 600 --epochs 4          # ~3 min on 2 CPU cores
+    python -m experiments.text_eval --num-patients 600 --epochs 4          # ~3 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -22,22 +22,17 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("CXR_RELINK_ROOT", str(ROOT))
+import lightning as L
+import torch
+import torch.nn.functional as F
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from datamodules.records import Study  # noqa: E402
-from datamodules.report_variants import ReportVariantsDataModule  # noqa: E402
-from models.llm_encoder import BidirectionalLLMEncoder  # noqa: E402
-from models.text_adapt import TextAdaptModule  # noqa: E402
+from configs import ROOT
+from datamodules.records import Study
+from datamodules.report_variants import ReportVariantsDataModule
+from models.text_adapt import TextAdaptModule
 
 
 class _Reader:

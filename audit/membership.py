@@ -7,7 +7,7 @@ We estimate both sides with exchangeable records: members are training-split stu
 are held-out (test-split) studies of other patients drawn from the same cohort, and every query
 competes against the *same fixed pool* of non-member distractor reports (the val split's reports,
 which are neither members nor queries). Recall@K at pool size N is computed exactly (hypergeometric
-over the distractor pool, callbacks/metrics.py); 95% CIs by bootstrap over patients.
+over the distractor pool, audit/recall.py); 95% CIs by bootstrap over patients.
 
 Reading the result: ``holds`` compares point estimates; ``violated_significantly`` asks whether
 even the member CI's lower end exceeds e^epsilon times the non-member CI's upper end plus delta.
@@ -25,14 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from callbacks.metrics import (
-    apply_ties,
-    bootstrap_patient_means,
-    expected_recall,
-    l2_normalize,
-    percentile_ci,
-    rank_counts,
-)
+from audit.counting import apply_ties, rank_counts
+from audit.embeddings import l2_normalize
+from audit.recall import expected_recall
+from audit.stats import bootstrap_patient_means, percentile_ci
 
 
 def _counts_vs_pool(query: torch.Tensor, target: torch.Tensor, pool: torch.Tensor, ties: str, chunk: int = 256) -> torch.Tensor:
@@ -52,8 +48,7 @@ def _counts_vs_pool(query: torch.Tensor, target: torch.Tensor, pool: torch.Tenso
         keep = others != torch.arange(b).unsqueeze(1)
         excl = (m + others[keep]).reshape(b, b - 1) if b > 1 else torch.full((b, 1), -1, dtype=torch.long)
         counts = rank_counts(q, cand, tgt, exclude=excl, chunk_size=chunk)
-        above, tie = (counts["above"], counts["ties"]) if isinstance(counts, dict) else counts
-        out.append(apply_ties(above, tie, ties))
+        out.append(apply_ties(counts["above"], counts["ties"], ties))
     return torch.cat(out)
 
 

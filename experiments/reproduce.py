@@ -1,8 +1,8 @@
 """Reproduction table of both papers on the synthetic cohort: one command -> RESULTS.md (+ plots).
 
-    python bench/reproduce.py --scale tiny                 # ~3.5 min on 2 CPU cores (tests/test_reproduce.py runs it)
-    python bench/reproduce.py --scale small --seeds 3      # 600 patients at 64 px, ~1 h per seed
-    python bench/reproduce.py --scale full --seeds 3 --resume   # the configs' defaults, ~2.5 h per seed
+    python -m experiments.reproduce --scale tiny                 # ~3.5 min on 2 CPU cores (tests/test_reproduce.py runs it)
+    python -m experiments.reproduce --scale small --seeds 3      # 600 patients at 64 px, ~1 h per seed
+    python -m experiments.reproduce --scale full --seeds 3 --resume   # the configs' defaults, ~2.5 h per seed
 Writes <out>/<scale>/RESULTS.md, RESULTS_claims.png, runs.json and every run under <out>/<scale>/runs/
 (--out defaults to logs/reproduce; --results puts RESULTS.md elsewhere, e.g. the repository root).
 
@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 import traceback
 import warnings
@@ -39,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("CXR_RELINK_ROOT", str(ROOT))
+from configs import ROOT  # also sets CXR_RELINK_ROOT
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -127,14 +125,11 @@ class Run:
 
 
 def compose_cfg(config_name: str, overrides: list[str], out: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    GlobalHydra.instance().clear()
+    from configs import compose
+
+    cfg = compose(config_name, overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return cfg
@@ -157,7 +152,7 @@ def done(run: Run) -> bool:
 
 def execute(run: Run, resume: bool) -> Run:
     """train()/evaluate() on the composed config; the result is the audit JSON they write."""
-    from callbacks.result import load_result
+    from audit.result import load_result
 
     path = audit_json_path(run)
     if resume and done(run):
@@ -581,7 +576,7 @@ class Reproduction:
 
         head = [
             "# Reproduction on the synthetic cohort", "",
-            f"`python bench/reproduce.py --scale {self.scale_name} --seeds {len(self.seeds)}` — seeds {self.seeds}, "
+            f"`python -m experiments.reproduce --scale {self.scale_name} --seeds {len(self.seeds)}` — seeds {self.seeds}, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()} ({os.cpu_count()} CPUs), "
             f"total {seconds / 60:.1f} min (expected: {RUNTIME_NOTE[self.scale_name]}).", "",
             f"Scale `{self.scale_name}` adds these overrides to every stage-2 run: "

@@ -1,11 +1,11 @@
 """Empirical privacy audit of the DP stage with one training run per setting (canaries).
 
-    python bench/dp_canary_audit.py --ckpt <stage-2 checkpoint> [--m 500] [--eps 0.34,1,3,8]
+    python -m experiments.dp_canary_audit --ckpt <stage-2 checkpoint> [--m 500] [--eps 0.34,1,3,8]
         [--modes public_negatives,group_clipping,in_batch] [--epochs 20] [--replay 100] [--out DIR]
 
 The accountant's epsilon is an upper bound derived from the analysis; this script attacks the
 released heads and converts what the attack achieves into a *lower* bound on epsilon (Steinke, Nasr
-& Jagielski, arXiv 2305.08846; models/dp/one_run_audit.py). A valid mode must never exceed its
+& Jagielski, arXiv 2305.08846; audit/one_run.py). A valid mode must never exceed its
 nominal epsilon (beyond the stated 5% error probability); a lower bound above it proves that the
 printed epsilon does not hold.
 
@@ -42,15 +42,12 @@ import argparse
 import copy
 import json
 import logging
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("CXR_RELINK_ROOT", str(ROOT))
+from configs import ROOT  # also sets CXR_RELINK_ROOT
+
 warnings.filterwarnings("ignore")
 
 import lightning as L  # noqa: E402
@@ -61,11 +58,11 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.func import functional_call, jacrev  # noqa: E402
 
-from bench.dp_results import compose_cfg  # noqa: E402
+from audit.one_run import audit_from_scores, epsilon_lower_bound  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from experiments.dp_results import compose_cfg  # noqa: E402
 from models.dp.features import InMemoryFeatureDataModule, select_studies, stable_keys  # noqa: E402
 from models.dp.module import DPAlignmentModule  # noqa: E402
-from models.dp.one_run_audit import audit_from_scores, epsilon_lower_bound  # noqa: E402
 
 log = logging.getLogger("dp_canary_audit")
 
@@ -141,8 +138,9 @@ def flat_params(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module._heads.parameters()])
 
 
-def clipped_release(module, img, txt, bank, mode: str) -> torch.Tensor:
-    """The pre-noise release of one batch at the module's current parameters (flattened)."""
+def clipped_release(module, img, txt, bank, mode: str, summed: bool = True) -> torch.Tensor:
+    """The pre-noise release of one batch at the module's current parameters (flattened); with
+    ``summed=False`` the unclipped per-unit gradients [B, P] instead."""
     heads = module._heads
     params = {k: v.detach() for k, v in heads.named_parameters()}
     c = float(module.hparams.dp["max_grad_norm"])
@@ -157,6 +155,8 @@ def clipped_release(module, img, txt, bank, mode: str) -> torch.Tensor:
 
     jac = jacrev(losses)(params)  # per-unit gradients [B, ...] of every parameter
     per_unit = torch.cat([j.reshape(img.shape[0], -1) for j in jac.values()], dim=1)
+    if not summed:
+        return per_unit
     factor = (c / (per_unit.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
     return (per_unit * factor).sum(0)
 
@@ -177,6 +177,10 @@ def release_directions(ckpt, cfg, feats, public, canaries, mode: str, ref_size: 
         k = int(cfg.model.loss.bank_size)
         with torch.no_grad():
             bank = (module.encode_image_features(public[0][:k]), module.encode_report_features(public[1][:k]))
+    if mode == "public_negatives":  # a unit's loss reads only itself: d_i is its own clipped gradient
+        c = float(module.hparams.dp["max_grad_norm"])
+        d = clipped_release(module, canaries["image"], canaries["text"], bank, mode, summed=False)
+        return d * (c / (d.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
     base = clipped_release(module, r_img, r_txt, bank, mode)
     out = []
     for i in range(canaries["text"].shape[0]):

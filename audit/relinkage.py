@@ -1,0 +1,228 @@
+"""The re-linkage audit: every variant of Recall@K at N as JSON-able sections.
+
+Definitions (DESIGN.md, "The re-linkage metric, precisely"):
+
+* Image->report (i2t, primary): every image item is a query; the candidates are the M
+  reports of the split (one per study); the target t(i) is the report of the image's own
+  study. Images of one study are separate queries sharing one target.
+* For query i, ``above[i]`` counts candidates j != t(i) with s_ij > s_i,t(i) and
+  ``ties[i]`` those with s_ij == s_i,t(i). The target is excluded *by index*: its score
+  is gathered from the same similarity chunk, so no recomputed diagonal is ever compared.
+* Ties policy: "pessimistic" (default) counts ties as beating the target (a privacy
+  audit should not credit the model with luck); "optimistic" ignores them. Tie counts are
+  always reported so the choice can be checked.
+* A random pool of size N holds t(i) plus N-1 negatives drawn without replacement from
+  the population of M_i negatives, so the number of beaters in the pool is
+  Hypergeom(M_i, c_i, N-1) and the expected Recall@K at N is
+  mean_i P[Hypergeom(M_i, c_i, N-1) <= K-1], exact, from one pass over the similarities.
+  The full database (N = M) gives 1[c_i <= K-1].
+* Report->image (t2i): one query per image item (its study's report); the target is that
+  image and the study's *other* images are removed from the population (they are neither
+  negatives nor targets).
+* Hard negatives (i2t): the population of query i is restricted to reports whose mapped
+  14-label vector equals the target's, minus the query patient's own other studies.
+  When that group is smaller than N the pool is the whole group; the effective pool size
+  and its chance level are reported, and queries with no hard negative at all are counted
+  and left out.
+* Dedup (i2t): identical report strings collapsed into one candidate (CXR-CLIP style); a
+  query is correct when its report *text* is retrieved.
+* Chance is K/N_eff (N_eff = pool size actually drawn, <= N); "x chance" = Recall / chance.
+  95% CIs: percentile bootstrap over patients (the studies of one patient are correlated).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from audit.counting import TIES_POLICIES, apply_ties, rank_counts
+from audit.embeddings import EmbeddingSet, _as_long, as_embeddings, l2_normalize
+from audit.labels import LABEL_MAPPINGS, label_groups
+from audit.recall import effective_draws, expected_recall, rank_stats, resolve_ns
+from audit.stats import bootstrap_patient_means, percentile_ci
+
+DIRECTIONS = ("i2t", "t2i")
+
+
+def _section(
+    above: torch.Tensor,
+    ties: torch.Tensor,
+    population: torch.Tensor,
+    q_patient: torch.Tensor,
+    ks: Sequence[int],
+    ns: Iterable[int | str],
+    n_candidates: int,
+    ties_policy: str,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    beaten = apply_ties(above, ties, ties_policy)
+    nres, clipped = resolve_ns(ns, n_candidates)
+    nvals = [n for _, n in nres]
+    probs = expected_recall(beaten, population, ks, nvals)  # [Q, nN, nK]
+    draws = effective_draws(population, nvals).to(torch.float64)  # [Q, nN]
+    pool = draws + 1
+    kt = torch.tensor([float(k) for k in ks], dtype=torch.float64)
+    chance = (kt.view(1, 1, -1) / pool.unsqueeze(-1)).clamp(max=1.0)  # [Q, nN, nK]
+    q_n = probs.shape[0]
+    rr = 1.0 / (beaten.to(torch.float64) + 1)
+    feats = torch.cat([probs.reshape(q_n, -1), chance.reshape(q_n, -1), rr.unsqueeze(1)], 1)
+    mean = feats.mean(0)
+    f = probs[0].numel()
+    ci_r = ci_x = ci_mrr = None
+    if n_boot > 0:
+        reps = bootstrap_patient_means(feats, q_patient, n_boot, seed)
+        lo, hi = percentile_ci(reps[:, :f])
+        xr = reps[:, :f] / reps[:, f : 2 * f]
+        xlo, xhi = percentile_ci(xr)
+        mlo, mhi = percentile_ci(reps[:, -1:])
+        ci_r, ci_x, ci_mrr = (lo, hi), (xlo, xhi), (float(mlo[0]), float(mhi[0]))
+    recall = []
+    for ni, (label, n) in enumerate(nres):
+        for ki, k in enumerate(ks):
+            j = ni * len(ks) + ki
+            val, ch = float(mean[j]), float(mean[f + j])
+            row = {
+                "k": int(k),
+                "n": label,
+                "n_value": int(n if n is not None else n_candidates),
+                "value": val,
+                "chance": ch,
+                "x_chance": val / ch if ch > 0 else None,
+                "effective_pool_mean": float(pool[:, ni].mean()),
+                "frac_queries_pool_below_n": float((pool[:, ni] < (n if n is not None else n_candidates)).to(torch.float64).mean()),
+            }
+            if ci_r is not None:
+                row["ci"] = [float(ci_r[0][j]), float(ci_r[1][j])]
+                row["x_chance_ci"] = [float(ci_x[0][j]), float(ci_x[1][j])]
+            recall.append(row)
+    stats = rank_stats(beaten)
+    if ci_mrr is not None:
+        stats["mrr_ci"] = list(ci_mrr)
+    return {
+        "n_queries": int(q_n),
+        "n_candidates": int(n_candidates),
+        "ties_policy": ties_policy,
+        "ties": {
+            "n_queries_with_ties": int((ties > 0).sum()),
+            "total_ties": int(ties.sum()),
+            "max_ties": int(ties.max()) if q_n else 0,
+        },
+        "rank": stats,
+        "recall": recall,
+        "clipped_n": clipped,
+    }
+
+
+def _t2i_exclude(item_study: torch.Tensor) -> torch.Tensor:
+    """[I, V-1] indices of the other images of each item's study (padding -1)."""
+    st = item_study.numpy()
+    order = np.argsort(st, kind="stable")
+    bounds = np.flatnonzero(np.diff(st[order])) + 1
+    groups = np.split(order, bounds)
+    width = max(0, max(len(g) for g in groups) - 1)
+    ex = np.full((st.size, max(width, 1)), -1, dtype=np.int64)
+    if width:
+        for g in groups:
+            if len(g) > 1:
+                for i in g:
+                    others = g[g != i]
+                    ex[i, : others.size] = others
+    return torch.as_tensor(ex)
+
+
+def relinkage_audit(
+    es: EmbeddingSet,
+    ks: Sequence[int] = (1, 5, 10),
+    ns: Sequence[int | str] = (100, 1000, 10000, "full"),
+    directions: Sequence[str] = ("i2t", "t2i"),
+    hardneg: bool = False,
+    dedup: bool = False,
+    ties: str = "pessimistic",
+    label_mapping: str = "blank_negative",
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    normalize: bool = True,
+    device: str | torch.device | None = None,
+    fused: bool | str = "auto",
+) -> dict[str, dict[str, Any]]:
+    """All requested re-linkage variants as JSON-able sections keyed
+    "i2t", "t2i", "hardneg/i2t", "dedup/i2t"."""
+    if ties not in TIES_POLICIES:
+        raise ValueError(f"unknown ties policy {ties!r}; expected one of {TIES_POLICIES}")
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; expected a subset of {DIRECTIONS}")
+    if label_mapping not in LABEL_MAPPINGS:
+        raise ValueError(f"unknown label mapping {label_mapping!r}; expected one of {LABEL_MAPPINGS}")
+    img = as_embeddings(es.image_emb, "image_emb")
+    rep = as_embeddings(es.report_emb, "report_emb")
+    if img.shape[1] != rep.shape[1]:
+        raise ValueError(f"image_emb dim {img.shape[1]} != report_emb dim {rep.shape[1]}")
+    if normalize:
+        img, rep = l2_normalize(img, "image_emb"), l2_normalize(rep, "report_emb")
+    if device is not None:
+        img, rep = img.to(device), rep.to(device)
+    n_items, n_st = img.shape[0], rep.shape[0]
+    item_study = _as_long(es.item_study, "item_study", n_items)
+    study_patient = _as_long(es.study_patient, "study_patient", n_st)
+    if n_st < 2:
+        raise ValueError(f"re-linkage needs at least 2 studies (candidates), got {n_st}")
+    item_patient = study_patient[item_study]
+    common = dict(ks=list(ks), ns=list(ns), ties_policy=ties, n_boot=n_boot, seed=seed)
+    out: dict[str, dict[str, Any]] = {}
+    main = None
+    if "i2t" in directions or hardneg:
+        # One pass over the image x report similarities serves i2t and the hard negatives.
+        hn = None
+        if hardneg:
+            hn = (label_groups(es.study_labels, label_mapping), study_patient, item_patient)
+        main = rank_counts(img, rep, item_study, chunk_size=chunk_size, hardneg=hn, fused=fused)
+    if "i2t" in directions:
+        pop = torch.full((n_items,), n_st - 1, dtype=torch.long)
+        out["i2t"] = {"direction": "i2t", "variant": "standard",
+                      **_section(main["above"], main["ties"], pop, item_patient, n_candidates=n_st, **common)}
+    if "t2i" in directions:
+        ex = _t2i_exclude(item_study)
+        q = rep[item_study.to(rep.device)]
+        r = rank_counts(q, img, torch.arange(n_items), exclude=ex, chunk_size=chunk_size, fused=fused)
+        a, t = r["above"], r["ties"]
+        pop = n_items - 1 - (ex >= 0).sum(1)
+        if int(pop.max()) < 1:
+            raise ValueError("report->image needs images of at least 2 studies")
+        out["t2i"] = {"direction": "t2i", "variant": "standard",
+                      **_section(a, t, pop, item_patient, n_candidates=n_items, **common)}
+    if hardneg:
+        groups = hn[0]
+        a, t, pop = main["hn_above"], main["hn_ties"], main["hn_pop"]
+        has = pop > 0
+        n_none = int((~has).sum())
+        if not has.any():
+            raise ValueError("no query has any pathology-matched hard negative (every label group holds one patient)")
+        sec = _section(a[has], t[has], pop[has], item_patient[has], n_candidates=n_st, **common)
+        sec.update({
+            "direction": "i2t", "variant": "hardneg", "label_mapping": label_mapping,
+            "n_label_groups": int(groups.max()) + 1, "n_queries_no_negatives": n_none,
+            "population_mean": float(pop[has].to(torch.float64).mean()),
+            "population_median": float(torch.quantile(pop[has].to(torch.float64), 0.5)),
+        })
+        out["hardneg/i2t"] = sec
+    if dedup:
+        if es.study_text_hash is None:
+            raise ValueError("dedup needs a report text hash per study (report_text_hash)")
+        uniq, first, inv = np.unique(np.asarray(es.study_text_hash), return_index=True, return_inverse=True)
+        if uniq.size < 2:
+            raise ValueError("dedup: fewer than 2 distinct report texts")
+        reps_u = rep[torch.as_tensor(first, device=rep.device)]
+        tgt = torch.as_tensor(inv.reshape(-1), dtype=torch.long)[item_study]
+        r = rank_counts(img, reps_u, tgt, chunk_size=chunk_size, fused=fused)
+        a, t = r["above"], r["ties"]
+        pop = torch.full((n_items,), uniq.size - 1, dtype=torch.long)
+        sec = _section(a, t, pop, item_patient, n_candidates=int(uniq.size), **common)
+        sec.update({"direction": "i2t", "variant": "dedup", "dedup": True,
+                    "n_unique_reports": int(uniq.size), "n_studies": n_st})
+        out["dedup/i2t"] = sec
+    return out
