@@ -39,7 +39,6 @@ Writes dp_canary_audit.json / .md into --out and prints the table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import time

@@ -284,7 +284,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--eps", default="0.34,1,3,8")
     ap.add_argument("--modes", default="public_negatives,group_clipping")
-    ap.add_argument("--seed-repro", action="store_true", help="paper protocol: also run in_batch (the seed's method; NO valid epsilon)")
+    ap.add_argument("--seed-repro", action="store_true", help="paper protocol: also run in_batch (arXiv 2606.02276's method; NO valid epsilon)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "logs" / "dp_results"))

@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 1 for tiny, 3 otherwise")
-    ap.add_argument("--epsilon", type=float, default=0.34, help="target epsilon of the DP rows (the seed's 0.34)")
+    ap.add_argument("--epsilon", type=float, default=0.34, help="target epsilon of the DP rows (arXiv 2606.02276's 0.34)")
     ap.add_argument("--out", default=str(ROOT / "logs" / "reproduce"), help="runs go to <out>/<scale>/runs/")
     ap.add_argument("--results", default=None, help="RESULTS.md path (default <out>/<scale>/RESULTS.md)")
     ap.add_argument("--resume", action="store_true", help="reuse runs whose audit JSON already exists")

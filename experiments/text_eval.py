@@ -1,4 +1,4 @@
-"""Text-only evaluations of the LLM text tower on held-out synthetic studies (the seed's text evals).
+"""Text-only evaluations of the LLM text tower on held-out synthetic studies (the text evals of Ko et al., arXiv 2509.15234).
 
 - abbreviation retrieval R@1: each test study's abbreviation-heavy, impression-only variant (style
   "abbreviated") is the query; the structured FINDINGS/IMPRESSION texts of all test studies are the

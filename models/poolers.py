@@ -88,7 +88,7 @@ class FirstTokenPooler(nn.Module):
 
 
 class LatentAttentionPooler(nn.Module):
-    """Trainable latent-attention pooling (the idea of NV-Embed, used by the seed paper).
+    """Trainable latent-attention pooling (the idea of NV-Embed, used by Ko et al., arXiv 2509.15234).
 
     Token states are queries; a learned array of `num_latents` latent vectors serves as keys and
     values. Each token is thus re-expressed over a small trainable dictionary; a feed-forward

@@ -38,7 +38,7 @@ Poisson-subsampled accountants assume). With clipping norm C:
     units' sampled set S is the one-dimensional mixture (1-q) N(0, sigma^2) + q N(1, sigma^2)
     against N(0, sigma^2).
 
-``in_batch`` (the seed's method) -- NO valid guarantee.
+``in_batch`` (arXiv 2606.02276's method) -- NO valid guarantee.
     Every pair's softmax denominator holds every other pair of the batch, so removing one unit
     changes every per-sample gradient: the clipped sum can move by up to (2B - 1) C, not C.
     Opacus' accountant assumes C, so the epsilon it prints for this loss does not hold.

@@ -299,7 +299,7 @@ class DPAlignmentModule(L.LightningModule):
     @property
     def grad_sample_mode(self) -> str:
         """Ghost clipping rescales per-example *losses*, which equals per-sample gradient clipping
-        only when each loss reads one example (public_negatives); in_batch reproduces the seed with
+        only when each loss reads one example (public_negatives); in_batch reproduces arXiv 2606.02276 with
         Opacus' per-sample gradient hooks."""
         return "hooks" if self.mode == "in_batch" else self.hparams.dp["grad_sample_mode"]
 
