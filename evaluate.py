@@ -122,6 +122,12 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, di
         meta["cohort"] = cohort
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
+    # A DP checkpoint's privacy statement (saved at training time) travels with every audit of it.
+    from models.checkpoint import load_checkpoint_dict
+
+    dp_state = load_checkpoint_dict(cfg.ckpt_path).get("dp_state")
+    if dp_state is not None:
+        meta["privacy"] = dp_state
     return rel, probe, meta
 
 
@@ -141,7 +147,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if meta is None:
             return {}, {}
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
-    res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings)
+    res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None))
     out = Path(cfg.output_dir)
     table = R.write_bundle(res, out)
     print(table)

@@ -531,6 +531,18 @@ def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckp
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert torch.load(ckpt, weights_only=True)["dp_state"]["guarantee_valid"] is True
 
+    # evaluate.py on the DP checkpoint carries the privacy statement saved with it.
+    from configs import compose
+    from evaluate import evaluate
+
+    ecfg = compose("evaluate.yaml", [f"ckpt_path={ckpt}", "audit=standard", "data.reader.num_patients=30",
+                                     "data.reader.image_size=32", "data.image_size=32", f"paths.cache_dir={cache}",
+                                     f"paths.output_dir={tmp_path / 'eval'}", "audit.relinkage.n_boot=10"])
+    evaluate(ecfg)
+    ev = json.loads((tmp_path / "eval" / "audit.json").read_text())
+    assert ev["privacy"]["guarantee_valid"] and ev["privacy"]["epsilon_spent"] == pytest.approx(priv["epsilon_spent"])
+    assert "## Differential privacy" in (tmp_path / "eval" / "report.md").read_text()
+
 
 def test_patient_level_units_train_privately(tmp_path) -> None:
     L.seed_everything(0)
