@@ -123,11 +123,8 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, di
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
     # A DP checkpoint's privacy statement (saved at training time) travels with every audit of it.
-    from models.checkpoint import load_checkpoint_dict
-
-    dp_state = load_checkpoint_dict(cfg.ckpt_path).get("dp_state")
-    if dp_state is not None:
-        meta["privacy"] = dp_state
+    if module.saved_dp_state is not None:
+        meta["privacy"] = module.saved_dp_state
     return rel, probe, meta
 
 

@@ -49,7 +49,6 @@ from configs import ROOT  # also sets CXR_RELINK_ROOT
 
 warnings.filterwarnings("ignore")
 
-import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -59,8 +58,8 @@ from torch.func import functional_call, jacrev  # noqa: E402
 
 from audit.one_run import audit_from_scores, epsilon_lower_bound  # noqa: E402
 from bench.machine import describe  # noqa: E402
-from experiments.dp_results import compose_cfg  # noqa: E402
-from models.dp.features import InMemoryFeatureDataModule, select_studies, stable_keys  # noqa: E402
+from experiments import dp_results  # noqa: E402
+from models.dp.features import pool_units, select_studies, stable_keys  # noqa: E402
 from models.dp.module import DPAlignmentModule  # noqa: E402
 
 log = logging.getLogger("dp_canary_audit")
@@ -121,16 +120,9 @@ def with_canaries(train: dict, canaries: dict, included: np.ndarray) -> dict:
 
 
 def train_heads(ckpt, cfg, feats, public, mode, eps, epochs, dp_extra=None, batch_size=None) -> DPAlignmentModule:
-    L.seed_everything(int(cfg.seed), verbose=False)  # as train.py does: the config's seed is public
-    m = cfg.model
-    loss = {**OmegaConf.to_container(m.loss), "mode": mode}
-    dp = {**OmegaConf.to_container(m.dp), "enabled": True, "target_epsilon": float(eps), "epochs": epochs, **(dp_extra or {})}
-    module = DPAlignmentModule(backbone_ckpt=ckpt, loss=loss, dp=dp, optimizer=OmegaConf.to_container(m.optimizer))
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    dm = InMemoryFeatureDataModule(feats, public, batch_size=int(batch_size or cfg.data.batch_size), privacy_unit="study")
-    trainer.fit(module, datamodule=dm)
-    return module
+    """A DP run on study units, seeded from the config's (public) seed as train.py seeds it."""
+    return dp_results.train_heads(ckpt, cfg, feats, public, mode, True, float(eps), epochs, int(cfg.seed), "study",
+                                  dp_extra=dp_extra, batch_size=batch_size)
 
 
 def flat_params(module) -> torch.Tensor:
@@ -167,10 +159,8 @@ def release_directions(ckpt, cfg, feats, public, canaries, mode: str, ref_size: 
     tr = feats["train"]
     g = torch.Generator().manual_seed(seed)
     ref = torch.randperm(tr["text"].shape[0], generator=g)[:ref_size]
-    n_st = tr["text"].shape[0]
-    study_img = torch.zeros(n_st, tr["image"].shape[1]).index_add_(0, tr["item_study"], tr["image"])
-    study_img /= torch.bincount(tr["item_study"], minlength=n_st).clamp(min=1)[:, None]
-    r_img, r_txt = study_img[ref], tr["text"][ref]
+    units = pool_units(tr, "study")  # study units: views averaged, as the DP stage trains on them
+    r_img, r_txt = units["img"][ref, 0], units["txt"][ref, 0]
     bank = None
     if mode == "public_negatives":
         k = int(cfg.model.loss.bank_size)
@@ -251,7 +241,7 @@ def main() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "models.dp.module"):
         logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.time()
-    cfg = compose_cfg(args.ckpt, args.overrides)
+    cfg = dp_results.compose_cfg(args.ckpt, args.overrides)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     feats = {k: v for k, v in dm.features.items() if k != "public"}

@@ -142,18 +142,20 @@ def evaluate(module, feats: dict, probe_train: dict, n_boot: int, seed: int = 0,
 
 
 def train_heads(ckpt: str, cfg, feats, public, mode: str, dp_enabled: bool, eps: float | None, epochs: int, seed: int,
-                privacy_unit: str):
+                privacy_unit: str, dp_extra: dict | None = None, batch_size: int | None = None):
+    """One stage-3 run on cached features, as `experiment=dp_alignment` runs it (seeded from the public
+    config seed; DP noise and batches stay secret unless ``dp_extra`` says otherwise)."""
     L.seed_everything(seed, verbose=False)
     m = cfg.model
     loss = {**OmegaConf.to_container(m.loss), "mode": mode}
-    dp = {**OmegaConf.to_container(m.dp), "enabled": dp_enabled}
+    dp = {**OmegaConf.to_container(m.dp), "enabled": dp_enabled, **(dp_extra or {})}
     if eps is not None:
         dp["target_epsilon"] = float(eps)
     module = DPAlignmentModule(backbone_ckpt=ckpt, loss=loss, dp=dp, optimizer=OmegaConf.to_container(m.optimizer))
     if epochs > 0:
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-        dm = InMemoryFeatureDataModule(feats, public, batch_size=int(cfg.data.batch_size), privacy_unit=privacy_unit)
+        dm = InMemoryFeatureDataModule(feats, public, batch_size=int(batch_size or cfg.data.batch_size), privacy_unit=privacy_unit)
         trainer.fit(module, datamodule=dm)
     return module
 

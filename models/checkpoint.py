@@ -98,4 +98,5 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     module = cls(**ckpt["hyper_parameters"], tokenizer=tokenizer)
     module.load_state_dict(ckpt["state_dict"])
     module.data_preprocessing = extras.get("data")  # None for checkpoints saved outside a Trainer
+    module.saved_dp_state = ckpt.get("dp_state")  # a DP stage's privacy statement (None otherwise)
     return module.to(map_location).eval()
