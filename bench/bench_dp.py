@@ -26,7 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench.machine import describe  # noqa: E402
 from configs import CONFIG_DIR  # noqa: E402
-from models.dp.features import InMemoryFeatureDataModule  # noqa: E402
+from models.dp.features import InMemoryFeatureDataModule, stable_keys  # noqa: E402
 from models.dp.module import DPAlignmentModule  # noqa: E402
 
 
@@ -63,13 +63,17 @@ def features(n: int, di: int, dt: int, seed: int = 0):
     """Random cached features with the shapes of a real split (1.5 views per study on average)."""
     g = torch.Generator().manual_seed(seed)
 
-    def split(n_st):
+    def split(name, n_st):
         items = torch.cat([torch.arange(n_st), torch.arange(0, n_st, 2)]).sort().values
+        patients = [f"{name}-p{i // 2}" for i in range(n_st)]  # two studies per patient
         return {"image": torch.randn(items.numel(), di, generator=g), "item_study": items, "item_index": torch.arange(items.numel()),
                 "text": torch.randn(n_st, dt, generator=g), "labels": torch.randint(0, 2, (n_st, 14), generator=g).float(),
-                "study_patient": torch.arange(n_st) // 2}
+                "study_patient": torch.arange(n_st) // 2,
+                # the stable unit ids DP pooling requires (models/dp/features.py)
+                "study_key": stable_keys([(p, f"s{i}") for i, p in enumerate(patients)]), "patient_key": stable_keys(patients)}
 
-    return {"train": split(n), "val": split(64), "test": split(64)}, (torch.randn(1500, di, generator=g), torch.randn(1500, dt, generator=g))
+    return ({"train": split("train", n), "val": split("val", 64), "test": split("test", 64)},
+            (torch.randn(1500, di, generator=g), torch.randn(1500, dt, generator=g)))
 
 
 class EpochTimer(L.Callback):
