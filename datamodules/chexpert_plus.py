@@ -31,7 +31,10 @@ from datamodules.reader_utils import (
     DataError,
     InputIssues,
     apply_uncertainty,
+    bad_utf8,
+    check_label_names,
     clean,
+    open_text,
     read_csv_rows,
 )
 from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
@@ -43,6 +46,12 @@ CSV_NAME = "df_chexpert_plus_240401.csv"
 SPLIT_NAMES = {"train": "train", "valid": "val", "val": "val", "validate": "val", "test": "test"}
 REQUIRED = ("path_to_image", "frontal_lateral", "ap_pa", "deid_patient_id", "report",
             "section_findings", "section_impression")
+
+
+def _study_of_row(row: dict[str, str]) -> str | None:
+    """The study (directory of the image) a CSV row belongs to, for dropping it with a bad row."""
+    rel = (row.get("path_to_image") or "").strip()
+    return str(PurePosixPath(rel).parent) if rel else None
 
 
 def view_of(frontal_lateral: str, ap_pa: str) -> str:
@@ -86,7 +95,7 @@ class CheXpertPlusReader(CohortReader):
         if not path.is_file():
             raise FileNotFoundError(f"chexpert_plus: label file {path} does not exist (label_file=null for none)")
         out: dict[str, np.ndarray] = {}
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -95,9 +104,16 @@ class CheXpertPlusReader(CohortReader):
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     raise DataError(f"chexpert_plus: {where}: not valid JSON") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"chexpert_plus: {where}: expected a JSON object per line")
                 key = rec.get("path_to_image")
-                if not key:
+                if not key or not isinstance(key, str):
                     raise DataError(f"chexpert_plus: {where}: no path_to_image")
+                # Every record must name all 14 labels: a renamed key would blank that label everywhere.
+                check_label_names(list(rec), f"chexpert_plus: {where}")
+                if bad_utf8(line):
+                    issues.problem(where, "not valid UTF-8", key=str(PurePosixPath(key).parent))
+                    continue
                 if key in out:
                     issues.problem(where, "duplicate path_to_image in label file", key=str(PurePosixPath(key).parent))
                     continue
@@ -125,7 +141,7 @@ class CheXpertPlusReader(CohortReader):
 
         rows_by_study: dict[str, list[tuple[int, dict[str, str]]]] = {}
         seen: dict[str, int] = {}
-        for line, row in read_csv_rows(csv_path, REQUIRED):
+        for line, row in read_csv_rows(csv_path, REQUIRED, issues, key=_study_of_row):
             rel = row["path_to_image"].strip()
             study = str(PurePosixPath(rel).parent)
             if rel in seen:
@@ -154,6 +170,9 @@ class CheXpertPlusReader(CohortReader):
             used_fallback = False
             if not findings and not impression:
                 parsed = parse_report(report)
+                if not parsed.has_text:
+                    issues.problem(where, "empty report (section headers only)", key=study)
+                    continue
                 findings, impression, used_fallback = parsed.findings, parsed.impression, parsed.used_fallback
                 if not findings and not impression:
                     issues.problem(where, "section-less report", key=study)

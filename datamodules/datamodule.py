@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from datamodules.records import SPLITS, Study
@@ -135,8 +135,9 @@ def collate(items: list[dict[str, Any]], pad_token_id: int, padding_side: str = 
 class CXRDataModule(L.LightningDataModule):
     """Any cohort reader + a tokenizer -> train/val/test dataloaders of image-report batches.
 
-    `val_split` names the split that `val_dataloader` serves (the audit callbacks run on it):
-    "val" while training, "test" for the final audit and for evaluate.py.
+    `val_split` names the split that `val_dataloader` serves (the per-epoch audits run on it) and
+    `test_split` the one `test_dataloader` serves (train.py's final audit, evaluate.py's `split=`).
+    Both are fixed at construction: the final audit is `trainer.test`, not a flag flipped mid-run.
     """
 
     def __init__(
@@ -155,14 +156,16 @@ class CXRDataModule(L.LightningDataModule):
         text_field: str = "report",
         max_length: int = 128,
         val_split: str = "val",
+        test_split: str = "test",
         cache_dir: str | None = None,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
         if text_field not in TEXT_FIELDS:
             raise ValueError(f"data.text_field must be one of {TEXT_FIELDS}, got {text_field!r}")
-        if val_split not in SPLITS:
-            raise ValueError(f"data.val_split must be one of {SPLITS}, got {val_split!r}")
+        for key, value in (("val_split", val_split), ("test_split", test_split)):
+            if value not in SPLITS:
+                raise ValueError(f"data.{key} must be one of {SPLITS}, got {value!r}")
         self.reader = reader
         self.root = root  # where a real cohort lives (the reader's configs interpolate it); None for generated ones
         self.tokenizer_cfg = dict(tokenizer or {})
@@ -177,6 +180,7 @@ class CXRDataModule(L.LightningDataModule):
         self.text_field = text_field
         self.max_length = max_length
         self.val_split = val_split
+        self.test_split = test_split
         self.cache_dir = cache_dir
         self.pin_memory = pin_memory
         self._studies: dict[str, list[Study]] | None = None
@@ -210,6 +214,14 @@ class CXRDataModule(L.LightningDataModule):
             cfg = dict(self.tokenizer_cfg)
             self.tokenizer = build_tokenizer(train_texts if not cfg.get("pretrained") else None, cache_dir=self.cache_dir, **cfg)
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any study of the cohort has a CheXpert label (Open-I without labels_csv has none):
+        audits that need labels (hard negatives, the linear probe) check it instead of failing."""
+        if self._studies is None:
+            self.setup()
+        return any(bool(np.isfinite(st.labels).any()) for split in self._studies.values() for st in split)
+
     def studies(self, split: str) -> list[Study]:
         if self._studies is None:
             self.setup()
@@ -237,6 +249,14 @@ class CXRDataModule(L.LightningDataModule):
             studies = self.studies(split)
             if not studies:
                 raise ValueError(f"split {split!r} of the cohort is empty; cannot build a dataloader for it")
+            if not any(st.images for st in studies):
+                # Otherwise torch fails later with "num_samples=0", naming nothing.
+                why = getattr(self.reader, "no_images_reason", None) or "no study has an image file"
+                raise ValueError(
+                    f"split {split!r}: none of its {len(studies)} studies has an image ({why}); the image-report "
+                    "model needs images: point the reader at them (e.g. data.reader.images_dir=...), or use a "
+                    "text-side stage on reports only (experiment=text_adapt)"
+                )
             self._datasets[key] = StudyImageDataset(
                 studies,
                 self.tokenizer,
@@ -248,9 +268,10 @@ class CXRDataModule(L.LightningDataModule):
             )
         return self._datasets[key]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, indices: Sequence[int] | None = None) -> DataLoader:
+        ds = self.dataset(split, train=train)
         return DataLoader(
-            self.dataset(split, train=train),
+            ds if indices is None else Subset(ds, [int(i) for i in indices]),
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train,  # in-batch contrastive loss: a tiny last batch is a noisy step
@@ -267,8 +288,11 @@ class CXRDataModule(L.LightningDataModule):
         return self._loader(self.val_split, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._loader(self.test_split, train=False)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """Deterministic, un-augmented loader of any split (linear probe, feature caching)."""
-        return self._loader(split, train=False)
+    def eval_dataloader(self, split: str, indices: Sequence[int] | None = None) -> DataLoader:
+        """Deterministic, un-augmented loader of any split (linear probe, feature caching); `indices`
+        picks dataset items (e.g. `audit.probe.subsample_rows(len(dm.dataset(split)), cap, seed)`)."""
+        if indices is None:  # subclasses (report variants) override _loader(split, train)
+            return self._loader(split, train=False)
+        return self._loader(split, train=False, indices=indices)

@@ -88,7 +88,7 @@ class MimicCXRReader(CohortReader):
 
         # dicom -> split; study -> split (all dicoms of a study share one in the official file)
         study_split: dict[str, str] = {}
-        for line, row in read_csv_rows(split_path, ("dicom_id", "study_id", "subject_id", "split")):
+        for line, row in read_csv_rows(split_path, ("dicom_id", "study_id", "subject_id", "split"), issues, "study_id"):
             sp = SPLIT_NAMES.get(row["split"].strip())
             if sp is None:
                 raise DataError(f"{split_path} line {line}: unknown split value {row['split']!r}")
@@ -98,7 +98,8 @@ class MimicCXRReader(CohortReader):
         images: dict[str, list[tuple[str, str]]] = defaultdict(list)
         subject_of: dict[str, str] = {}
         seen_dicoms: dict[str, int] = {}
-        for line, row in read_csv_rows(meta_path, ("dicom_id", "subject_id", "study_id", "ViewPosition")):
+        meta_columns = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+        for line, row in read_csv_rows(meta_path, meta_columns, issues, "study_id"):
             dicom, subject, study = row["dicom_id"].strip(), row["subject_id"].strip(), row["study_id"].strip()
             if dicom in seen_dicoms:
                 raise DataError(f"{meta_path} line {line}: duplicate dicom_id {dicom} (first at line {seen_dicoms[dicom]})")
@@ -110,7 +111,8 @@ class MimicCXRReader(CohortReader):
 
         labels: dict[str, np.ndarray] = {}
         if label_path is not None:
-            for line, row in read_csv_rows(label_path, ("subject_id", "study_id")):
+            rows = read_csv_rows(label_path, ("subject_id", "study_id"), issues, "study_id", label_columns=True)
+            for line, row in rows:
                 study = row["study_id"].strip()
                 where = f"{label_path.name} line {line}"
                 if study in labels:
@@ -134,15 +136,23 @@ class MimicCXRReader(CohortReader):
                 continue
             report_path = self.reports_root / f"{rel}.txt"
             try:
-                text = report_path.read_text(encoding="utf-8")
+                data = report_path.read_bytes()
             except FileNotFoundError:
                 issues.problem(f"{report_path}", "missing report file", key=study)
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                issues.problem(f"{report_path}", f"report file is not valid UTF-8 (byte {e.start})", key=study)
                 continue
             parsed = parse_report(text)
             if not clean(text):
                 issues.problem(f"{report_path}", "empty report", key=study)
                 continue
-            if parsed.used_fallback and not self.fallback_last_paragraph:
+            if not parsed.has_text:
+                issues.problem(f"{report_path}", "empty report (section headers only)", key=study)
+                continue
+            if not self.fallback_last_paragraph and (parsed.used_fallback or not (parsed.findings or parsed.impression)):
                 issues.problem(f"{report_path}", "section-less report (no FINDINGS or IMPRESSION)", key=study)
                 continue
             paths: list[str] = []

@@ -21,14 +21,15 @@ import io
 import logging
 import math
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.records import SPLITS, Study
+from datamodules.records import CHEXPERT_LABELS, SPLITS, Study
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,97 @@ def find_file(root: Path, name: str, required: bool = True) -> Path | None:
 
 
 def open_text(path: Path) -> io.TextIOBase:
+    """A UTF-8 text stream of a (gzipped) file. Bytes that are not UTF-8 come through as lone
+    surrogates (surrogateescape) instead of a bare UnicodeDecodeError mid-file, so the caller can
+    name the row that holds them (`bad_utf8`)."""
     if str(path).endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
 
 
-def read_csv_rows(path: Path, required_columns: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row dict) for each data row of a (gzipped) CSV; checks the header first."""
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def bad_utf8(*texts: str | None) -> bool:
+    """Whether text read by `open_text` held bytes that are not UTF-8."""
+    return any(t is not None and _SURROGATE.search(t) is not None for t in texts)
+
+
+def read_text_file(path: Path) -> str:
+    """A whole UTF-8 text file; non-UTF-8 bytes raise DataError naming the file and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+
+
+def read_csv_rows(
+    path: Path,
+    required_columns: Sequence[str] = (),
+    issues: "InputIssues | None" = None,
+    key: str | Callable[[dict[str, str]], str | None] | None = None,
+    label_columns: bool = False,
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line, row dict) for each data row of a (gzipped) CSV; checks the header first.
+
+    `line` is the physical line where the row starts (what an editor or `sed -n` shows; quoted
+    multi-line reports make it differ from the row count). A row with the wrong number of fields or
+    with bytes that are not UTF-8 is bad input: it goes to `issues` (skipped when on_error=skip; the
+    study named by its `key` column is then dropped, since a row lost silently would change it) or,
+    without `issues`, raises DataError naming the file and line. `key` is a column name or a
+    function of the (possibly short) row. `label_columns`: the header must name all 14 CheXpert labels.
+    """
     with open_text(path) as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: empty file (no header row)") from None
+        if bad_utf8(*header):
+            raise DataError(f"{path} line 1: header is not valid UTF-8")
+        missing = [c for c in required_columns if c not in header]
         if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        for i, row in enumerate(reader, start=2):  # line 1 is the header
-            yield i, row
+            raise DataError(f"{path}: missing column(s) {missing}; found {header}")
+        if label_columns:
+            check_label_names(header, str(path))
+        key_of = key if callable(key) else (lambda row: row.get(key)) if key else (lambda row: None)
+        end = reader.line_num
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields:  # blank line
+                continue
+            reason = None
+            if len(fields) != len(header):
+                reason = f"row has {len(fields)} fields, the header has {len(header)}"
+            elif bad_utf8(*fields):
+                reason = "not valid UTF-8"
+            if reason:
+                where = f"{path.name} line {start}"
+                if issues is None:
+                    raise DataError(f"{path} line {start}: {reason}")
+                k = key_of(dict(zip(header, fields)))
+                issues.problem(where, reason, key=k.strip() or None if isinstance(k, str) else None)
+                continue
+            yield start, dict(zip(header, fields))
+
+
+def _label_norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def check_label_names(names: Sequence[str], where: str) -> None:
+    """Every CheXpert label must be among `names` (CSV columns or JSON keys): a missing or renamed
+    one would otherwise blank that label for every study without a word. Raises DataError naming the
+    missing labels and any near-miss names found instead ("Pleural_Effusion")."""
+    have = set(names)
+    missing = [n for n in CHEXPERT_LABELS if n not in have]
+    if missing:
+        wanted = {_label_norm(n) for n in missing}
+        near = sorted(n for n in have if _label_norm(n) in wanted)
+        hint = f"; found similar names {near} (labels are matched by exact CheXpert name)" if near else ""
+        raise DataError(f"{where}: missing label column(s)/key(s) {missing}{hint}; every CheXpert label must be "
+                        "present (blank where unknown)")
 
 
 def clean(text: str | None) -> str:
@@ -119,17 +197,25 @@ def cap_studies_per_patient(studies: list[Study], cap: int | None, seed: int = 0
     for i, st in enumerate(studies):
         by_patient[st.patient_id].append(i)
     keep: set[int] = set()
+    capped = 0
     for idxs in by_patient.values():
         ranked = sorted(idxs, key=lambda i: hashlib.sha256(f"{seed}:{studies[i].study_id}".encode()).digest())
         keep.update(ranked[:cap])
+        capped += len(idxs) > cap
+    if capped:
+        log.info("max_studies_per_patient=%d: dropped %d of %d studies (%d patients had more)",
+                 cap, len(studies) - len(keep), len(studies), capped)
     return [st for i, st in enumerate(studies) if i in keep]
 
 
 def verify_image(path: str) -> str | None:
-    """None if PIL can parse the file, else a short reason (no pixel data is printed)."""
+    """None if PIL decodes the whole file, else a short reason (no pixel data is printed).
+
+    A full decode (`load()`), not PIL's `verify()`: verify only checks a JPEG's headers, so a
+    truncated file would pass here and crash training mid-epoch."""
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()
         return None
     except FileNotFoundError:
         return "missing image file"
@@ -152,26 +238,35 @@ class InputIssues:
         self.reasons: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.skipped: set[str] = set()
+        self.n_records = 0  # study records dropped (a duplicated id drops more than one record)
 
-    def problem(self, where: str, reason: str, key: str | None = None) -> None:
-        """Report bad input at `where` (file/row). Raises unless skipping; `key` = the study skipped."""
+    def problem(self, where: str, reason: str, key: str | None = None, records: int | None = None) -> None:
+        """Report bad input at `where` (file/row). Raises unless skipping; `key` = the study skipped.
+
+        `records`: how many study records this drops (default: 1, or 0 when `key` was already
+        skipped, so a second problem with one study does not count it twice)."""
         if self.on_error == "raise":
             raise DataError(
                 f"{self.cohort}: {where}: {reason} (set on_error=skip to drop such studies, "
                 f"up to max_skip_fraction={self.max_skip_fraction})"
             )
-        self.reasons[reason] += 1
+        k = key if key is not None else where
+        if records is None:
+            records = 0 if k in self.skipped else 1
+        self.reasons[reason] += records
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(where)
-        self.skipped.add(key if key is not None else where)
+        self.skipped.add(k)
+        self.n_records += records
 
     def finish(self, total: int) -> None:
         """Log what was skipped; refuse when too much was."""
-        n = len(self.skipped)
+        n = self.n_records
         if not n:
             return
         for reason, c in self.reasons.most_common():
-            log.warning("%s: skipped %d x %s (e.g. %s)", self.cohort, c, reason, "; ".join(self.examples[reason]))
+            if c:
+                log.warning("%s: skipped %d x %s (e.g. %s)", self.cohort, c, reason, "; ".join(self.examples[reason]))
         frac = n / max(total, 1)
         log.warning("%s: skipped %d of %d studies (%.2f%%)", self.cohort, n, total, 100 * frac)
         if frac > self.max_skip_fraction:
@@ -243,6 +338,9 @@ class CohortReader:
         self.max_skip_fraction = max_skip_fraction
         self.keep_unknown_views = keep_unknown_views
         self.source = source or self.cohort
+        # Why studies have no images, when they have none (the datamodule names it when it refuses
+        # to build an image loader from such a cohort); readers that detect it themselves set it.
+        self.no_images_reason: str | None = "reports_only=true" if reports_only else None
         self._studies: list[Study] | None = None
 
     # subclasses implement this

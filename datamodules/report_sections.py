@@ -10,8 +10,12 @@ Behaves like the logic of the official MIMIC-CXR section parser (MIT-LCP/mimic-c
   "finding"/"findngs" -> findings, "comparisons" -> comparison, ...);
 - when a name occurs more than once (addenda repeat sections) the *last* one wins;
 - when neither findings nor impression exists, the report's last paragraph stands in
-  (many short reports are a single block under some other header, or no header at all).
+  (many short reports are a single block under some other header, or no header at all): the last
+  paragraph that holds report text, without header words, so "IMPRESSION:" never stands in as text.
 Section text is returned whitespace-normalised (the 79-column wrapping joined back into lines).
+A report with no text beyond its headers (`has_text` False: MIMIC's "FINAL REPORT" banner and the
+one-line exam header block - EXAMINATION, INDICATION, TECHNIQUE, COMPARISON - do not count) is
+empty: readers treat it as an empty report.
 """
 
 from __future__ import annotations
@@ -98,10 +102,47 @@ class ParsedReport:
     impression: str = ""
     last_paragraph: str = ""
     used_fallback: bool = False
+    has_text: bool = False
 
 
 def _clean(text: str) -> str:
     return " ".join(text.split())
+
+
+# The exam header block: one-line administrative sections. A report with text only there (and in
+# empty FINDINGS/IMPRESSION headers) says nothing about the image: it is empty.
+HEADER_BLOCK = frozenset({"examination", "indication", "technique", "comparison"})
+
+# MIMIC's banner line: part of the file layout, not report text.
+_BANNER = re.compile(r"^\s*FINAL REPORT\b\s*")
+
+
+def _strip_banner(text: str) -> str:
+    return _clean(_BANNER.sub("", text, count=1))
+
+
+def _content_by_paragraph(text: str) -> list[str]:
+    """Each paragraph's report text: without header words, MIMIC's banner, or the one-line bodies of
+    the exam header block ("EXAMINATION: CHEST (PA AND LAT)", "INDICATION: ___ cough"). Text after a
+    blank line counts even inside such a section: that is narrative, not a header line."""
+    out = []
+    current = "preamble"
+    for para in _PARAGRAPH_BREAK.split(text):
+        pieces: list[str] = []
+        matches = list(_HEADER.finditer(para))
+        bounds = [(current, False, 0)] + [(normalize_header(m.group(1)), True, m.end()) for m in matches]
+        ends = [m.start() for m in matches] + [len(para)]
+        for (name, headed, start), end in zip(bounds, ends):
+            body = _clean(para[start:end])
+            if name == "preamble":
+                body = _strip_banner(body)
+            if headed and name in HEADER_BLOCK:
+                body = ""
+            if body:
+                pieces.append(body)
+            current = name
+        out.append(" ".join(pieces))
+    return out
 
 
 def parse_report(text: str) -> ParsedReport:
@@ -122,12 +163,11 @@ def parse_report(text: str) -> ParsedReport:
     combined = out.by_name.get("findings and impression", "")
     out.findings = out.by_name.get("findings", "") or combined
     out.impression = out.by_name.get("impression", "") or combined
-    paragraphs = [p for p in (_clean(p) for p in _PARAGRAPH_BREAK.split(text)) if p]
-    if paragraphs:
-        last = paragraphs[-1]
-        # A last paragraph that is only a header line ("IMPRESSION:") carries no text.
-        m = _HEADER.match(last)
-        out.last_paragraph = _clean(last[m.end() :]) if m else last
+    content = [c for c in _content_by_paragraph(text) if c]
+    out.has_text = bool(content)
+    # The last paragraph that holds report text: "Lungs clear.\n\nIMPRESSION:" stands in as
+    # "Lungs clear.", never as the literal header.
+    out.last_paragraph = content[-1] if content else ""
     if not out.findings and not out.impression:
         out.impression = out.last_paragraph
         out.used_fallback = bool(out.last_paragraph)

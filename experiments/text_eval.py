@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from configs import ROOT
 from datamodules.records import Study
 from datamodules.report_variants import ReportVariantsDataModule
-from models.text_adapt import TextAdaptModule
+from models.text_adapt import TextAdaptModule, error_discrimination
 
 
 class _Reader:
@@ -83,10 +83,8 @@ def evaluate(tower, tok, studies: list[Study], max_length: int) -> dict[str, flo
             continue
         e = embed(tower, tok, [st.report, *errs, *anchors], max_length)
         true, err, anc = e[0], e[1 : 1 + len(errs)], e[1 + len(errs) :]
-        s_true = anc @ true  # [A]
-        s_err = anc @ err.T  # [A, E]
-        wins += int((s_true[:, None] > s_err).sum())
-        total += s_err.numel()
+        w, n = error_discrimination(anc @ true, anc @ err.T)  # positive: the study's own report
+        wins, total = wins + int(w), total + int(n)
     return {"abbr_R@1": r1, "abbr_N": len(pairs), "error_disc": wins / max(total, 1), "error_pairs": total}
 
 

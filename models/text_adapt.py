@@ -30,6 +30,18 @@ from models.optim import configure_optimizers
 log = logging.getLogger(__name__)
 
 
+def error_discrimination(s_pos: torch.Tensor, s_err: torch.Tensor, own: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one definition of ``error_disc`` (validation metric here, experiments/text_eval.py):
+    (wins, pairs) over (anchor, one-error variant) pairs, a win when the anchor scores its clinically
+    equivalent text(s) ``s_pos`` [A] strictly above the error variant ``s_err`` [A, E]; ``own`` [A, E]
+    keeps the pairs of the anchor's own study (all pairs when None)."""
+    wins = s_pos[:, None] > s_err
+    if own is None:
+        return wins.sum(), torch.tensor(s_err.numel())
+    return (wins & own).sum(), own.sum()
+
+
 class TextAdaptModule(L.LightningModule):
     def __init__(
         self,
@@ -127,11 +139,9 @@ class TextAdaptModule(L.LightningModule):
             pos = torch.where(same, z @ z.T, torch.full_like(sim, float("nan")))
             # mean similarity of each anchor to its positives vs to its own study's error variants
             own = groups[:, None] == hard_groups[None, :]
-            s_pos = torch.nanmean(pos, dim=1)
-            s_err = z @ h.T
-            wins = (s_pos[:, None] > s_err) & own
-            if own.any():
-                out["error_disc"] = wins.sum().float() / own.sum()
+            wins, pairs = error_discrimination(torch.nanmean(pos, dim=1), z @ h.T, own)
+            if pairs:
+                out["error_disc"] = wins.float() / pairs
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -346,7 +346,8 @@ def test_chexpert_plus_reads_official_layout(tmp_path, png_release):
 def test_chexpert_plus_bad_input(tmp_path, caplog):
     root = make_chexpert_plus(tmp_path)
     (root / "train/patient00002/study1/view1_frontal.jpg").unlink()
-    with pytest.raises(DataError, match=r"df_chexpert_plus_240401.csv line 4: .*view1_frontal.jpg: missing image"):
+    # line 18: the physical line where the row starts (the two rows above hold 8-line quoted reports)
+    with pytest.raises(DataError, match=r"df_chexpert_plus_240401.csv line 18: .*view1_frontal.jpg: missing image"):
         CheXpertPlusReader(root=str(root)).load()
     caplog.set_level(logging.INFO)
     assert len(CheXpertPlusReader(root=str(root), on_error="skip", max_skip_fraction=0.5).load()) == 2
@@ -389,8 +390,9 @@ def make_openi(root: Path, images: bool = True) -> Path:
     write_csv(root / "indiana_projections.csv", ["uid", "filename", "projection"],
               [[1, "1_IM-0001-4001.dcm.png", "Frontal"], [1, "CXR1_1_IM-0001-3001.png", "Frontal"],
                [1, "CXR1_1_IM-0001-4001.png", "Lateral"]])
-    write_csv(root / "labels.csv", ["id", "Reports", "Cardiomegaly", "No Finding"],
-              [["CXR1", "(text not used)", "", "1"], ["CXR2", "", "-1", ""]])
+    labels = {"CXR1": {"No Finding": "1"}, "CXR2": {"Cardiomegaly": "-1"}}  # other labels blank
+    write_csv(root / "labels.csv", ["id", "Reports", *CHEXPERT_LABELS],
+              [[sid, "(text not used)", *(lab.get(n, "") for n in CHEXPERT_LABELS)] for sid, lab in labels.items()])
     return root
 
 
@@ -498,3 +500,252 @@ def test_data_configs_build_the_readers(tmp_path, cohort):
     assert cfg.data._target_ == "datamodules.datamodule.CXRDataModule"
     studies = instantiate(cfg.data.reader).load()
     assert len(studies) == {"mimic_cxr": 4, "chexpert_plus": 3, "openi": 2}[cohort]
+
+
+# ---- issue 13: documented paths and bad input that passed silently or crashed unclearly ------------------
+def _datamodule(reader, tmp_path):
+    from datamodules.datamodule import CXRDataModule
+
+    return CXRDataModule(reader, tokenizer={"vocab_size": 64, "min_frequency": 1}, cache_dir=str(tmp_path / "tok"),
+                         batch_size=2, image_size=16)
+
+
+def test_openi_without_images_names_the_missing_directory(tmp_path, caplog):
+    root = make_openi(tmp_path / "openi", images=False)
+    caplog.set_level(logging.INFO)
+    dm = _datamodule(OpenIReader(root=str(root), split_policy="train", max_skip_fraction=0.5), tmp_path)
+    dm.setup("fit")
+    assert "reports only" in caplog.text and str(root / "images") in caplog.text
+    # before: torch's "num_samples=0" naming nothing; now the missing directory, and what to do
+    with pytest.raises(ValueError, match=r"none of its 2 studies has an image \(no image directory .*openi/images"):
+        dm.train_dataloader()
+    assert dm.has_labels is False  # Open-I without labels_csv: the label audits can tell
+    labelled = _datamodule(OpenIReader(root=str(root), split_policy="train", labels_csv="labels.csv",
+                                       max_skip_fraction=0.5), tmp_path)
+    assert labelled.has_labels is True
+
+
+def _annotation(tmp_path, ann, name="annotation.json"):
+    (tmp_path / name).write_text(json.dumps(ann))
+    return name
+
+
+def _item(i, split=None, **kw):
+    it = {"id": f"CXR{i}_IM-{i}", "report": f"The lungs are clear, study {i}.", "image_path": [f"CXR{i}/0.png"]}
+    if split is not None:
+        it["split"] = split
+    return {**it, **kw}
+
+
+def test_openi_annotation_split_names_raise_or_map(tmp_path, caplog):
+    ann = _annotation(tmp_path, {"train": [_item(1, "train")], "dev": [_item(2, "dev"), _item(3, "dev")]})
+    # before: "dev" was re-split by hash without a word (val studies moved into train)
+    with pytest.raises(DataError, match=r"annotation.json \[dev\]: unknown split name 'dev'.*split_map"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load()
+    mapped = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, split_map={"dev": "val"}).load())
+    assert [mapped[f"CXR{i}_IM-{i}"].split for i in (1, 2, 3)] == ["train", "val", "val"]
+    hashed = OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, split_policy="hash").load()
+    assert all(s.split == hash_split(s.patient_id) for s in hashed)  # an explicit re-split needs no names
+    with pytest.raises(ValueError, match="split_map values"):
+        OpenIReader(root=str(tmp_path), split_map={"dev": "holdout"})
+    # "validation" is a known name (the case reported: 240 of 296 val studies had moved to train)
+    ann = _annotation(tmp_path, {"validation": [_item(i, "validation") for i in range(4, 9)]}, "v.json")
+    assert {s.split for s in OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load()} == {"val"}
+    # an item's own split contradicting its list
+    ann = _annotation(tmp_path, {"train": [_item(1, "test")]}, "c.json")
+    with pytest.raises(DataError, match=r"c.json \[train\]\[0\]: split 'test' contradicts"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load()
+    # a plain list: items without a split are hash-split, with a warning that counts them
+    caplog.set_level(logging.INFO)
+    ann = _annotation(tmp_path, [_item(1, "test"), _item(2), _item(3)], "l.json")
+    got = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load())
+    assert got["CXR1_IM-1"].split == "test" and got["CXR2_IM-2"].split == hash_split("CXR2_IM-2")
+    assert "l.json: 2 studies have no split; split by patient hash" in caplog.text
+    with pytest.raises(DataError, match="split_policy=cohort but patient CXR2_IM-2 has no split"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, split_policy="cohort").load()
+
+
+def test_openi_annotation_image_path_string_and_views_file(tmp_path, caplog):
+    for k in range(2):
+        (tmp_path / "images" / "CXR1").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "CXR1" / f"{k}.png")
+    ann = _annotation(tmp_path, {"train": [_item(1, "train", image_path="CXR1/0.png")],
+                                 "test": [_item(2, "test", image_path=["CXR1/0.png", "CXR1/1.png"])]})
+    caplog.set_level(logging.INFO)
+    got = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann).load())
+    # before: the string was read character by character ("C", "X", "R", ...)
+    assert got["CXR1_IM-1"].images == [str((tmp_path / "images/CXR1/0.png").resolve())]
+    assert got["CXR1_IM-1"].extras["image_ids"] == ["CXR1/0.png"]
+    assert got["CXR2_IM-2"].views == ["UNKNOWN", "UNKNOWN"]
+    assert "3 images of 2 studies have no known view (annotation.json records no views)" in caplog.text
+    assert "lateral images become audit queries" in caplog.text and "image_path, projection" in caplog.text
+    write_csv(tmp_path / "views.csv", ["image_path", "projection"], [["CXR1/0.png", "Frontal"], ["CXR1/1.png", "Lateral"]])
+    got = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann, projections_csv="views.csv").load())
+    assert got["CXR2_IM-2"].views == ["FRONTAL"] and got["CXR2_IM-2"].images[0].endswith("CXR1/0.png")
+    ann = _annotation(tmp_path, {"train": [_item(1, "train", image_path=7)]}, "bad.json")
+    with pytest.raises(DataError, match=r"bad.json \[train\]\[0\]: image_path must be a path or a list"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann).load()
+
+
+HEADER_ONLY_MIMIC = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+ INDICATION:
+ FINDINGS:
+ IMPRESSION:
+"""
+
+
+def test_section_parser_never_returns_header_words():
+    for text in (HEADER_ONLY_MIMIC, "FINDINGS:\nIMPRESSION:", "IMPRESSION:", "FINAL REPORT\n\nIMPRESSION:\n"):
+        p = parse_report(text)
+        assert not p.has_text and p.findings == "" and p.impression == "", text
+    # only the exam header block: nothing about the image (before: impression "___ cough IMPRESSION:")
+    assert not parse_report("FINAL REPORT\nINDICATION: ___ cough\nIMPRESSION:").has_text
+    # the fallback is the last paragraph with text, without header words
+    p = parse_report("INDICATION: ___ cough\n\nLungs are clear.\n\nIMPRESSION:\n")
+    assert p.has_text and p.impression == "Lungs are clear." and p.used_fallback
+    assert parse_report(REPORT_FULL).has_text and parse_report(REPORT_NO_HEADERS).has_text
+
+
+def test_header_only_reports_are_empty(tmp_path):
+    root = make_mimic(tmp_path / "m")
+    (root / "files/p10/p10000935/s51178377.txt").write_text(HEADER_ONLY_MIMIC)
+    (root / "files/p10/p10000764/s57375967.txt").write_text(REPORT_FULL)  # the header-less one, out of the way
+    for fallback in (True, False):  # before: kept (raw header block as the report) in both
+        with pytest.raises(DataError, match=r"s51178377.txt: empty report \(section headers only\)"):
+            MimicCXRReader(root=str(root), fallback_last_paragraph=fallback).load()
+    cxp = make_chexpert_plus(tmp_path / "c")
+    csv_path = cxp / "df_chexpert_plus_240401.csv"
+    # before: the study's impression was the literal "IMPRESSION:"
+    csv_path.write_text(csv_path.read_text().replace(f"HISTORY: {SECRET}\n\nFINDINGS: Mild cardiomegaly.\n\n"
+                                                     "IMPRESSION: Cardiomegaly.", "FINDINGS:\nIMPRESSION:"))
+    with pytest.raises(DataError, match=r"csv line \d+: empty report \(section headers only\)"):
+        CheXpertPlusReader(root=str(cxp)).load()
+    ann = _annotation(tmp_path, {"train": [_item(1, "train", report="FINDINGS:\nIMPRESSION:")]})
+    with pytest.raises(DataError, match=r"annotation.json \[train\]\[0\]: empty report \(section headers only\)"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, on_error="raise").load()
+
+
+def test_missing_or_renamed_label_columns_are_named(tmp_path):
+    root = make_mimic(tmp_path / "m", gz=False)
+    lab = root / "mimic-cxr-2.0.0-chexpert.csv"
+    lab.write_text(lab.read_text().replace("Pleural Effusion", "Pleural_Effusion", 1))
+    # before: Pleural Effusion silently blank for every study
+    with pytest.raises(DataError, match=r"chexpert.csv: missing label column\(s\)/key\(s\) \['Pleural Effusion'\]; "
+                                        r"found similar names \['Pleural_Effusion'\]"):
+        MimicCXRReader(root=str(root)).load()
+    lab.write_text("\n".join(",".join(c for c in line.split(",")[:-1]) for line in lab.read_text().splitlines()))
+    with pytest.raises(DataError, match=r"missing label column\(s\)/key\(s\) \['Pleural Effusion', 'Support Devices'\]"):
+        MimicCXRReader(root=str(root)).load()
+    cxp = make_chexpert_plus(tmp_path / "c")
+    js = cxp / "chexbert_labels/impression_fixed.json"
+    js.write_text(js.read_text().replace('"Lung Opacity"', '"lung_opacity"'))
+    with pytest.raises(DataError, match=r"impression_fixed.json line 1: missing .*\['Lung Opacity'\]; found similar names \['lung_opacity'\]"):
+        CheXpertPlusReader(root=str(cxp)).load()
+    op = make_openi(tmp_path / "o")
+    (op / "labels.csv").write_text((op / "labels.csv").read_text().replace("Edema", "Oedema", 1))
+    with pytest.raises(DataError, match=r"labels.csv: missing label column\(s\)/key\(s\) \['Edema'\]"):
+        OpenIReader(root=str(op), labels_csv="labels.csv", max_skip_fraction=0.5).load()
+
+
+def test_verify_decodes_the_whole_image(tmp_path):
+    root = make_mimic(tmp_path)
+    img = _mimic_study_dir(root, "10000935", "51178377") / "d6.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(img, quality=95)
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 2])  # truncated: headers intact, half the scan data gone
+    with Image.open(img) as im:
+        im.verify()  # the independent reference: PIL's verify() passes it (why "verify" must decode)
+    with pytest.raises(DataError, match=r"d6\.jpg: corrupt image file"):
+        MimicCXRReader(root=str(root), check_images="verify").load()
+    assert len(MimicCXRReader(root=str(root), check_images="exists").load()) == 4
+
+
+def test_non_utf8_bytes_are_named_and_skippable(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = make_mimic(tmp_path / "m", gz=False)
+    rep = root / "files/p10/p10000935/s51178377.txt"
+    rep.write_bytes(REPORT_FULL.encode().replace(b"normal", b"n\xe9rmal"))  # latin-1 byte
+    with pytest.raises(DataError, match=r"s51178377.txt: report file is not valid UTF-8 \(byte \d+\)"):
+        MimicCXRReader(root=str(root)).load()
+    got = by_id(MimicCXRReader(root=str(root), on_error="skip", max_skip_fraction=0.5).load())
+    assert "51178377" not in got and len(got) == 3 and "skipped 1 x report file is not valid UTF-8" in caplog.text
+    rep.write_text(REPORT_FULL)
+    split = root / "mimic-cxr-2.0.0-split.csv"
+    split.write_bytes(split.read_bytes().replace(b"d4,57375967,10000764,validate", b"d4,57375967,10000764,valid\xffte"))
+    with pytest.raises(DataError, match=r"mimic-cxr-2.0.0-split.csv line 5: not valid UTF-8"):
+        MimicCXRReader(root=str(root)).load()
+    got = by_id(MimicCXRReader(root=str(root), on_error="skip", max_skip_fraction=0.5).load())
+    assert "57375967" not in got and len(got) == 3  # the study of the bad row, not a silent partial one
+    # CheXpert Plus: the CSV and the CheXbert labels
+    cxp = make_chexpert_plus(tmp_path / "c")
+    csv_path = cxp / "df_chexpert_plus_240401.csv"
+    csv_path.write_bytes(csv_path.read_bytes().replace(b"Support devices unchanged.", b"Support devices \x96 unchanged."))
+    with pytest.raises(DataError, match=r"df_chexpert_plus_240401.csv line 18: not valid UTF-8"):
+        CheXpertPlusReader(root=str(cxp)).load()
+    assert "train/patient00002/study1" not in by_id(CheXpertPlusReader(root=str(cxp), on_error="skip",
+                                                                       max_skip_fraction=0.5).load())
+    cxp = make_chexpert_plus(tmp_path / "c2")
+    js = cxp / "chexbert_labels/impression_fixed.json"
+    js.write_bytes(js.read_bytes().replace(b"patient64541", b"patient6454\xff"))
+    with pytest.raises(DataError, match=r"impression_fixed.json line 3: not valid UTF-8"):
+        CheXpertPlusReader(root=str(cxp)).load()
+    # annotation.json: the item is named
+    (tmp_path / "a.json").write_bytes(json.dumps({"train": [_item(1, "train"), _item(2, "train")]}).encode()
+                                      .replace(b"study 2", b"study \xe92"))
+    with pytest.raises(DataError, match=r"a.json \[train\]\[1\]: not valid UTF-8"):
+        OpenIReader(root=str(tmp_path), annotation_json="a.json", reports_only=True, on_error="raise").load()
+    got = OpenIReader(root=str(tmp_path), annotation_json="a.json", reports_only=True, max_skip_fraction=0.5).load()
+    assert [s.study_id for s in got] == ["CXR1_IM-1"]
+    assert SECRET not in caplog.text
+
+
+def test_short_csv_row_names_file_and_line(tmp_path, caplog):
+    root = make_mimic(tmp_path, gz=False)
+    split = root / "mimic-cxr-2.0.0-split.csv"
+    lines = split.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 2)[0]  # "d3,53189527": two fields short
+    split.write_text("\n".join(lines) + "\n")
+    # before: AttributeError: 'NoneType' object has no attribute 'strip'
+    with pytest.raises(DataError, match=r"mimic-cxr-2.0.0-split.csv line 4: row has 2 fields, the header has 4"):
+        MimicCXRReader(root=str(root)).load()
+    caplog.set_level(logging.INFO)
+    got = by_id(MimicCXRReader(root=str(root), on_error="skip", max_skip_fraction=0.5).load())
+    assert "53189527" not in got and "skipped 1 x row has 2 fields" in caplog.text
+
+
+def test_duplicated_openi_id_counts_both_copies(tmp_path, caplog):
+    root = make_openi(tmp_path)
+    xml = (root / "ecgen-radiology" / "1.xml").read_text()
+    (root / "ecgen-radiology" / "11.xml").write_text(xml.replace('pmcId id="1"', 'pmcId id="11"'))
+    caplog.set_level(logging.INFO)
+    got = OpenIReader(root=str(root), max_skip_fraction=0.9).load()
+    assert [s.study_id for s in got] == ["CXR2"]
+    # 4 records: CXR1 twice (both dropped), CXR2, CXR10 (empty). Before: "skipped 1" for the pair.
+    assert "skipped 2 x duplicate study id" in caplog.text and "skipped 3 of 4 studies" in caplog.text
+
+
+def test_unparseable_openi_xml_honours_on_error(tmp_path, caplog):
+    root = make_openi(tmp_path)
+    (root / "ecgen-radiology" / "5.xml").write_bytes(b"<eCitation><uId id='CXR5'/>")
+    with pytest.raises(DataError, match=r"5.xml: not well-formed XML"):
+        OpenIReader(root=str(root), on_error="raise").load()
+    caplog.set_level(logging.INFO)
+    assert len(OpenIReader(root=str(root), max_skip_fraction=0.9).load()) == 2
+    assert "skipped 1 x not well-formed XML" in caplog.text
+
+
+def test_cap_studies_per_patient_logs_what_it_drops(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    capped = MimicCXRReader(root=str(make_mimic(tmp_path)), max_studies_per_patient=1).load()
+    assert len(capped) == 3
+    assert "max_studies_per_patient=1: dropped 1 of 4 studies (1 patients had more)" in caplog.text
+
+
+def test_eval_dataloader_serves_chosen_items(tmp_path):
+    dm = _datamodule(OpenIReader(root=str(make_openi(tmp_path / "o")), split_policy="train", max_skip_fraction=0.5),
+                     tmp_path)
+    dm.setup("fit")
+    assert len(dm.dataset("train")) == 3  # CXR1: two images, CXR2: one
+    batch = next(iter(dm.eval_dataloader("train", indices=[2])))  # e.g. the probe's seeded subset
+    assert batch["index"].tolist() == [2] and batch["image"].shape == (1, 1, 16, 16)

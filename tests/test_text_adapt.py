@@ -319,3 +319,18 @@ def test_mask_token_added_when_absent():
     assert len(tok) == n + 1 and tok.mask_token == "<mask>" and m.mask_token_id == n
     assert m.text_tower.base_model.get_input_embeddings().num_embeddings == n + 1
     assert m.text_tower.lm_head.out_features == n + 1
+
+
+def test_error_disc_has_one_definition():
+    """The validation metric and experiments/text_eval.py count error_disc with one function."""
+    import inspect
+
+    import experiments.text_eval as text_eval
+    from models.text_adapt import error_discrimination
+
+    s_pos = torch.tensor([0.5, 0.2, 0.9])
+    s_err = torch.tensor([[0.4, 0.6], [0.1, 0.2], [0.3, 0.95]])  # a tie (0.2) is not a win
+    own = torch.tensor([[True, False], [True, True], [False, True]])
+    assert [int(v) for v in error_discrimination(s_pos, s_err, own)] == [2, 4]  # wins: (0,0), (1,0)
+    assert [int(v) for v in error_discrimination(s_pos, s_err)] == [3, 6]  # + (2,0)
+    assert "error_discrimination(" in inspect.getsource(text_eval.evaluate)
