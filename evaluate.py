@@ -11,7 +11,10 @@ embeddings=path.npz holds one row per image item:
   study_id [I], patient_id [I] (ints or fixed-width strings; no pickled objects),
   labels [I, 14] over CHEXPERT_LABELS (optional unless hard negatives or the probe run),
   report_text_hash [I] (optional, enables the dedup variant), split [I] (optional:
-  "train" rows train the probe, rows equal to `split=` are audited).
+  "train" rows train the probe, rows equal to `split=` are audited; without it every row is
+  audited and the result says split='all').
+Rows of one study must agree (report embedding, labels, hash); ids may not be blank (NaN, "").
+The probe trains on a seeded random subset of at most max_train_samples train rows.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import hydra  # noqa: E402
-import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
+from callbacks.console import quiet_known_warnings  # noqa: E402
 from audit import result as R  # noqa: E402
-from audit.embeddings import EmbeddingSet  # noqa: E402
+from audit.embeddings import EmbeddingSet, as_embeddings, check_ids, check_labels_array, reject_zero_rows  # noqa: E402
+from audit.relinkage import Relinkage  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -40,19 +44,33 @@ NPZ_REQUIRED = ("image_emb", "report_emb", "study_id", "patient_id")
 
 
 def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an embeddings file, each checked (dtype, rows) with errors naming the key."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
+    data = {}
     with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+        for k in z.files:
+            try:
+                data[k] = z[k]
+            except ValueError as e:  # object arrays need pickle, which is refused (untrusted files)
+                raise ValueError(f"embeddings file {path}: {k} cannot be read without pickle ({e}); store it as "
+                                 "numbers or fixed-width strings") from None
     missing = [k for k in NPZ_REQUIRED if k not in data]
     if missing:
         raise ValueError(f"embeddings file {path} lacks {missing}; it needs {list(NPZ_REQUIRED)} "
                          "(+ labels, report_text_hash, split optional)")
     n = len(data["image_emb"])
     for k, v in data.items():
-        if len(v) != n:
-            raise ValueError(f"embeddings file {path}: {k} has {len(v)} rows but image_emb has {n}")
+        if v.ndim == 0 or len(v) != n:
+            raise ValueError(f"embeddings file {path}: {k} has {len(v) if v.ndim else 0} rows but image_emb has {n}")
+    for k in ("split", "report_text_hash"):
+        if k in data and data[k].dtype.kind not in "US":
+            raise ValueError(f"embeddings file {path}: {k} has dtype {data[k].dtype}; expected strings")
+    check_ids(data["study_id"], "study_id", n)
+    check_ids(data["patient_id"], "patient_id", n)
+    if "labels" in data:
+        check_labels_array(data["labels"], "labels", n)
     return data
 
 
@@ -60,8 +78,40 @@ def _rows(data: dict[str, np.ndarray], mask: np.ndarray | None) -> dict[str, np.
     return data if mask is None else {k: v[mask] for k, v in data.items()}
 
 
+def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_cb) -> tuple[dict | None, str | None]:
+    """The probe's training rows (a seeded random subset of at most max_train_samples), or why the
+    probe cannot run. Checked before any audit is computed. Rows that would make its result wrong
+    (zero vectors, a study in both train and evaluated rows) raise."""
+    from audit.probe import probe_skip_reason, subsample_rows  # torchmetrics: seconds, only when probing
+
+    if "split" not in data or not (data["split"].astype(str) == "train").any():
+        return None, ("the linear probe needs train-split rows: add a `split` array with 'train' rows to the "
+                      "embeddings file")
+    if "labels" not in data:
+        return None, "the linear probe needs `labels` [I, 14] in the embeddings file"
+    tr = _rows(data, data["split"].astype(str) == "train")
+    s = probe_cb.settings
+    why = probe_skip_reason(tr["labels"], ev["labels"], eval_labels=s["eval_labels"], uncertain=s["uncertain"],
+                            blank=s["blank"])
+    if why:
+        return None, f"linear probe: {why}"
+    reject_zero_rows(as_embeddings(tr["image_emb"], "probe train embeddings"), "probe train embeddings")
+    # The same study on both sides would score the probe on what it was fitted to.
+    leaked = np.intersect1d(tr["study_id"], ev["study_id"])
+    if leaked.size:
+        raise ValueError(f"{leaked.size} study_id(s) have rows in both the train split and the evaluated split "
+                         f"(e.g. {leaked[:3].tolist()}): the probe would be tested on its training studies")
+    shared = np.intersect1d(tr["patient_id"], ev["patient_id"])
+    if shared.size:
+        log.warning("%d patient_id(s) have studies in both the train and the evaluated split: splits should be by "
+                    "patient", shared.size)
+    idx = subsample_rows(len(tr["image_emb"]), s["max_train_samples"], s["seed"])
+    return {k: v[idx] for k, v in tr.items()}, None
+
+
 def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict, dict | None, dict]:
-    """The audits on a file of precomputed embeddings, with the callbacks' settings."""
+    """The audits on a file of precomputed embeddings, with the callbacks' settings. Everything is
+    validated before any audit is computed."""
     data = load_embeddings(cfg.embeddings)
     split = cfg.get("split")
     mask = None
@@ -70,35 +120,48 @@ def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict, dict | No
         if not mask.any():
             raise ValueError(f"embeddings file has no rows with split == {split!r} "
                              f"(splits present: {sorted(set(data['split'].astype(str)))})")
+    else:
+        # No split array: every row is audited; say so instead of calling it `split`.
+        log.info("embeddings file has no `split` array: auditing all %d rows (meta split='all')",
+                 len(data["image_emb"]))
+        split = "all"
     ev = _rows(data, mask)
+    es = EmbeddingSet.from_items(ev["image_emb"], ev["report_emb"], ev["study_id"], ev["patient_id"],
+                                 ev.get("labels"), ev.get("report_text_hash"))
     meta: dict[str, Any] = {"source": "embeddings", "embeddings": str(cfg.embeddings), "split": split,
                             "n_items": int(len(ev["image_emb"]))}
+    train_rows = None
+    if probe_cb is not None:
+        train_rows, why = _probe_inputs(data, ev, probe_cb)
+        if why and rel_cb is None:
+            raise ValueError(why)
+        if why:
+            log.warning("%s: probe skipped, the re-linkage audit runs", why)
+            meta["skipped"] = {"probe": why}
     rel = None
     if rel_cb is not None:
-        es = EmbeddingSet.from_items(ev["image_emb"], ev["report_emb"], ev["study_id"], ev["patient_id"],
-                                     ev.get("labels"), ev.get("report_text_hash"))
-        if rel_cb.settings["dedup"] and es.study_text_hash is None:
-            log.warning("dedup requested but the embeddings file has no report_text_hash: dedup skipped")
-        rel = rel_cb.audit(es)
+        skipped = rel_cb.skipped(es)  # hard negatives without labels, dedup without report hashes
+        for variant, reason in skipped.items():
+            log.warning("re-linkage audit: %s skipped: %s", variant, reason)
+        if skipped:
+            meta["skipped"] = {**meta.get("skipped", {}), **skipped}
+        rel = rel_cb.audit(es, skipped=skipped)
         meta.update(n_studies=es.n_studies)
     probe = None
-    if probe_cb is not None:
-        if "split" not in data or not (data["split"].astype(str) == "train").any():
-            raise ValueError("the linear probe needs train-split rows: add a `split` array with 'train' rows "
-                             "to the embeddings file")
-        if "labels" not in data:
-            raise ValueError("the linear probe needs `labels` [I, 14] in the embeddings file")
-        tr = _rows(data, data["split"].astype(str) == "train")
-        probe = probe_cb.probe(tr["image_emb"], tr["labels"], ev["image_emb"], ev["labels"], ev["patient_id"])
+    if train_rows is not None:
+        probe = probe_cb.probe(train_rows["image_emb"], train_rows["labels"], ev["image_emb"], ev["labels"],
+                               ev["patient_id"])
     return rel, probe, meta
 
 
 def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, dict | None, dict]:
-    """Trainer.validate of the checkpoint's module on `split` of the `data=` cohort, audits as callbacks."""
+    """Trainer.test of the checkpoint's module on `split` of the `data=` cohort, audits as callbacks."""
+    import lightning as L
+
     from models.checkpoint import load_module
 
     module = load_module(cfg.ckpt_path)
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, test_split=cfg.split)  # test_dataloader serves the audited split
     dm.tokenizer = module.tokenizer  # the checkpoint's tokenizer, whatever the cohort
     # ... and its preprocessing (image size, normalisation, text field, max length): a model is only
     # audited on inputs prepared the way it was trained on.
@@ -106,17 +169,20 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, di
         if getattr(dm, key, value) != value:
             log.info("using the checkpoint's data.%s=%r (the data config says %r)", key, value, getattr(dm, key))
             setattr(dm, key, value)
-    dm.val_split = cfg.split  # val_dataloader serves the audited split
-    dm.setup("validate")
+    dm.setup("test")
     callbacks = [cb for cb in (rel_cb, probe_cb) if cb is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.test(module, datamodule=dm, verbose=False)
     if not trainer.is_global_zero:  # under DDP only rank 0 holds the results and writes them
         return None, None, None
     rel = rel_cb.last_result["relinkage"] if rel_cb is not None else None
-    probe = probe_cb.last_result["probe"] if probe_cb is not None else None
+    probe = probe_cb.last_result.get("probe") if probe_cb is not None else None
     meta: dict[str, Any] = {"source": "checkpoint", "checkpoint": str(cfg.ckpt_path), "model": type(module).__name__,
-                            "split": cfg.split}
+                            "split": cfg.split, "epoch": module.saved_epoch}
+    # Audits the split could not support (no labels: hard negatives, probe), with the reason.
+    skipped = {k: v for cb in callbacks for k, v in (cb.last_result["meta"].get("skipped") or {}).items()}
+    if skipped:
+        meta["skipped"] = skipped
     cohort = OmegaConf.select(cfg, "data.reader.cohort")
     if cohort is not None:
         meta["cohort"] = cohort
@@ -129,11 +195,19 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, di
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_known_warnings()
     if bool(cfg.get("ckpt_path")) == bool(cfg.get("embeddings")):
         raise ValueError("give exactly one of ckpt_path=<model checkpoint> or embeddings=<file.npz>")
     audit = cfg.audit
-    rel_cb = instantiate(audit.relinkage) if audit.get("relinkage") else None
+    # The re-linkage audit of an embeddings file is the audit library alone: no Lightning, whose import
+    # costs seconds of start-up, and nothing drawn at random outside the audit's seeded bootstrap.
+    library = cfg.get("embeddings") and not audit.get("probe")
+    if not library:
+        import lightning as L
+
+        L.seed_everything(cfg.seed, workers=True)
+    rel_cb = ((Relinkage.from_config if library else instantiate)(audit.relinkage)
+              if audit.get("relinkage") else None)
     probe_cb = instantiate(audit.probe) if audit.get("probe") else None
     if rel_cb is None and probe_cb is None:
         raise ValueError("audit config enables neither `relinkage` nor `probe`")
@@ -146,9 +220,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
     res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None))
     out = Path(cfg.output_dir)
-    table = R.write_bundle(res, out)
-    print(table)
-    log.info("audit written to %s", out)
+    R.write_bundle(res, out)
+    log.info("%s", R.console_summary(res, out))
     return R.scalars(res), {"cfg": cfg, "result": res, "output_dir": str(out)}
 
 

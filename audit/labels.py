@@ -46,3 +46,9 @@ def label_groups(labels: Any, mapping: str = "blank_negative") -> torch.Tensor:
     else:
         raise ValueError(f"unknown label mapping {mapping!r}; expected one of {LABEL_MAPPINGS}")
     return torch.unique(m, dim=0, return_inverse=True)[1].long()
+
+
+def has_labels(labels: Any) -> bool:
+    """Whether any label is present (not NaN): audits defined by labels (hard negatives, the probe)
+    are skipped, with the reason, on a split that has none."""
+    return labels is not None and bool(np.isfinite(np.asarray(labels, dtype=np.float64)).any())

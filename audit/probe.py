@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from audit.embeddings import as_embeddings
+from audit.embeddings import as_embeddings, reject_zero_rows
 from datamodules.records import CHEXPERT_LABELS
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
@@ -56,6 +56,38 @@ def apply_label_policy(y: torch.Tensor, uncertain: str, blank: str) -> tuple[tor
     if blank == "ignore":
         valid &= ~nan
     return t.clamp(0, 1), valid
+
+
+def subsample_rows(n: int, cap: int | None, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of the probe's training rows: all ``n`` when ``cap`` is None or not below
+    ``n``, else a seeded uniform random subset of ``cap`` rows. The first ``cap`` rows would be a
+    biased sample (loader or file order: one site, one period, one patient's studies together)."""
+    if cap is None or n <= int(cap):
+        return np.arange(n)
+    if int(cap) < 1:
+        raise ValueError(f"max_train_samples must be at least 1, got {cap}")
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(cap), replace=False))
+
+
+def probe_skip_reason(
+    train_y: Any, test_y: Any, label_names: Sequence[str] = CHEXPERT_LABELS, eval_labels: Sequence[str] | None = None,
+    uncertain: str = "ignore", blank: str = "zeros",
+) -> str | None:
+    """Why the probe cannot run on these labels (None when it can): checked before any audit is
+    computed, so a run with several audits skips the probe instead of losing the others to it."""
+    if train_y is None or test_y is None:
+        return "no labels"
+    label_names = [str(n) for n in label_names]
+    cols = [label_names.index(n) for n in resolve_label_names(eval_labels, label_names)]
+    ok = []
+    for y in (train_y, test_y):
+        t, v = apply_label_policy(torch.as_tensor(np.asarray(y, dtype=np.float32))[:, cols], uncertain, blank)
+        pos = ((t == 1) & v).sum(0)
+        ok.append((pos > 0) & (pos < v.sum(0)))
+    if not bool((ok[0] & ok[1]).any()):
+        return (f"no label has both classes in the train and evaluated rows (uncertain={uncertain}, blank={blank}); "
+                "are the labels blank?")
+    return None
 
 
 def _check_labels(y: Any, n: int, n_cols: int, name: str) -> torch.Tensor:
@@ -135,6 +167,9 @@ def linear_probe(
     xte = as_embeddings(test_x, "probe test embeddings")
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"probe train dim {xtr.shape[1]} != test dim {xte.shape[1]}")
+    # Re-linkage rejects zero vectors (no direction); the probe would fit on them silently.
+    reject_zero_rows(xtr, "probe train embeddings")
+    reject_zero_rows(xte, "probe test embeddings")
     ytr = _check_labels(train_y, xtr.shape[0], len(label_names), "probe train")[:, cols]
     yte = _check_labels(test_y, xte.shape[0], len(label_names), "probe test")[:, cols]
     ttr, vtr = apply_label_policy(ytr, uncertain, blank)

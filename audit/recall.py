@@ -47,20 +47,23 @@ def expected_recall(
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"K values must be >= 1, got {ks}")
-    c = beaten.to(torch.float64).reshape(-1, 1)
-    m = population.to(torch.float64).reshape(-1, 1)
-    if (c > m).any():
+    if (beaten.reshape(-1) > population.reshape(-1)).any():
         raise ValueError("a query has more beaters than negatives in its population")
-    draws = effective_draws(population, ns).to(torch.float64)  # [Q, nN]
-    cdf = hypergeom_cdf(max(ks), m, c, draws)  # [Q, nN, Kmax]
-    out = cdf[..., [k - 1 for k in ks]]
-    # Whole population drawn: exactly 1[c <= K-1] (the closed form gives it too; be explicit).
-    full = (draws >= m).unsqueeze(-1)
+    # Queries with the same (beaten, population) have the same expectation: each pair once.
+    pairs, inv = torch.unique(torch.stack([beaten.reshape(-1).long(), population.reshape(-1).long()], 1),
+                              dim=0, return_inverse=True)
+    c, m = pairs[:, 0].to(torch.float64), pairs[:, 1]
+    draws = effective_draws(m, ns)  # [U, nN]
     kt = torch.tensor(ks, dtype=torch.float64)
-    exact = (c.unsqueeze(-1) <= kt - 1).to(torch.float64).expand_as(out)
-    out = torch.where(full, exact, out)
+    # Whole population drawn: exactly 1[c <= K-1]; the closed form is evaluated only elsewhere.
+    out = (c.view(-1, 1, 1) <= kt - 1).to(torch.float64).expand(-1, draws.shape[1], -1).clone()
+    rows, cols = (draws < m.unsqueeze(1)).nonzero(as_tuple=True)
+    if rows.numel():
+        cdf = hypergeom_cdf(max(ks), m[rows].to(torch.float64), c[rows], draws[rows, cols].to(torch.float64))
+        out[rows, cols] = cdf[:, [k - 1 for k in ks]]
     # Fewer than K negatives drawn: the target is always in the top K (avoid 1 - 1e-14).
-    return torch.where(draws.unsqueeze(-1) <= kt - 1, torch.ones((), dtype=torch.float64), out)
+    out = torch.where(draws.unsqueeze(-1) <= kt - 1, torch.ones((), dtype=torch.float64), out)
+    return out[inv]
 
 
 def effective_draws(population: torch.Tensor, ns: Sequence[int | None]) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.counting import TIES_POLICIES, _auto_chunk
+from audit.counting import TIES_POLICIES
 from audit.embeddings import _as_long
 
 
@@ -38,7 +38,7 @@ def monte_carlo_recall(
     gen = torch.Generator(device=dev).manual_seed(seed)
     kt = torch.tensor([int(k) for k in ks], device=dev)
     hits = torch.zeros(q_n, len(ns), len(ks), dtype=torch.float64)
-    chunk = chunk_size or _auto_chunk(c_n, 1 << 23)
+    chunk = chunk_size or max(1, (1 << 23) // max(1, c_n))  # ~32 MiB of scores and of random keys
     for s in range(0, q_n, chunk):
         e = min(q_n, s + chunk)
         b = e - s

@@ -32,14 +32,14 @@ Definitions (DESIGN.md, "The re-linkage metric, precisely"):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from audit.counting import TIES_POLICIES, apply_ties, rank_counts
 from audit.embeddings import EmbeddingSet, _as_long, as_embeddings, l2_normalize
-from audit.labels import LABEL_MAPPINGS, label_groups
+from audit.labels import LABEL_MAPPINGS, has_labels, label_groups
 from audit.recall import effective_draws, expected_recall, rank_stats, resolve_ns
 from audit.stats import bootstrap_patient_means, percentile_ci
 
@@ -116,23 +116,6 @@ def _section(
     }
 
 
-def _t2i_exclude(item_study: torch.Tensor) -> torch.Tensor:
-    """[I, V-1] indices of the other images of each item's study (padding -1)."""
-    st = item_study.numpy()
-    order = np.argsort(st, kind="stable")
-    bounds = np.flatnonzero(np.diff(st[order])) + 1
-    groups = np.split(order, bounds)
-    width = max(0, max(len(g) for g in groups) - 1)
-    ex = np.full((st.size, max(width, 1)), -1, dtype=np.int64)
-    if width:
-        for g in groups:
-            if len(g) > 1:
-                for i in g:
-                    others = g[g != i]
-                    ex[i, : others.size] = others
-    return torch.as_tensor(ex)
-
-
 def relinkage_audit(
     es: EmbeddingSet,
     ks: Sequence[int] = (1, 5, 10),
@@ -144,7 +127,7 @@ def relinkage_audit(
     label_mapping: str = "blank_negative",
     n_boot: int = 1000,
     seed: int = 0,
-    chunk_size: int | None = None,
+    chunk_size: int | Sequence[int] | None = None,
     normalize: bool = True,
     device: str | torch.device | None = None,
     fused: bool | str = "auto",
@@ -173,31 +156,39 @@ def relinkage_audit(
         raise ValueError(f"re-linkage needs at least 2 studies (candidates), got {n_st}")
     item_patient = study_patient[item_study]
     common = dict(ks=list(ks), ns=list(ns), ties_policy=ties, n_boot=n_boot, seed=seed)
+    # One pass over the image x report similarities counts every direction: i2t from the rows,
+    # t2i from the columns, hard negatives and dedup from the same rows under their masks.
+    hn = sub = None
+    if hardneg:
+        hn = (label_groups(es.study_labels, label_mapping), study_patient, item_patient)
+    if dedup:
+        if es.study_text_hash is None:
+            raise ValueError("dedup needs a report text hash per study (report_text_hash)")
+        uniq, first, inv = np.unique(np.asarray(es.study_text_hash), return_index=True, return_inverse=True)
+        if uniq.size < 2:
+            raise ValueError("dedup: fewer than 2 distinct report texts")
+        # The first study of each distinct text stands for it (its column is the candidate).
+        is_first = np.zeros(n_st, dtype=bool)
+        is_first[first] = True
+        sub = (is_first, torch.as_tensor(first[inv.reshape(-1)])[item_study])
+    t2i = "t2i" in directions
+    if t2i:
+        per_study = torch.bincount(item_study, minlength=n_st)
+        t2i_pop = n_items - per_study[item_study]  # the study's other images are no negatives
+        if int(t2i_pop.max()) < 1:
+            raise ValueError("report->image needs images of at least 2 studies")
+    r = rank_counts(img, rep, item_study, chunk_size=chunk_size, hardneg=hn, subset=sub, reverse=t2i, fused=fused)
     out: dict[str, dict[str, Any]] = {}
-    main = None
-    if "i2t" in directions or hardneg:
-        # One pass over the image x report similarities serves i2t and the hard negatives.
-        hn = None
-        if hardneg:
-            hn = (label_groups(es.study_labels, label_mapping), study_patient, item_patient)
-        main = rank_counts(img, rep, item_study, chunk_size=chunk_size, hardneg=hn, fused=fused)
     if "i2t" in directions:
         pop = torch.full((n_items,), n_st - 1, dtype=torch.long)
         out["i2t"] = {"direction": "i2t", "variant": "standard",
-                      **_section(main["above"], main["ties"], pop, item_patient, n_candidates=n_st, **common)}
-    if "t2i" in directions:
-        ex = _t2i_exclude(item_study)
-        q = rep[item_study.to(rep.device)]
-        r = rank_counts(q, img, torch.arange(n_items), exclude=ex, chunk_size=chunk_size, fused=fused)
-        a, t = r["above"], r["ties"]
-        pop = n_items - 1 - (ex >= 0).sum(1)
-        if int(pop.max()) < 1:
-            raise ValueError("report->image needs images of at least 2 studies")
+                      **_section(r["above"], r["ties"], pop, item_patient, n_candidates=n_st, **common)}
+    if t2i:
         out["t2i"] = {"direction": "t2i", "variant": "standard",
-                      **_section(a, t, pop, item_patient, n_candidates=n_items, **common)}
+                      **_section(r["rev_above"], r["rev_ties"], t2i_pop, item_patient, n_candidates=n_items, **common)}
     if hardneg:
         groups = hn[0]
-        a, t, pop = main["hn_above"], main["hn_ties"], main["hn_pop"]
+        a, t, pop = r["hn_above"], r["hn_ties"], r["hn_pop"]
         has = pop > 0
         n_none = int((~has).sum())
         if not has.any():
@@ -211,18 +202,55 @@ def relinkage_audit(
         })
         out["hardneg/i2t"] = sec
     if dedup:
-        if es.study_text_hash is None:
-            raise ValueError("dedup needs a report text hash per study (report_text_hash)")
-        uniq, first, inv = np.unique(np.asarray(es.study_text_hash), return_index=True, return_inverse=True)
-        if uniq.size < 2:
-            raise ValueError("dedup: fewer than 2 distinct report texts")
-        reps_u = rep[torch.as_tensor(first, device=rep.device)]
-        tgt = torch.as_tensor(inv.reshape(-1), dtype=torch.long)[item_study]
-        r = rank_counts(img, reps_u, tgt, chunk_size=chunk_size, fused=fused)
-        a, t = r["above"], r["ties"]
         pop = torch.full((n_items,), uniq.size - 1, dtype=torch.long)
-        sec = _section(a, t, pop, item_patient, n_candidates=int(uniq.size), **common)
+        sec = _section(r["sub_above"], r["sub_ties"], pop, item_patient, n_candidates=int(uniq.size), **common)
         sec.update({"direction": "i2t", "variant": "dedup", "dedup": True,
                     "n_unique_reports": int(uniq.size), "n_studies": n_st})
         out["dedup/i2t"] = sec
     return out
+
+
+class Relinkage:
+    """``relinkage_audit`` with the settings of configs/audit/settings/relinkage.yaml, the keys given
+    overriding them: the audit the validation callback (callbacks.audit.RelinkageAudit) and
+    evaluate.py run, without Lightning (evaluate.py's embeddings path never imports it)."""
+
+    def __init__(self, **given: Any):
+        from configs import audit_settings
+
+        s = audit_settings("relinkage", given)
+        self.settings = {
+            "ks": [int(k) for k in s["ks"]], "ns": [n if isinstance(n, str) else int(n) for n in s["ns"]],
+            "directions": list(s["directions"]), "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
+            "dedup": bool(s["dedup"]), "ties": s["ties"], "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
+        }
+        self.chunk_size = s["chunk_size"]
+        self.device = s["device"]
+        self.fused = s["fused"]  # compile the counting step (see audit.counting.rank_counts); results identical
+
+    @classmethod
+    def from_config(cls, node: Any) -> "Relinkage":
+        """From an audit config node (configs/audit/*.yaml): its callback options are not settings."""
+        from configs import audit_settings
+        from omegaconf import OmegaConf
+
+        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        return cls(**{k: v for k, v in given.items() if k in audit_settings("relinkage")})
+
+    def skipped(self, es: EmbeddingSet) -> dict[str, str]:
+        """The requested variants that cannot run on ``es``, with the reason."""
+        out = {}
+        if self.settings["hardneg"] and not has_labels(es.study_labels):
+            out["hardneg/i2t"] = "no labels in the evaluated split (hard negatives are defined by labels)"
+        if self.settings["dedup"] and es.study_text_hash is None:
+            out["dedup/i2t"] = "no report hashes"
+        return out
+
+    def audit(self, es: EmbeddingSet, device: str | torch.device | None = None,
+              skipped: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """relinkage_audit of ``es`` with these settings, less the variants ``skipped`` names
+        (default: ``self.skipped(es)``)."""
+        skip = self.skipped(es) if skipped is None else skipped
+        s = {**self.settings, "hardneg": self.settings["hardneg"] and "hardneg/i2t" not in skip,
+             "dedup": self.settings["dedup"] and "dedup/i2t" not in skip}
+        return relinkage_audit(es, **s, chunk_size=self.chunk_size, device=self.device or device, fused=self.fused)

@@ -179,11 +179,68 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return f"{100 * v:.2f}" if pct else f"{v:.2f}"
 
 
-def markdown_table(res: dict[str, Any]) -> str:
-    """A short Markdown report: re-linkage table (percent) and the probe."""
-    lines = []
+def describe(meta: dict[str, Any]) -> str:
+    """What was audited, in one line: cohort, split, model and which weights (checkpoint + its
+    0-based epoch, as in the file name ``epoch_NNN.ckpt``)."""
+    parts = [f"{k}={meta[k]}" for k in ("cohort", "split", "model") if meta.get(k) is not None]
+    if meta.get("checkpoint"):
+        parts.append(f"checkpoint={os.path.basename(str(meta['checkpoint']))}")
+    if meta.get("epoch") is not None:
+        parts.append(f"epoch={meta['epoch']} (0-based)")
+    if meta.get("checkpoint_selection"):
+        parts.append(f"chosen by {meta['checkpoint_selection']}")
+    return ", ".join(parts)
+
+
+def _row(res: dict[str, Any], key: str, k: int = 1) -> dict[str, Any] | None:
+    """The R@k row at N = 100 (the first paper's headline pool), else the full database."""
+    rows = [r for r in (res.get("relinkage", {}).get(key) or {}).get("recall", []) if r["k"] == k]
+    return next((r for r in rows if r["n"] == "100"), None) or next((r for r in rows if r["n"] == "full"), None)
+
+
+def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str:
+    """The one-paragraph summary a run prints: R@1 × chance, hard negatives × chance, probe AUROC,
+    the DP verdict, and where the full results are."""
     meta = res.get("meta", {})
-    head = ", ".join(f"{k}={meta[k]}" for k in ("cohort", "split", "model", "epoch") if k in meta)
+    bits = []
+    r = _row(res, "i2t")
+    if r:
+        n = r["n"] if r["n"] != "full" else f"full ({r['n_value']})"
+        bits.append(f"image→report R@1 at N = {n}: {_fmt(r['value'])}% = {_fmt(r['x_chance'], False)}× chance "
+                    f"({_fmt(r['chance'])}%)")
+    r = _row(res, "hardneg/i2t")
+    if r:
+        bits.append(f"with hard negatives: {_fmt(r['value'])}% = {_fmt(r['x_chance'], False)}× chance "
+                    f"(effective pool {r['effective_pool_mean']:.0f})")
+    probe = res.get("probe")
+    if probe:
+        bits.append(f"linear probe macro AUROC {_fmt(probe['macro_auroc'])}%")
+    for name, why in (meta.get("skipped") or {}).items():
+        bits.append(f"{name} skipped ({why})")
+    p = res.get("privacy")
+    if p and p.get("enabled"):
+        eps = p.get("epsilon_spent")
+        verdict = "valid" if p.get("guarantee_valid") else "NOT VALID"
+        bits.append(f"DP epsilon {eps:.3g}, delta {p.get('delta'):.2g}: {verdict}" if eps is not None
+                    else "DP: epsilon not computed")
+    text = f"Audit ({describe(meta)}): " + "; ".join(bits) + "."
+    if where is not None:
+        text += f" Full results: {os.fspath(where)}/ (audit.json, report.md, recall_vs_n.png)."
+    return text
+
+
+def console_summary(res: dict[str, Any], where: str | os.PathLike) -> str:
+    """What train.py and evaluate.py print once at the end: the headline (with where the bundle
+    is), then the report's tables."""
+    return headline(res, where) + "\n\n" + markdown_table(res, with_headline=False)
+
+
+def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
+    """A short Markdown report (report.md): headline, re-linkage table (percent), the probe and
+    the DP statement."""
+    lines = [headline(res), ""] if with_headline else []
+    meta = res.get("meta", {})
+    head = describe(meta)
     lines.append("## Re-linkage audit" + (f" ({head})" if head else ""))
     rl = res.get("relinkage", {})
     if rl:
@@ -216,11 +273,16 @@ def markdown_table(res: dict[str, Any]) -> str:
                          f"{sec['n_queries_no_negatives']} queries without hard negatives left out")
             if sec.get("variant") == "dedup":
                 extra = f"; {sec['n_unique_reports']} unique reports of {sec['n_studies']} studies"
+            if sec.get("clipped_n"):
+                extra += (f"; N = {', '.join(str(n) for n in sec['clipped_n'])} not reported: not below the "
+                          f"{sec['n_candidates']} candidates (the full database covers them)")
             lines.append(
                 f"- {VARIANT_TITLES.get(key, key)}: {sec['n_queries']} queries, {sec['n_candidates']} candidates, "
                 f"MRR {sec['rank']['mrr']:.4f}, median rank {sec['rank']['median_rank']:.0f}; ties "
                 f"{sec['ties_policy']} ({t['n_queries_with_ties']} queries with ties){extra}"
             )
+    for name, why in (meta.get("skipped") or {}).items():
+        lines.append(f"- {VARIANT_TITLES.get(name, name)}: skipped: {why}")
     probe = res.get("probe")
     if probe:
         ci = probe.get("macro_auroc_ci")
@@ -264,8 +326,13 @@ def privacy_lines(p: dict[str, Any]) -> list[str]:
 
 
 def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None):
-    """Recall@K vs N (log N) per variant: one line per K, CI band, chance K/N dashed.
-    Returns the matplotlib Figure (Agg backend); saved to ``path`` when given."""
+    """Recall@K as a multiple of chance vs the pool size N, both axes logarithmic (the view of
+    arXiv 2606.02276's main figure): one panel per variant, one line per K with its 95% CI band, the
+    chance level at 1×. The hard-negative panel plots each point at its mean *effective* pool (the
+    label-matched population can be smaller than N), not at the nominal N. Pool sizes at or above
+    the split's candidates are not points of their own (the full database covers them); the panel
+    says which were clipped. The title names model, split and checkpoint. Returns the matplotlib
+    Figure (Agg backend); saved to ``path`` when given."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -274,29 +341,44 @@ def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None)
 
     rl = res.get("relinkage", {})
     keys = list(rl) or ["(none)"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         sec = rl.get(key)
+        hard = bool(sec) and sec.get("variant") == "hardneg"
         ax.set_title(VARIANT_TITLES.get(key, key), fontsize=10)
         ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("mean effective pool size (label-matched)" if hard else "candidate pool size N")
+        ax.set_ylabel("Recall@K ÷ chance")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("candidate pool size N")
-        ax.set_ylabel("Recall@K")
-        ax.set_ylim(0, 1.02)
         if not sec:
             continue
         ks = sorted({r["k"] for r in sec["recall"]})
         for i, k in enumerate(ks):
-            rows = sorted((r for r in sec["recall"] if r["k"] == k), key=lambda r: r["n_value"])
-            ns = [r["n_value"] for r in rows]
-            color = f"C{i}"
-            ax.plot(ns, [r["value"] for r in rows], "o-", color=color, label=f"K={k}")
-            if all("ci" in r for r in rows):
-                ax.fill_between(ns, [r["ci"][0] for r in rows], [r["ci"][1] for r in rows], color=color, alpha=0.2)
-            ax.plot(ns, [r["chance"] for r in rows], "--", color=color, alpha=0.7, lw=1)
-        ax.plot([], [], "k--", lw=1, label="chance K/N")
-        ax.legend(fontsize=8)
+            rows = [r for r in sec["recall"] if r["k"] == k and r.get("x_chance") is not None]
+            x_of = (lambda r: r["effective_pool_mean"]) if hard else (lambda r: r["n_value"])
+            rows.sort(key=x_of)
+            xs = [x_of(r) for r in rows]
+            # A ratio of 0 has no place on a log axis; such points sit at the bottom edge, marked open.
+            ys = [r["x_chance"] for r in rows]
+            ax.plot(xs, [max(y, 1e-2) for y in ys], "-", color=f"C{i}", label=f"K={k}")
+            ax.plot([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], "o", color=f"C{i}")
+            ax.plot([x for x, y in zip(xs, ys) if y <= 0], [1e-2 for y in ys if y <= 0], "o", mfc="none", color=f"C{i}")
+            if rows and all(r.get("x_chance_ci") for r in rows):
+                ax.fill_between(xs, [max(r["x_chance_ci"][0], 1e-2) for r in rows],
+                                [max(r["x_chance_ci"][1], 1e-2) for r in rows], color=f"C{i}", alpha=0.2)
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="chance (1×)")
+        notes = [f"{sec['n_queries']} queries, {sec['n_candidates']} candidates"]
+        if sec.get("clipped_n"):
+            notes.append(f"N = {', '.join(str(n) for n in sec['clipped_n'])} ≥ candidates: shown as full")
+        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom")
+        ax.legend(fontsize=8, loc="upper right")
         ax.grid(True, which="both", alpha=0.3)
+    title = describe(res.get("meta", {}))
+    if title:
+        fig.suptitle(f"Re-linkage: {title}", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)

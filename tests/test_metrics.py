@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
+from audit import counting
 from audit.counting import hardneg_counts, rank_counts
 from audit.embeddings import EmbeddingSet
 from audit.labels import label_groups
@@ -274,14 +275,84 @@ def test_from_items_groups_views_by_study():
     assert es.study_patient[1] == es.study_patient[2] != es.study_patient[0]
 
 
+
+def _bruteforce_counts(scores, st, study_patient, groups, sub_mask, sub_target):
+    """Every count of the one-pass audit, each direction from its own definition on exact scores."""
+    n_items, n_st = scores.shape
+    item_pat = study_patient[st]
+    ref = {k: np.zeros(n_items, np.int64) for k in ("above", "ties", "hn_above", "hn_ties", "hn_pop", "sub_above",
+                                                     "sub_ties", "rev_above", "rev_ties")}
+    for i in range(n_items):
+        row, t = scores[i], scores[i, st[i]]
+        others = np.arange(n_st) != st[i]
+        ref["above"][i], ref["ties"][i] = (row[others] > t).sum(), (row[others] == t).sum()
+        pop = (groups == groups[st[i]]) & (study_patient != item_pat[i])
+        ref["hn_above"][i], ref["hn_ties"][i], ref["hn_pop"][i] = (row[pop] > t).sum(), (row[pop] == t).sum(), pop.sum()
+        d = row[sub_target[i]]
+        cand = sub_mask & (np.arange(n_st) != sub_target[i])
+        ref["sub_above"][i], ref["sub_ties"][i] = (row[cand] > d).sum(), (row[cand] == d).sum()
+        # report->image: the study's report ranks every image; the study's other images are no negatives
+        col, other_studies = scores[:, st[i]], st != st[i]
+        ref["rev_above"][i], ref["rev_ties"][i] = (col[other_studies] > t).sum(), (col[other_studies] == t).sum()
+    return ref
+
+
+@pytest.mark.parametrize("chunk", [None, 4, (3, 5), (7, 2), (1, 1), (50, 9)])
+def test_one_pass_counts_every_direction_as_bruteforce(chunk):
+    # One tiled pass must give what each direction's own pass gives: items in shuffled order,
+    # several images per study, many exact ties, tiles smaller than a run of targets.
+    img, rep, st, sp, labels = _cohort(seed=9, n_studies=45, extra_views=35, n_patients=15, levels=2)
+    perm = np.random.default_rng(0).permutation(len(st))
+    img, st = img[perm], st[perm]
+    rep[40:] = rep[:5]  # identical reports in different studies (dedup ties across tiles)
+    text = np.array([f"r{i % 40}" for i in range(45)])
+    _, first, inv = np.unique(text, return_index=True, return_inverse=True)
+    sub_mask = np.zeros(45, bool)
+    sub_mask[first] = True
+    sub_target = first[inv][st]
+    groups = label_groups(labels).numpy()
+    scores = img.astype(np.int64) @ rep.astype(np.int64).T
+    ref = _bruteforce_counts(scores, st, sp, groups, sub_mask, sub_target)
+    assert ref["ties"].sum() > 0 and ref["rev_ties"].sum() > 0 and ref["sub_ties"].sum() > 0
+    got = rank_counts(torch.tensor(img), torch.tensor(rep), torch.tensor(st), chunk_size=chunk, fused=False,
+                      hardneg=(groups, sp, sp[st]), subset=(sub_mask, sub_target), reverse=True)
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k].numpy(), ref[k], err_msg=k)
+    # ... and the audit's sections equal those of an audit whose every tile holds whole rows
+    es = EmbeddingSet(torch.tensor(img), torch.tensor(rep), torch.tensor(st), torch.tensor(sp), labels, list(text))
+    kw = dict(ks=[1, 3], ns=[5, "full"], directions=["i2t", "t2i"], hardneg=True, dedup=True, n_boot=20,
+              normalize=False, fused=False)
+    assert relinkage_audit(es, chunk_size=chunk, **kw) == relinkage_audit(es, chunk_size=(1, 45), **kw)
+
+
+def test_rank_counts_exclude_across_tiles():
+    img, rep, st, _, _ = _cohort(seed=10, n_studies=30, extra_views=0)
+    scores = img.astype(np.int64) @ rep.astype(np.int64).T
+    rng = np.random.default_rng(1)
+    ex = rng.integers(-1, 30, (30, 4))
+    ex[ex == st[:, None]] = -1
+    r = rank_counts(torch.tensor(img), torch.tensor(rep), torch.tensor(st), exclude=torch.tensor(ex), chunk_size=(4, 6))
+    for i in range(len(st)):
+        keep = np.ones(30, bool)
+        keep[st[i]] = False
+        ts = scores[i, st[i]]
+        drop = ex[i][ex[i] >= 0]
+        assert r["above"][i] == (scores[i][keep] > ts).sum() - (scores[i, drop] > ts).sum()
+        assert r["ties"][i] == (scores[i][keep] == ts).sum() - (scores[i, drop] == ts).sum()
+
 @pytest.mark.slow
-def test_fused_counts_equal_eager():
-    # torch.compile of the counting step (seconds to compile): same comparisons, same counts.
+def test_fused_counts_equal_eager(monkeypatch):
+    # torch.compile of the counting step (seconds to compile): same comparisons, same counts, on
+    # every view (the kernels otherwise leave the small ones to eager counting).
+    monkeypatch.setattr(counting, "_SMALL", 0)
     img, rep, st, sp, labels = _cohort(seed=8, n_studies=300, extra_views=200, n_patients=120)
     hn = (label_groups(labels), torch.tensor(sp), torch.tensor(sp[st]))
     args = (torch.tensor(img), torch.tensor(rep), torch.tensor(st))
-    fused = rank_counts(*args, hardneg=hn, fused=True, chunk_size=97)
-    eager = rank_counts(*args, hardneg=hn, fused=False, chunk_size=97)
-    assert int(eager["ties"].sum()) > 0 and int(eager["hn_ties"].sum()) > 0
+    sub = (np.arange(300) % 3 == 0, torch.tensor((st // 3) * 3))  # every third study stands for its text
+    kw = dict(hardneg=hn, subset=sub, reverse=True, chunk_size=(97, 130))
+    fused = rank_counts(*args, fused=True, **kw)
+    eager = rank_counts(*args, fused=False, **kw)
+    assert int(eager["ties"].sum()) > 0 and int(eager["hn_ties"].sum()) > 0 and int(eager["rev_ties"].sum()) > 0
     for k in eager:
         assert torch.equal(fused[k], eager[k]), k
