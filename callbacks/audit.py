@@ -1,19 +1,27 @@
-"""Lightning glue that runs the audit library (audit/) during validation: collect -> gather ->
+"""Lightning glue that runs the audit library (audit/) on an evaluation split: collect -> gather ->
 run the audit -> broadcast -> log.
 
-Both callbacks collect what ``validation_step`` returns (audit.embeddings.validation_outputs:
-"image_emb", "report_emb", "labels", "study_idx", "patient_idx", "index"), gather it across ranks,
-drop the duplicates a padding DistributedSampler adds (by the dataset ``index``), sort by ``index``
-(so the result does not depend on the world size), run the audit on rank 0 every
-``every_n_epochs`` (always under ``trainer.validate``), broadcast the scalars so every rank logs the
-same values (they can be monitored), and write a versioned JSON result (and the Recall-vs-N plot)
-into the run directory. The plot goes to W&B as an image only when a WandbLogger is attached. Report
-text never leaves memory: dedup uses hashes. The audit settings and their defaults live in
-configs/audit/settings/ (configs.audit_settings), shared with evaluate.py and bench/.
+Both callbacks collect what ``validation_step`` / ``test_step`` return
+(audit.embeddings.validation_outputs: "image_emb", "report_emb", "labels", "study_idx", "patient_idx",
+"index"), gather it across ranks, drop the duplicates a padding DistributedSampler adds (by the dataset
+``index``), sort by ``index`` (so the result does not depend on the world size), run the audit on rank 0
+(every ``every_n_epochs`` while fitting; always under ``trainer.validate`` and ``trainer.test``),
+broadcast the scalars so every rank logs the same values (they can be monitored) and log them:
+validation under ``audit/...`` / ``probe/...``, the test stage under ``test/...``.
+
+Validation epochs also write a versioned JSON result and the Recall-vs-N plot into ``<run>/audit/`` as
+``val_<name>_epoch=NNN.json`` (NNN is Lightning's 0-based epoch, as in ``checkpoints/epoch_NNN.ckpt``);
+the plot goes to W&B (key ``audit/recall_vs_n``) when a WandbLogger is attached. Under ``trainer.test``
+(train.py's final audit, evaluate.py) the callbacks only keep ``last_result`` and the caller writes the
+one bundle (audit.result.write_bundle). Audits that need labels (hard negatives, the probe) are skipped
+with one logged reason when the split has none (e.g. Open-I without a labels file), recorded in
+``meta["skipped"]``. Report text never leaves memory: dedup uses hashes. The audit settings and their
+defaults live in configs/audit/settings/ (configs.audit_settings), shared with evaluate.py and bench/.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
@@ -25,9 +33,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from audit import result as R
 from audit.embeddings import VALIDATION_KEYS, EmbeddingSet, embedding_set_from_outputs, report_hash
-from audit.probe import linear_probe
-from audit.relinkage import relinkage_audit
+from audit.labels import has_labels
+from audit.probe import linear_probe, probe_skip_reason, subsample_rows
+from audit.relinkage import Relinkage
 from configs import audit_settings
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- collection
@@ -58,10 +69,11 @@ class _Collector:
 
     def add(self, outputs: Any, who: str) -> None:
         if not isinstance(outputs, dict):
-            raise TypeError(f"{who}: validation_step must return a dict with keys {list(self.keys)}, got {type(outputs).__name__}")
+            raise TypeError(f"{who}: validation_step/test_step must return a dict with keys {list(self.keys)}, "
+                            f"got {type(outputs).__name__}")
         missing = [k for k in self.keys if k not in outputs]
         if missing:
-            raise KeyError(f"{who}: validation_step output lacks {missing} (needs {list(self.keys)})")
+            raise KeyError(f"{who}: validation_step/test_step output lacks {missing} (needs {list(self.keys)})")
         for k in self.keys:
             v = outputs[k]
             v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
@@ -85,6 +97,10 @@ class _Collector:
         return {k: v[keep] for k, v in full.items()}, dropped
 
 
+def _testing(trainer: Trainer) -> bool:
+    return trainer.state.fn == TrainerFn.TESTING
+
+
 def _is_due(trainer: Trainer, every_n_epochs: int) -> bool:
     if trainer.sanity_checking:
         return False
@@ -101,24 +117,24 @@ def _run_dir(trainer: Trainer, out_dir: str | None) -> str:
 
 
 def _split_name(trainer: Trainer, cb: Any) -> str:
-    """The split being validated: the datamodule's ``val_split`` when it has one."""
+    """The split being evaluated: the datamodule's ``test_split`` under ``trainer.test``, its
+    ``val_split`` otherwise (``cb.split`` / "test" when the datamodule names none)."""
     dm = trainer.datamodule
+    if _testing(trainer):
+        return str(getattr(dm, "test_split", None) or "test")
     return str(getattr(dm, "val_split", None) or cb.split)
 
 
-def _log_scalars(pl_module: LightningModule, values: dict[str, float], split: str = "val") -> None:
-    # The validation split logs under the stable names (audit/..., probe/...); any other split
-    # (the final test audit after training) under "<split>/..." so the two never share a curve.
-    prefix = "" if split == "val" else f"{split}/"
+def _log_scalars(pl_module: LightningModule, values: dict[str, float], prefix: str) -> None:
     for name, v in values.items():
-        name = prefix + name
-        pl_module.log(name, float(v), on_step=False, on_epoch=True, sync_dist=False, prog_bar=False)
+        pl_module.log(prefix + name, float(v), on_step=False, on_epoch=True, sync_dist=False, prog_bar=False)
 
 
-def _stem(trainer: Trainer, prefix: str) -> str:
+def _stem(trainer: Trainer, name: str, split: str) -> str:
+    # The split leads the file name, so validation files never pass for test results.
     if trainer.state.fn == TrainerFn.FITTING:
-        return f"{prefix}_epoch={trainer.current_epoch:03d}"
-    return prefix
+        return f"{split}_{name}_epoch={trainer.current_epoch:03d}"
+    return f"{split}_{name}"
 
 
 def report_hashes(studies: Sequence[Any], text_field: str = "report") -> list[str]:
@@ -133,8 +149,9 @@ def report_hashes(studies: Sequence[Any], text_field: str = "report") -> list[st
 
 
 class _CollectingCallback(Callback):
-    """Collects the validation outputs named by ``keys`` on epochs that are due, then gathers them,
-    runs the audit on rank 0 (``run_audit``), writes its result, broadcasts and logs the scalars."""
+    """Collects the evaluation outputs named by ``keys`` on epochs that are due, then gathers them,
+    runs the audit on rank 0 (``run_audit``), writes its result (validation only), broadcasts and
+    logs the scalars."""
 
     name = "audit"  # file stem of the per-epoch JSON
 
@@ -147,7 +164,14 @@ class _CollectingCallback(Callback):
         self.last_result: dict[str, Any] | None = None
         self._collector = _Collector(keys)
         self._active = False
+        self._loaded_ckpt: dict[str, Any] = {}
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # trainer.test(ckpt_path=...) restores weights but not the loops: trainer.current_epoch is
+        # still the end of fit, so the audited checkpoint's own epoch is taken from the file.
+        self._loaded_ckpt = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+
+    # validation and test run the same collection
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._active = _is_due(trainer, self.every_n_epochs)
         self._collector.reset()
@@ -160,43 +184,66 @@ class _CollectingCallback(Callback):
         if not self._active:
             return
         self._active = False
+        self._finish(trainer, pl_module)
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
+
+    def _meta(self, trainer: Trainer, pl_module: LightningModule, split: str, dropped: int) -> dict[str, Any]:
+        meta = {"model": type(pl_module).__name__, "split": split, "world_size": int(trainer.world_size),
+                "n_padding_duplicates_dropped": dropped}
+        if _testing(trainer) and trainer.ckpt_path:
+            meta.update(checkpoint=os.path.basename(str(trainer.ckpt_path)), epoch=self._loaded_ckpt.get("epoch"),
+                        global_step=self._loaded_ckpt.get("global_step"))
+        else:  # the weights in memory
+            meta.update(epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
+        return meta
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data, dropped = self._collector.gather(trainer, pl_module.device)
         self._collector.reset()
         # trainer.log_dir is itself a collective (a broadcast): resolve it on every rank, never
         # inside the rank-0 block, or rank 0's extra broadcast pairs with the others' scalars.
         out_dir = _run_dir(trainer, self.out_dir)
         split = _split_name(trainer, self)
-        values: dict[str, float] | None = None
+        payload: tuple[dict[str, float] | None, str | None] = (None, None)
         if trainer.is_global_zero:
-            meta = {"model": type(pl_module).__name__, "split": split, "epoch": int(trainer.current_epoch),
-                    "global_step": int(trainer.global_step), "world_size": int(trainer.world_size),
-                    "n_padding_duplicates_dropped": dropped}
-            res = self.run_audit(trainer, pl_module, data, meta)
-            self.last_result = res
-            values = R.scalars(res)
-            self.write(trainer, res, out_dir)
-        values = trainer.strategy.broadcast(values, src=0)
-        _log_scalars(pl_module, values, split)
+            try:
+                res = self.run_audit(trainer, pl_module, data, self._meta(trainer, pl_module, split, dropped))
+                self.last_result = res
+                if not _testing(trainer):
+                    self.write(trainer, res, out_dir, split)
+                payload = (R.scalars(res), None)
+            except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+                payload = (None, f"{type(e).__name__}: {e}")
+                if trainer.world_size <= 1:
+                    raise
+        # An exception on rank 0 must fail every rank, not leave the others waiting at a collective.
+        values, error = trainer.strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise RuntimeError(f"{type(self).__name__} failed on rank 0: {error}")
+        _log_scalars(pl_module, values, "test/" if _testing(trainer) else "")
 
     def run_audit(self, trainer: Trainer, pl_module: LightningModule, data: dict[str, torch.Tensor],
                   meta: dict[str, Any]) -> dict[str, Any]:
         """The audit result (audit.result.build_result) of the gathered outputs, on rank 0."""
         raise NotImplementedError
 
-    def write(self, trainer: Trainer, res: dict[str, Any], out_dir: str) -> None:
+    def write(self, trainer: Trainer, res: dict[str, Any], out_dir: str, split: str) -> None:
         if self.write_json:
             os.makedirs(out_dir, exist_ok=True)
-            R.write_result(res, os.path.join(out_dir, _stem(trainer, self.name) + ".json"))
+            R.write_result(res, os.path.join(out_dir, _stem(trainer, self.name, split) + ".json"))
 
 
 class RelinkageAudit(_CollectingCallback):
-    """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation callback.
+    """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation/test callback.
 
     ``settings``: any key of configs/audit/settings/relinkage.yaml (ks, ns, directions, hardneg,
     label_mapping, dedup, ties, n_boot, seed, chunk_size, device, fused); that file's values fill in
     the rest. ns: pool sizes, integers and/or "full"; integers >= the number of candidates in the
-    split are clipped (the full database covers them). Logs ``audit/<variant>/R@K/N=<n>`` and
-    ``.../x_chance`` (see audit/result.py for every name).
+    split are clipped (the full database covers them; the result lists them in ``clipped_n``). Logs
+    ``audit/<variant>/R@K/N=<n>`` and ``.../x_chance`` (see audit/result.py for every name).
     """
 
     name = "relinkage"
@@ -211,23 +258,17 @@ class RelinkageAudit(_CollectingCallback):
         **settings: Any,
     ):
         super().__init__(VALIDATION_KEYS, every_n_epochs, out_dir, write_json, split)
-        s = audit_settings("relinkage", settings)
-        self.settings = {
-            "ks": [int(k) for k in s["ks"]], "ns": [n if isinstance(n, str) else int(n) for n in s["ns"]],
-            "directions": list(s["directions"]), "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
-            "dedup": bool(s["dedup"]), "ties": s["ties"], "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
-        }
-        self.chunk_size = s["chunk_size"]
-        self.device = s["device"]
-        self.fused = s["fused"]  # compile the counting step (see audit.counting.rank_counts); results identical
+        self.relinkage = Relinkage(**settings)  # the library's audit with these settings
+        self.settings = self.relinkage.settings
         self.log_plot = log_plot
+        self._warned: set[str] = set()  # variants whose skip was logged (once per run, not per epoch)
 
-    def audit(self, es: EmbeddingSet, device: str | torch.device | None = None) -> dict[str, dict[str, Any]]:
-        """relinkage_audit of ``es`` with these settings (evaluate.py calls it on a file of embeddings);
-        the dedup variant runs only when ``es`` carries report hashes."""
-        s = self.settings
-        return relinkage_audit(es, **{**s, "dedup": s["dedup"] and es.study_text_hash is not None},
-                               chunk_size=self.chunk_size, device=self.device or device, fused=self.fused)
+    def skipped(self, es: EmbeddingSet) -> dict[str, str]:
+        return self.relinkage.skipped(es)
+
+    def audit(self, es: EmbeddingSet, device: str | torch.device | None = None,
+              skipped: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        return self.relinkage.audit(es, device, skipped)
 
     def _text_hashes(self, trainer: Trainer) -> list[str] | None:
         dm = trainer.datamodule
@@ -239,26 +280,28 @@ class RelinkageAudit(_CollectingCallback):
     def run_audit(self, trainer, pl_module, data, meta):
         hashes = self._text_hashes(trainer) if self.settings["dedup"] else None
         es = embedding_set_from_outputs(data, hashes)
-        rel = self.audit(es, pl_module.device)
+        skipped = self.skipped(es)
+        for variant in skipped.keys() - self._warned:
+            log.warning("re-linkage audit: %s skipped: %s", variant, skipped[variant])
+        self._warned |= skipped.keys()
+        rel = self.audit(es, pl_module.device, skipped)
         meta.update(n_items=es.n_items, n_studies=es.n_studies, n_patients=int(torch.unique(es.study_patient).numel()))
+        if skipped:
+            meta["skipped"] = dict(skipped)
         return R.build_result(relinkage=rel, meta=meta, settings=self.settings)
 
-    def write(self, trainer: Trainer, res: dict[str, Any], out_dir: str) -> None:
-        super().write(trainer, res, out_dir)
+    def write(self, trainer: Trainer, res: dict[str, Any], out_dir: str, split: str) -> None:
+        super().write(trainer, res, out_dir, split)
         if not self.log_plot:
             return
         import matplotlib.pyplot as plt
 
         os.makedirs(out_dir, exist_ok=True)
-        png = os.path.join(out_dir, _stem(trainer, self.name) + "_recall_vs_n.png")
+        png = os.path.join(out_dir, _stem(trainer, self.name, split) + "_recall_vs_n.png")
         fig = R.plot_recall_vs_n(res, png)
         plt.close(fig)
-        try:
-            from lightning.pytorch.loggers import WandbLogger
-        except ImportError:  # pragma: no cover
-            return
         for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
+            if type(lg).__name__ == "WandbLogger":
                 lg.log_image(key="audit/recall_vs_n", images=[png], step=trainer.global_step)
 
 
@@ -267,11 +310,13 @@ class LinearProbe(_CollectingCallback):
 
     ``settings``: any key of configs/audit/settings/probe.yaml (eval_labels, uncertain, blank, l2,
     max_iter, max_train_samples, train_split, n_boot, seed); that file's values fill in the rest.
-    The evaluation embeddings are the validation outputs; the probe's training embeddings come from
-    ``datamodule.eval_dataloader(train_split)`` encoded with ``pl_module.encode_images`` (at most
-    ``max_train_samples`` images, in loader order; on rank 0 only). Logs ``probe/macro_auroc`` and
-    ``probe/auroc/<label>``. The DP stage sets ``train_split=public``: a probe fitted on the DP
-    training units would be a non-private release about them.
+    The evaluation embeddings are the validation/test outputs; the probe's training embeddings come
+    from ``datamodule.eval_dataloader(train_split, indices)`` encoded with ``pl_module.encode_images``:
+    a seeded random subset of at most ``max_train_samples`` images (audit.probe.subsample_rows; the
+    first N in loader order would be a biased sample), on rank 0 only. Logs ``probe/macro_auroc``
+    and ``probe/auroc/<label>``. Skipped with a logged reason when the labels cannot support it
+    (audit.probe.probe_skip_reason). The DP stage sets ``train_split=public``: a probe fitted on
+    the DP training units would be a non-private release about them.
     """
 
     name = "probe"
@@ -292,35 +337,51 @@ class LinearProbe(_CollectingCallback):
             "uncertain": s["uncertain"], "blank": s["blank"], "l2": float(s["l2"]), "max_iter": int(s["max_iter"]),
             "max_train_samples": int(s["max_train_samples"]), "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
         }
+        self._warned = False
 
     def probe(self, train_x: Any, train_y: Any, test_x: Any, test_y: Any, test_patient: Any) -> dict[str, Any]:
-        """linear_probe with these settings, on at most ``max_train_samples`` training rows
-        (evaluate.py calls it on a file of embeddings)."""
+        """linear_probe with these settings, on a seeded random subset of at most
+        ``max_train_samples`` training rows (evaluate.py passes rows already subsampled)."""
         s = self.settings
-        cap = s["max_train_samples"]
-        return linear_probe(train_x[:cap], train_y[:cap], test_x, test_y, eval_labels=s["eval_labels"],
+        idx = subsample_rows(len(train_x), s["max_train_samples"], s["seed"])
+        return linear_probe(train_x[idx], train_y[idx], test_x, test_y, eval_labels=s["eval_labels"],
                             uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"], max_iter=s["max_iter"],
                             test_patient=test_patient, n_boot=s["n_boot"], seed=s["seed"])
+
+    def skip_reason(self, train_y: Any, test_y: Any) -> str | None:
+        s = self.settings
+        return probe_skip_reason(train_y, test_y, eval_labels=s["eval_labels"], uncertain=s["uncertain"], blank=s["blank"])
 
     def encode_train(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "eval_dataloader"):
             raise ValueError("LinearProbe needs a datamodule with eval_dataloader(split) for its training embeddings")
-        cap = self.settings["max_train_samples"]
-        embs, labs, n = [], [], 0
+        split, s = self.settings["train_split"], self.settings
+        n = len(dm.eval_dataloader(split).dataset)
+        loader = dm.eval_dataloader(split, indices=subsample_rows(n, s["max_train_samples"], s["seed"]))
+        embs, labs = [], []
         with torch.no_grad():
-            for batch in dm.eval_dataloader(self.settings["train_split"]):
+            for batch in loader:
                 emb = pl_module.encode_images(batch["image"].to(pl_module.device))
                 embs.append(emb.detach().float().cpu())
                 labs.append(torch.as_tensor(batch["labels"]).float().cpu())
-                n += emb.shape[0]
-                if n >= cap:
-                    break
         if not embs:
-            raise ValueError(f"LinearProbe: the probe's training split {self.settings['train_split']!r} is empty")
-        return torch.cat(embs)[:cap], torch.cat(labs)[:cap]
+            raise ValueError(f"LinearProbe: the probe's training split {split!r} is empty")
+        return torch.cat(embs), torch.cat(labs)
+
+    def _skip(self, meta: dict[str, Any], why: str) -> dict[str, Any]:
+        if not self._warned:
+            log.warning("linear probe skipped: %s", why)  # once per run, not per epoch
+            self._warned = True
+        meta["skipped"] = {"probe": why}
+        return R.build_result(meta=meta, settings=self.settings)
 
     def run_audit(self, trainer, pl_module, data, meta):
+        if not has_labels(data["labels"]):  # no need to encode the training images
+            return self._skip(meta, "no labels in the evaluated split")
         xtr, ytr = self.encode_train(trainer, pl_module)
+        why = self.skip_reason(ytr.numpy(), data["labels"].numpy())
+        if why:
+            return self._skip(meta, why)
         probe = self.probe(xtr, ytr.numpy(), data["image_emb"], data["labels"].numpy(), data["patient_idx"].numpy())
         return R.build_result(probe=probe, meta=meta, settings=self.settings)

@@ -99,4 +99,5 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     module.load_state_dict(ckpt["state_dict"])
     module.data_preprocessing = extras.get("data")  # None for checkpoints saved outside a Trainer
     module.saved_dp_state = ckpt.get("dp_state")  # a DP stage's privacy statement (None otherwise)
+    module.saved_epoch = ckpt.get("epoch")  # Lightning's 0-based epoch, as in epoch_NNN.ckpt
     return module.to(map_location).eval()

@@ -129,9 +129,12 @@ class DualTowerModule(L.LightningModule):
             self.logit_scale.clamp_(0.0, self.max_logit_scale)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        # The datamodule's val_split is "val" while training and "test" for the final audit.
-        split = getattr(self.trainer.datamodule, "val_split", "val") if self.trainer.datamodule is not None else "val"
-        _, img, txt = self._step(batch, split)
+        _, img, txt = self._step(batch, "val")
+        return validation_outputs(img, txt, batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        # The final audit (train.py) and evaluate.py: same outputs, logged under test/.
+        _, img, txt = self._step(batch, "test")
         return validation_outputs(img, txt, batch)
 
     def configure_optimizers(self):

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before anything imports torch (its OpenMP runtime reads this once, at load): idle OpenMP threads
+# sleep instead of spinning. On a shared CPU machine (CI, other jobs) spinning threads steal the
+# cores the working ones need; on 2 cores at load 3-4 that made tests 5-7x slower
+# (docs/benchmarks.md, "Training").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir

@@ -67,8 +67,9 @@ class FakeDataModule(L.LightningDataModule):
     def studies(self, split):
         return [_Study(i) for i in range(len(self.splits[split]["rep"]))]
 
-    def eval_dataloader(self, split):
-        return DataLoader(_Items(self.splits[split]), batch_size=8, shuffle=False)
+    def eval_dataloader(self, split, indices=None):
+        ds = _Items(self.splits[split])
+        return DataLoader(ds if indices is None else torch.utils.data.Subset(ds, indices), batch_size=8, shuffle=False)
 
     def val_dataloader(self):
         return self.eval_dataloader("val")
@@ -130,8 +131,8 @@ def test_single_process_scalars_json_and_plot(tmp_path):
                  "audit/dedup/i2t/R@1/N=full", "audit/i2t/mrr", "probe/macro_auroc", "probe/auroc/Cardiomegaly"]:
         assert name in m, name
     assert "audit/i2t/R@1/N=100" not in m  # clipped: the split holds 24 reports
-    res = load_result(tmp_path / "relinkage.json")
-    assert (tmp_path / "relinkage_recall_vs_n.png").stat().st_size > 0
+    res = load_result(tmp_path / "val_relinkage.json")
+    assert (tmp_path / "val_relinkage_recall_vs_n.png").stat().st_size > 0
     assert res["relinkage"]["i2t"]["clipped_n"] == [100]
     assert res["relinkage"]["dedup/i2t"]["n_unique_reports"] == 20
     # the plumbing hands the metric exactly the validation embeddings
@@ -143,14 +144,14 @@ def test_single_process_scalars_json_and_plot(tmp_path):
         got = [r["value"] for r in res["relinkage"][key]["recall"]]
         assert got == pytest.approx([r["value"] for r in ref[key]["recall"]], abs=1e-6)
     assert m["audit/i2t/R@1/N=10"].item() == pytest.approx(res["relinkage"]["i2t"]["recall"][0]["value"], abs=1e-6)
-    probe = load_result(tmp_path / "probe.json")["probe"]
+    probe = load_result(tmp_path / "val_probe.json")["probe"]
     assert m["probe/macro_auroc"].item() == pytest.approx(probe["macro_auroc"], abs=1e-6)
 
 
 def test_two_process_gloo_equals_single_process(tmp_path):
     _validate(tmp_path / "one", accelerator="cpu", devices=1)
     _validate(tmp_path / "two", accelerator="cpu", devices=2, strategy="ddp_spawn")
-    for name in ("relinkage.json", "probe.json"):
+    for name in ("val_relinkage.json", "val_probe.json"):
         one = json.loads((tmp_path / "one" / name).read_text())
         two = json.loads((tmp_path / "two" / name).read_text())
         assert two["meta"]["world_size"] == 2
@@ -202,19 +203,22 @@ def _eval_cfg(overrides):
     return compose("evaluate.yaml", overrides)
 
 
-def test_evaluate_embeddings_writes_json_plot_report(tmp_path, capsys):
+def test_evaluate_embeddings_writes_json_plot_report(tmp_path, caplog):
     from evaluate import evaluate
 
     npz = _npz(tmp_path / "emb.npz")
     cfg = _eval_cfg([f"embeddings={npz}", "audit=all", f"paths.output_dir={tmp_path / 'out'}",
                      "audit.relinkage.n_boot=50", "audit.probe.n_boot=20"])
-    metrics, obj = evaluate(cfg)
+    with caplog.at_level("INFO", logger="evaluate"):
+        metrics, obj = evaluate(cfg)
     out = tmp_path / "out"
     res = load_result(out / "audit.json")
     assert set(res["relinkage"]) == {"i2t", "t2i", "hardneg/i2t", "dedup/i2t"}
     assert res["relinkage"]["i2t"]["n_candidates"] == 60  # test rows only
     assert (out / "recall_vs_n.png").stat().st_size > 0
-    assert "Recall@K" in (out / "report.md").read_text() and "Recall@K" in capsys.readouterr().out
+    # the console: the headline naming where the files are, then the table once
+    assert "Recall@K" in (out / "report.md").read_text() and caplog.text.count("| Recall@K (%) |") == 1
+    assert f"Full results: {out}/" in caplog.text
     assert "audit/i2t/R@1/N=full" in metrics and "probe/macro_auroc" in metrics
     assert metrics["probe/macro_auroc"] > 0.7
 
@@ -227,9 +231,12 @@ def test_evaluate_bad_inputs(tmp_path):
     npz = _npz(tmp_path / "nolab.npz", drop="patient_id")
     with pytest.raises(ValueError, match="lacks \\['patient_id'\\]"):
         evaluate(_eval_cfg([f"embeddings={npz}", f"paths.output_dir={tmp_path}"]))
+    # A file without labels audits what it can: hard negatives are skipped with the reason recorded.
     npz = _npz(tmp_path / "nolabels.npz", drop="labels")
-    with pytest.raises(ValueError, match="labels is None"):
-        evaluate(_eval_cfg([f"embeddings={npz}", "audit=hardneg", f"paths.output_dir={tmp_path}"]))
+    _, obj = evaluate(_eval_cfg([f"embeddings={npz}", "audit=hardneg", f"paths.output_dir={tmp_path / 'nolabels'}"]))
+    assert set(obj["result"]["relinkage"]) == {"i2t", "t2i", "dedup/i2t"}
+    assert "no labels" in obj["result"]["meta"]["skipped"]["hardneg/i2t"]
+    assert "hardneg/i2t: skipped: no labels" in (tmp_path / "nolabels" / "report.md").read_text().replace("image→report, hard negatives", "hardneg/i2t")
     npz = _npz(tmp_path / "nosplit.npz", with_split=False)
     with pytest.raises(ValueError, match="train-split rows"):
         evaluate(_eval_cfg([f"embeddings={npz}", "audit=probe", f"paths.output_dir={tmp_path}"]))

@@ -551,3 +551,24 @@ def test_patient_level_units_train_privately(tmp_path) -> None:
     fit(m, InMemoryFeatureDataModule(feats, pub, batch_size=24, privacy_unit="patient"), tmp_path, max_epochs=1)
     assert m.n_train_units == 120 and m.dp_state()["privacy_unit"] == "patient"
     assert 0 < m.epsilon_spent() <= 1.0
+
+
+def test_progress_bar_epsilon_is_current_at_each_validation(tmp_path) -> None:
+    """The epsilon the progress bar shows while an epoch validates is the budget spent by that
+    epoch's last step (it used to be logged after the bar's epoch-end refresh: one epoch stale)."""
+    L.seed_everything(0)
+    feats, pub = synthetic_features()
+    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4},
+                          loss={"mode": "public_negatives", "bank_size": 64}, dp={"target_epsilon": 2.0, "epochs": 3})
+    seen = []
+
+    class Bar(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            steps = sum(int(h[2]) for h in accountant_history(pl_module))
+            seen.append((trainer.progress_bar_metrics.get("dp/epsilon"), pl_module.epsilon_spent(), steps))
+
+    fit(m, InMemoryFeatureDataModule(feats, pub, batch_size=48), tmp_path, max_epochs=3, callbacks=[Bar()])
+    assert [s for _, _, s in seen] == [5, 10, 15]  # 240 units / expected batch 48 = 5 steps an epoch
+    for shown, now, _ in seen:
+        assert shown == pytest.approx(now, rel=1e-6)
+    assert seen[0][0] < seen[1][0] < seen[2][0] <= 2.0 + 1e-9

@@ -47,10 +47,24 @@ def run_option(compose_train, group: str, option: str, *extra: str) -> dict:
     return metrics
 
 
-def test_default_run_learns_and_audits(compose_train) -> None:
+def test_default_run_learns_and_audits(compose_train, capsys, caplog) -> None:
     cfg = compose_train("trainer.max_epochs=3", "trainer.limit_train_batches=4", "logger=csv")
-    metrics, objects = train(cfg)
+    with caplog.at_level("INFO", logger="train"):  # (an in-process experiments.reproduce run quiets it)
+        metrics, objects = train(cfg)
     out = Path(cfg.paths.output_dir)
+    # The console end: one headline naming where the results are, the table once, no Lightning table.
+    printed = capsys.readouterr().out + caplog.text
+    assert printed.count("Full results: ") == 1 and printed.count("## Re-linkage audit") == 1
+    assert "Test metric" not in printed and "Validate metric" not in printed
+    # Validation files are named apart from test results, with the checkpoint's 0-based epoch.
+    audit_files = sorted(p.name for p in (out / "csv" / "audit").iterdir())
+    assert audit_files and all(name.startswith("val_") for name in audit_files), audit_files
+    assert "val_relinkage_epoch=002.json" in audit_files
+    best = Path(objects["trainer"].checkpoint_callback.best_model_path).name
+    meta = json.loads((out / "final_audit" / "audit.json").read_text())["meta"]
+    assert meta["checkpoint"] == best and best == f"epoch_{meta['epoch']:03d}.ckpt"
+    assert meta["checkpoint_selection"] == "lowest val/loss on the val split"
+    assert f"checkpoint={best}" in (out / "final_audit" / "report.md").read_text()
     assert (out / "checkpoints" / "last.ckpt").exists()
     # The audits ran as validation callbacks and as the final test-split audit ...
     assert "audit/i2t/R@1/N=full" in metrics and "probe/macro_auroc" in metrics

@@ -258,7 +258,7 @@ def test_sweep_metric_history_is_validation_only(agent_run) -> None:
     name = sweep["metric"]["name"]
     history = [json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
                for i in r.history.item if _item_key(i) == name]
-    val = [R for f in sorted((run_dir / "audit").glob("relinkage_epoch=*.json"))
+    val = [R for f in sorted((run_dir / "audit").glob("val_relinkage_epoch=*.json"))
            for R in [json.loads(f.read_text())] if R["meta"]["split"] == "val"]
     want = [next(r["value"] for r in res["relinkage"]["i2t"]["recall"] if r["k"] == 1 and r["n"] == "100") for res in val]
     assert want and history == pytest.approx(want, rel=1e-6)

@@ -36,7 +36,7 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from audit.embeddings import report_hash
 from datamodules.datamodule import CXRDataModule, study_text
@@ -290,6 +290,7 @@ class FeatureServing:
     batch_size: int
     eval_batch_size: int
     val_split: str
+    test_split: str = "test"
     _train_loader: DataLoader | None = None
 
     @property
@@ -310,20 +311,22 @@ class FeatureServing:
     def train_dataloader(self) -> DataLoader:
         return self._train_loader if self._train_loader is not None else self.plain_train_loader()
 
-    def feature_loader(self, split: str) -> DataLoader:
+    def feature_loader(self, split: str, indices: Sequence[int] | None = None) -> DataLoader:
+        """Items of ``split`` in order (``indices``: only those items, e.g. the probe's subset)."""
         if split not in self.features:
             raise ValueError(f"no cached features for split {split!r}; have {sorted(self.features)}")
         ds = EvalItemDataset(self.features[split])
-        return DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), self.eval_batch_size, False), collate_fn=_identity)
+        order = list(range(len(ds))) if indices is None else [int(i) for i in indices]
+        return DataLoader(ds, batch_sampler=BatchSampler(order, self.eval_batch_size, False), collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:
         return self.feature_loader(self.val_split)
 
     def test_dataloader(self) -> DataLoader:
-        return self.feature_loader("test")
+        return self.feature_loader(self.test_split)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        return self.feature_loader(split)
+    def eval_dataloader(self, split: str, indices: Sequence[int] | None = None) -> DataLoader:
+        return self.feature_loader(split, indices)
 
 
 class InMemoryFeatureDataModule(FeatureServing, L.LightningDataModule):

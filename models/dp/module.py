@@ -581,16 +581,25 @@ class DPAlignmentModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.train()  # heads in training mode (Opacus hooks), backbone stays in eval (see train())
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Epsilon is logged after the epoch's last step, not in on_train_epoch_end: Lightning runs the
+        # progress bar's epoch-end hook (and validation) before the module's, so a value logged
+        # there would show one epoch stale.
+        last = self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches
+        if not (self.dp_enabled and last):
+            return
+        # Step-level values (logged once an epoch, at its last step): epoch-level ones would only
+        # be reduced, and shown, after validation.
+        self._epsilon_spent = self.epsilon_spent()
+        name = "dp/epsilon" if self.guarantee_valid else "dp/epsilon_nominal_INVALID"
+        self.log(name, self._epsilon_spent, on_step=True, on_epoch=False, prog_bar=True)
+        for key, value in (("dp/delta", self.delta), ("dp/noise_multiplier", self.noise_multiplier),
+                           ("dp/sample_rate", self.sample_rate), ("dp/guarantee_valid", self.guarantee_valid)):
+            self.log(key, float(value), on_step=True, on_epoch=False)
+
     def on_train_epoch_end(self) -> None:
         if not self.dp_enabled:
             return
-        self._epsilon_spent = self.epsilon_spent()
-        name = "dp/epsilon" if self.guarantee_valid else "dp/epsilon_nominal_INVALID"
-        self.log(name, self._epsilon_spent, on_epoch=True, prog_bar=True)
-        self.log("dp/delta", float(self.delta), on_epoch=True)
-        self.log("dp/noise_multiplier", float(self.noise_multiplier), on_epoch=True)
-        self.log("dp/sample_rate", float(self.sample_rate), on_epoch=True)
-        self.log("dp/guarantee_valid", float(self.guarantee_valid), on_epoch=True)
         if self._epsilon_spent > float(self.hparams.dp["target_epsilon"]) + float(self.hparams.dp["epsilon_tolerance"]):
             log.warning("epsilon spent %.4f exceeds the target %.4g (more steps than planned: max_epochs raised on resume?)",
                         self._epsilon_spent, self.hparams.dp["target_epsilon"])
@@ -601,6 +610,12 @@ class DPAlignmentModule(L.LightningModule):
 
     # ---- validation: the embedding contract ------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         img = self.encode_images(batch["image"])  # cached features or raw images (evaluate.py)
         if "text_feat" in batch:
             txt = self.encode_report_features(batch["text_feat"])
@@ -609,7 +624,7 @@ class DPAlignmentModule(L.LightningModule):
         bs = img.shape[0]
         per_pair = public_negatives_loss(img[:, None], txt[:, None], torch.ones(bs, 1, device=img.device), *self._val_bank(img.device), self.logit_scale) \
             if self._has_bank() else in_batch_loss(img[:, None], txt[:, None], torch.ones(bs, 1, device=img.device), self.logit_scale)
-        self.log("val/loss", per_pair.mean(), on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log(f"{prefix}/loss", per_pair.mean(), on_epoch=True, prog_bar=True, batch_size=bs)
         return validation_outputs(img, txt, batch)
 
     def _has_bank(self) -> bool:

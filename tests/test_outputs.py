@@ -1,0 +1,119 @@
+"""What a run leaves for its reader: the headline, the Recall-vs-N figure, the filtered console
+warnings and the one-run-per-folder guard (checked against hand-made inputs, not the code's own
+output)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from audit import result as R
+from audit.embeddings import EmbeddingSet
+from audit.relinkage import relinkage_audit
+from callbacks.console import quiet_known_warnings
+from callbacks.run_dir import check_run_dir
+from tests.conftest import ROOT
+
+
+def _row(k, n, n_value, value, chance, pool=None):
+    return {"k": k, "n": n, "n_value": n_value, "value": value, "chance": chance, "x_chance": value / chance,
+            "effective_pool_mean": pool or n_value, "frac_queries_pool_below_n": 0.0}
+
+
+def _section(rows, variant="plain", clipped=()):
+    return {"direction": "i2t", "variant": variant, "n_queries": 500, "n_candidates": 400, "ties_policy": "pessimistic",
+            "ties": {"n_queries_with_ties": 0}, "rank": {"mrr": 0.2, "median_rank": 9}, "recall": rows,
+            "clipped_n": list(clipped)}
+
+
+def test_headline_reads_r1_at_100_hard_negatives_probe_and_where(tmp_path) -> None:
+    res = R.build_result(
+        relinkage={"i2t": _section([_row(1, "100", 100, 0.1283, 0.01), _row(1, "full", 400, 0.05, 0.0025)]),
+                   "hardneg/i2t": {**_section([_row(1, "100", 100, 0.05, 0.025, pool=40.0)], "hardneg"),
+                                   "label_mapping": "blank_negative", "n_label_groups": 3, "population_median": 40,
+                                   "n_queries_no_negatives": 0}},
+        probe={"macro_auroc": 0.747, "per_label": {}, "n_labels_evaluated": 0, "n_train": 1, "n_test": 1,
+               "uncertainty_policy": {}},
+        meta={"split": "test", "model": "M", "checkpoint": "/x/checkpoints/epoch_005.ckpt", "epoch": 5},
+    )
+    text = R.headline(res, tmp_path / "final_audit")
+    assert "R@1 at N = 100: 12.83% = 12.83× chance (1.00%)" in text
+    assert "hard negatives: 5.00% = 2.00× chance (effective pool 40)" in text
+    assert "macro AUROC 74.70%" in text and "checkpoint=epoch_005.ckpt, epoch=5 (0-based)" in text
+    assert f"{tmp_path / 'final_audit'}/" in text
+    summary = R.console_summary(res, tmp_path)
+    assert summary.count("Full results") == 1 and summary.count("## Re-linkage audit") == 1
+    assert "| image→report | 1 | 100 | 12.83 |" in summary  # then the table, once
+
+
+def test_plot_is_x_chance_on_log_axes_with_effective_pools_and_clipped_n() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    img = torch.randn(n, 8, generator=g)
+    rep = img + 0.8 * torch.randn(n, 8, generator=g)
+    labels = np.zeros((n, 14), dtype=np.float32)
+    for bit in range(4):  # 12 label groups of 5 studies: label-matched pools smaller than N = 10
+        labels[:, bit] = (np.arange(n) % 12 >> bit) & 1
+    es = EmbeddingSet.from_items(img, rep, np.arange(n), np.arange(n), labels)
+    rel = relinkage_audit(es, ks=[1, 5], ns=[10, 100, "full"], hardneg=True, n_boot=20)
+    res = R.build_result(relinkage=rel, meta={"split": "test", "model": "M", "checkpoint": "epoch_003.ckpt", "epoch": 3})
+    fig = R.plot_recall_vs_n(res)
+    axes = fig.axes
+    assert [ax.get_xscale() for ax in axes] == ["log"] * 3 and [ax.get_yscale() for ax in axes] == ["log"] * 3
+    assert "split=test" in fig._suptitle.get_text() and "epoch_003.ckpt" in fig._suptitle.get_text()
+    for ax, key in zip(axes, rel):
+        rows = sorted((r for r in rel[key]["recall"] if r["k"] == 1), key=lambda r: r["effective_pool_mean"])
+        line = next(l for l in ax.get_lines() if l.get_label() == "K=1")
+        xs, ys = line.get_data()
+        want_x = [r["effective_pool_mean"] if key == "hardneg/i2t" else r["n_value"] for r in rows]
+        assert list(xs) == pytest.approx(want_x)
+        assert list(ys) == pytest.approx([max(r["value"] / r["chance"], 1e-2) for r in rows])  # recall ÷ chance
+        notes = " ".join(t.get_text() for t in ax.texts)
+        assert "N = 100 ≥ candidates" in notes  # 60 studies: N = 100 is clipped and said so
+    # the hard-negative pools are smaller than nominal N: plotted where they are
+    hard = [r for r in rel["hardneg/i2t"]["recall"] if r["k"] == 1 and r["n"] == "10"][0]
+    assert hard["effective_pool_mean"] < 10
+
+
+def test_known_harmless_warnings_are_filtered_others_kept() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn("Optimal order is the largest alpha. Please consider expanding the range of alphas.")
+        warnings.warn("Secure RNG turned off. This is perfectly fine for experimentation")
+        warnings.warn("Found 82 module(s) in eval mode at the start of training. This may lead to unexpected behavior")
+        warnings.warn("something the user must see")
+    assert [str(w.message) for w in caught] == ["something the user must see"]
+
+
+def test_run_dir_guard(tmp_path) -> None:
+    check_run_dir(tmp_path / "new")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_run_dir(tmp_path / "empty")  # empty: fine
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("first run")
+    (run / "checkpoints").mkdir()
+    with pytest.raises(FileExistsError, match="already holds another run"):
+        check_run_dir(run)
+    with pytest.raises(FileExistsError):  # a checkpoint from elsewhere is not a resume in place
+        check_run_dir(run, tmp_path / "other" / "last.ckpt")
+    check_run_dir(run, run / "checkpoints" / "last.ckpt")  # resume in place: allowed, history kept
+    assert (run / ".hydra.before_resume_1" / "config.yaml").read_text() == "first run"
+    assert not (run / ".hydra").exists()
+
+
+def test_second_cli_run_into_a_used_folder_is_refused_before_writing(tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("first run\n")
+    p = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "already holds another run" in p.stderr
+    assert sorted(x.name for x in run.iterdir()) == ["train.log"]  # nothing written, nothing overwritten
+    assert (run / "train.log").read_text() == "first run\n"
