@@ -28,8 +28,10 @@ class SmallCNN(nn.Module):
         for w in widths:
             layers += block(c, w, 2) + block(w, w, 1)
             c = w
-        self.features = nn.Sequential(*layers)
+        # channels_last: oneDNN's convolutions and GroupNorm run NHWC without layout conversions
+        # (on 2 CPU cores, forward+backward ~10% and inference ~20% faster; docs/benchmarks.md).
+        self.features = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         self.output_dim = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        return self.features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
