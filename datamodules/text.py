@@ -29,30 +29,103 @@ SPECIAL_TOKENS = {
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool = True, min_frequency: int = 10) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece tokenizer on `texts` with HF `tokenizers` (deterministic).
+    """Train a BERT-style WordPiece tokenizer on `texts`: the same texts always give the same vocabulary.
 
     The vocabulary is learned from report text and travels in every checkpoint, so a piece must be
     seen `min_frequency` times to become a token: a rare word (e.g. a name that survived
     de-identification) is then spelled in sub-word pieces instead of being stored whole.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
+    HF `tokenizers` normalises, pre-tokenises and tokenises; only the vocabulary is learned here
+    (`learn_wordpiece_vocab`), because its WordPieceTrainer is not deterministic: it numbers
+    continuing pieces in hash-map order and breaks ties between equally frequent merges by those
+    numbers, so two processes trained on the same reports got different vocabularies (and the
+    default run different numbers on a fresh clone): huggingface/tokenizers#1794, open as of 2026-12.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
     norm = [normalizers.NFD(), normalizers.StripAccents()]
     if lowercase:
         norm.insert(0, normalizers.Lowercase())
-    tok.normalizer = normalizers.Sequence(norm)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer = normalizers.Sequence(norm)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    vocab = learn_wordpiece_vocab(words, vocab_size, min_frequency, list(SPECIAL_TOKENS.values()))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"], continuing_subword_prefix=PREFIX))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    tok.decoder = decoders.WordPiece()
+    tok.decoder = decoders.WordPiece(prefix=PREFIX)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+PREFIX = "##"  # WordPiece's continuing-piece prefix
+
+
+def learn_wordpiece_vocab(words: dict[str, int], vocab_size: int, min_frequency: int, special_tokens: list[str]) -> dict[str, int]:
+    """WordPiece vocabulary by byte-pair merges, as HF's WordPieceTrainer learns it, deterministically.
+
+    words: pre-tokenised word -> count. Each word starts as its characters, continuing ones with the
+    ``##`` prefix. Ids: the special tokens, every character (sorted), the continuing character
+    pieces (sorted), then merged pieces in merge order. Each step merges the most frequent adjacent
+    pair (counts weighted by the word's count), ties broken by the pair's text; merging stops at
+    `vocab_size` tokens or when the best pair is seen fewer than `min_frequency` times. Pair counts
+    are updated for the changed words only.
+    """
+    import heapq
+
+    vocab = {t: i for i, t in enumerate(special_tokens)}
+    keys = sorted(words)  # a fixed word order: everything below is independent of hashing
+    split = [[w[0], *(PREFIX + c for c in w[1:])] for w in keys]
+    freq = [words[w] for w in keys]
+    # As HF: every character as a word-initial piece, then the continuing ones that occur.
+    for piece in sorted({c for w in keys for c in w}) + sorted({p for s in split for p in s[1:]}):
+        vocab.setdefault(piece, len(vocab))
+    pairs: dict[tuple[str, str], int] = {}
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, s in enumerate(split):
+        for pair in zip(s, s[1:]):
+            pairs[pair] = pairs.get(pair, 0) + freq[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-n, pair) for pair, n in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if -n != pairs.get(pair, 0):  # a stale entry: the pair's count changed since it was pushed
+            continue
+        if -n < min_frequency:
+            break
+        a, b = pair
+        merged = a + b[len(PREFIX):] if b.startswith(PREFIX) else a + b
+        vocab.setdefault(merged, len(vocab))
+        changed: dict[tuple[str, str], int] = {}
+        for i in sorted(where.pop(pair, ())):
+            s, out, j = split[i], [], 0
+            for p in zip(s, s[1:]):
+                changed[p] = changed.get(p, 0) - freq[i]
+            while j < len(s):
+                if j + 1 < len(s) and s[j] == a and s[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            split[i] = out
+            for p in zip(out, out[1:]):
+                changed[p] = changed.get(p, 0) + freq[i]
+                where.setdefault(p, set()).add(i)
+        for p, delta in changed.items():
+            if delta:
+                pairs[p] = pairs.get(p, 0) + delta
+                if pairs[p] > 0:
+                    heapq.heappush(heap, (-pairs[p], p))
+                else:
+                    pairs.pop(p)
+    return vocab
 
 
 def build_tokenizer(
@@ -87,7 +160,7 @@ def build_tokenizer(
     if not texts:
         raise ValueError("build_tokenizer: no training texts to train a tokenizer on")
     key = hashlib.sha256()
-    key.update(json.dumps({"vocab_size": vocab_size, "lowercase": lowercase, "min_frequency": min_frequency, "v": 1}).encode())
+    key.update(json.dumps({"vocab_size": vocab_size, "lowercase": lowercase, "min_frequency": min_frequency, "v": 2}).encode())
     for t in texts:
         key.update(t.encode())
         key.update(b"\0")
