@@ -21,10 +21,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 from callbacks.console import quiet_known_warnings  # noqa: E402
+from callbacks.seed import EpochSeed  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -51,14 +52,62 @@ def log_run_config(cfg: DictConfig, model, loggers: list) -> None:
         lg.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True), **counts})
 
 
-def finish_wandb() -> None:
-    """Close the W&B run (also after an error) so consecutive sweep-agent runs never merge."""
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the W&B run (also after an error or an interruption, then marked failed) so
+    consecutive sweep-agent runs never merge."""
     try:
         import wandb
     except ImportError:
         return
     if wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
+
+
+# The W&B run id, kept in the run folder so that resuming continues the same W&B run.
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def continue_wandb_run(cfg: DictConfig) -> None:
+    """Resuming (``ckpt_path``): log into the W&B run of the folder the checkpoint came from
+    (``<run>/checkpoints/*.ckpt`` -> ``<run>/wandb_run_id``) with ``resume="allow"``, instead of
+    starting a new run. Offline, W&B cannot check that the run exists: each leg is an offline folder
+    with the same id and the resume intent recorded (docs/configs.md, Resume)."""
+    ckpt = cfg.get("ckpt_path")
+    id_file = Path(ckpt).resolve().parent.parent / WANDB_ID_FILE if ckpt else None
+    if id_file is None or not id_file.exists():
+        return
+    for lg in (cfg.get("logger") or {}).values():
+        if isinstance(lg, DictConfig) and str(lg.get("_target_", "")).endswith("WandbLogger") and not lg.get("id"):
+            with open_dict(lg):
+                lg.id, lg.resume = id_file.read_text().strip(), "allow"
+            log.info("resuming W&B run %s", lg.id)
+
+
+def remember_wandb_run(cfg: DictConfig, trainer: L.Trainer, loggers: list) -> None:
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero and lg.version:
+            (Path(cfg.paths.output_dir) / WANDB_ID_FILE).write_text(f"{lg.version}\n")
+
+
+def interrupted_message(cfg: DictConfig, trainer: L.Trainer) -> str:
+    """What an interrupted (Ctrl-C) run prints instead of its final audit: where it stopped and the
+    command that resumes it in place."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(cfg.paths.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    where = f"training interrupted in epoch {trainer.current_epoch} (step {trainer.global_step}); no final audit was run."
+    if not last.exists():
+        return f"{where} No checkpoint was written yet: start the run again."
+    keep = [o for o in (HydraConfig.get().overrides.task if HydraConfig.initialized() else [])
+            if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    cmd = " ".join(shlex.quote(o) for o in ["python", "train.py", *keep, f"hydra.run.dir={out}", f"ckpt_path={last}"])
+    kept = "the same W&B run and the best-checkpoint bookkeeping" if (out / WANDB_ID_FILE).exists() else \
+        "the best-checkpoint bookkeeping"
+    return (f"{where} {last.name} holds the end of the last completed epoch (the interrupted epoch is "
+            f"redone). Resume in this folder, with {kept}:\n  {cmd}")
 
 
 def checkpoint_selection(trainer: L.Trainer) -> tuple[str | None, str]:
@@ -67,13 +116,13 @@ def checkpoint_selection(trainer: L.Trainer) -> tuple[str | None, str]:
     R@1 at N = 100 on a few hundred val studies moves by several points between epochs by chance
     (callbacks.model_checkpoint.monitor=audit/i2t/R@1/N=100 mode=max selects by the audit instead).
     Without a monitor (the DP stage: selection would be a release about private data) it is the
-    last epoch's weights."""
+    last epoch's weights (the one checkpoint a top-1 ModelCheckpoint without a monitor keeps)."""
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     if best and getattr(ckpt, "monitor", None):
         word = "lowest" if ckpt.mode == "min" else "highest"
         return best, f"{word} {ckpt.monitor} on the {getattr(trainer.datamodule, 'val_split', 'val')} split"
-    last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
+    last = (getattr(ckpt, "last_model_path", "") or best) if ckpt is not None else ""
     return (last or None), "last epoch"
 
 
@@ -102,6 +151,7 @@ def final_audit(cfg: DictConfig, trainer: L.Trainer, model, datamodule, callback
         relinkage=rel["relinkage"] if rel else None, probe=probe["probe"] if probe else None, meta=meta,
         settings={"relinkage": rel["settings"] if rel else None, "probe": probe["settings"] if probe else None},
         privacy=model.dp_state() if hasattr(model, "dp_state") else None,
+        report_quality=next((r["report_quality"] for r in results if r.get("report_quality")), None),
     )
     out = Path(cfg.paths.output_dir) / "final_audit"
     R.write_bundle(merged, out)
@@ -132,21 +182,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         from datamodules.text import tokenizer_from_state
         from models.checkpoint import KEY, load_checkpoint_dict
 
-        datamodule.tokenizer = tokenizer_from_state(load_checkpoint_dict(cfg.ckpt_path)[KEY]["tokenizer"])
+        extras = load_checkpoint_dict(cfg.ckpt_path).get(KEY)
+        if extras is not None:  # (a DP run on an existing model's heads brings that model's tokenizer)
+            datamodule.tokenizer = tokenizer_from_state(extras["tokenizer"])
     datamodule.setup("fit")  # builds the tokenizer the text tower is sized by (unless resuming)
     model = instantiate(cfg.model, tokenizer=datamodule.tokenizer)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # Each epoch's randomness from (seed, epoch): a run resumed at an epoch boundary replays it.
+    callbacks = [EpochSeed(cfg.seed), *instantiate_group(cfg.get("callbacks"))]
+    continue_wandb_run(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "callbacks": callbacks}
+    exit_code = 1
     try:
         log_run_config(cfg, model, loggers)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        remember_wandb_run(cfg, trainer, loggers)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        except SystemExit:  # Lightning's answer to Ctrl-C, after a graceful shutdown
+            if trainer.interrupted:
+                log.error("%s", interrupted_message(cfg, trainer))
+            raise
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("final_audit") and not trainer.fast_dev_run:
             metrics.update(final_audit(cfg, trainer, model, datamodule, callbacks, loggers))
+        exit_code = 0
     finally:
-        finish_wandb()
+        finish_wandb(exit_code)
     return metrics, objects
 
 
