@@ -3,6 +3,12 @@
 Every LightningModule of this project calls `save_extras` in `on_save_checkpoint`; `load_module`
 reads a checkpoint with `torch.load(weights_only=True)` (no arbitrary unpickling) and rebuilds the
 module from it, so `evaluate.py ckpt_path=...` needs nothing else.
+
+Frozen weights that a submodule rebuilds from a local base folder (a pretrained LLM text tower under
+LoRA: `external_state()` in models/llm_encoder.py) are not stored: the checkpoint keeps what was trained
+(adapters, pooler, heads, image tower, logit scale) plus the base folder's path and sha256 fingerprint.
+`load_module` rebuilds the base from that path (or a new one: `overrides={"text_tower.pretrained": dir}`)
+and refuses a base whose fingerprint differs.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ def plain(x: Any) -> Any:
 PREPROCESSING_KEYS = ("image_size", "image_channels", "mean", "std", "text_field", "max_length")
 
 
-def save_extras(module, checkpoint: dict[str, Any]) -> None:
+def save_extras(module, checkpoint: dict[str, Any], strip_external: bool = False) -> None:
+    """Record what rebuilds `module` in a Lightning checkpoint. strip_external: leave out the frozen
+    weights its submodules rebuild from a base folder (`strip_external_weights`); a module that opts in
+    must call `restore_external_weights` in its `on_load_checkpoint`, or resuming cannot load strictly."""
     cls = type(module)
     trainer = getattr(module, "_trainer", None)
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -50,7 +59,77 @@ def save_extras(module, checkpoint: dict[str, Any]) -> None:
         "module_class": f"{cls.__module__}.{cls.__qualname__}",
         "tokenizer": tokenizer_to_state(module.tokenizer),
         "data": data or getattr(module, "data_preprocessing", None),
+        "external_weights": strip_external_weights(module, checkpoint.get("state_dict")) if strip_external else {},
     }
+
+
+def strip_external_weights(module, state_dict: dict[str, Any] | None) -> dict[str, Any]:
+    """Remove from `state_dict` (in place) the frozen weights that submodules rebuild from their base
+    folder; return {submodule name: {"pretrained", "fingerprint", "keys"}} for `load_module` to check."""
+    out: dict[str, Any] = {}
+    if state_dict is None:
+        return out
+    for name, sub in module.named_modules():
+        fn = getattr(sub, "external_state", None)
+        info = fn() if callable(fn) else None
+        if not info:
+            continue
+        prefix = f"{name}." if name else ""
+        keys = [prefix + k for k in info["keys"] if prefix + k in state_dict]
+        for k in keys:
+            del state_dict[k]
+        out[name] = {"pretrained": info["pretrained"], "fingerprint": info["fingerprint"], "keys": keys}
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(hparams: dict[str, Any], overrides: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """Set dotted keys ({"text_tower.pretrained": "/new/dir"}, or the nested form {"text_tower": {...}})
+    in the checkpoint's hyper-parameters; only existing keys, never a `_target_`."""
+    for key, value in _flatten(plain(overrides or {})).items():
+        parts = key.split(".")
+        node = hparams
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise KeyError(f"{where}: override {key!r} names no hyper-parameter of the checkpoint")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node or parts[-1] == "_target_":
+            raise KeyError(f"{where}: override {key!r} names no overridable hyper-parameter of the checkpoint")
+        node[parts[-1]] = value
+    return hparams
+
+
+def restore_external_weights(module, checkpoint: dict[str, Any], where: str = "checkpoint") -> None:
+    """Put back into `checkpoint["state_dict"]` the base weights `strip_external_weights` left out, taken
+    from `module` as rebuilt from its base folder, after checking each folder's fingerprint. Called by
+    `load_module` and by the modules' `on_load_checkpoint` (Lightning resumes then load strictly)."""
+    external = (checkpoint.get(KEY) or {}).get("external_weights") or {}
+    if not external:
+        return
+    own = module.state_dict()
+    for name, info in external.items():
+        sub = module.get_submodule(name) if name else module
+        got = sub.base_fingerprint() if hasattr(sub, "base_fingerprint") else None
+        want = info["fingerprint"]
+        if got is None or got["digest"] != want["digest"]:
+            have = (got or {}).get("files", {})
+            differ = sorted(k for k in set(want["files"]) | set(have) if want["files"].get(k) != have.get(k))
+            raise ValueError(
+                f"{where}: the base of `{name}` at {getattr(sub, 'pretrained', None)!r} is not the one this "
+                f"checkpoint was trained on (saved from {info['pretrained']!r}; fingerprint {want['digest'][:12]} "
+                f"expected, got {(got or {}).get('digest', 'none')[:12]}; differing files: {differ}). Its "
+                "adapters are only valid on that exact base.")
+        for k in info["keys"]:
+            checkpoint["state_dict"].setdefault(k, own[k])
 
 
 def check_targets(config: Any, where: str) -> None:
@@ -85,17 +164,36 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {e}") from None
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the LightningModule stored in `path` (eval mode), with its tokenizer."""
+def load_module(path: str | Path, map_location: str | torch.device = "cpu", overrides: dict[str, Any] | None = None):
+    """Rebuild the LightningModule stored in `path` (eval mode), with its tokenizer.
+
+    overrides: hyper-parameters to change before rebuilding, e.g. {"text_tower.pretrained": "/new/dir"}
+    when the base LLM folder has moved (its fingerprint must still match)."""
     ckpt = load_checkpoint_dict(path)
     extras = ckpt.get(KEY)
     if extras is None:
         raise ValueError(f"checkpoint {path} was not written by cxr-relink (no '{KEY}' entry)")
     if extras.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path}: format version {extras.get('format_version')}, expected {FORMAT_VERSION}")
-    cls = import_module_class(extras["module_class"], ckpt.get("hyper_parameters", {}), f"checkpoint {path}")
+    hparams = apply_overrides(ckpt.get("hyper_parameters", {}), overrides, f"checkpoint {path}")
+    cls = import_module_class(extras["module_class"], hparams, f"checkpoint {path}")
     tokenizer = tokenizer_from_state(extras["tokenizer"])
-    module = cls(**ckpt["hyper_parameters"], tokenizer=tokenizer)
+    external = extras.get("external_weights") or {}
+    try:
+        module = cls(**hparams, tokenizer=tokenizer)
+    except Exception as e:  # hydra wraps the tower's FileNotFoundError in an InstantiationException
+        cause = e
+        while cause is not None and not isinstance(cause, FileNotFoundError):
+            cause = cause.__cause__
+        if not external or cause is None:
+            raise
+        e = cause
+        bases = {n: i["pretrained"] for n, i in external.items()}
+        raise FileNotFoundError(
+            f"checkpoint {path} stores only the trained weights; its base folder(s) {bases} are needed: {e}. If "
+            "a base has moved, give its new path (evaluate.py: +model.<tower>.pretrained=<dir>; Python: "
+            "load_module(path, overrides={'<tower>.pretrained': dir}))") from None
+    restore_external_weights(module, ckpt, f"checkpoint {path}")
     module.load_state_dict(ckpt["state_dict"])
     module.data_preprocessing = extras.get("data")  # None for checkpoints saved outside a Trainer
     module.saved_dp_state = ckpt.get("dp_state")  # a DP stage's privacy statement (None otherwise)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from audit.embeddings import validation_outputs
-from models.checkpoint import plain, save_extras
+from models.checkpoint import plain, restore_external_weights, save_extras
 from models.heads import ProjectionHead
 from models.optim import configure_optimizers
 from models.losses import ClipLoss, in_batch_accuracy
@@ -141,4 +141,7 @@ class DualTowerModule(L.LightningModule):
         return configure_optimizers(self, self.hparams.optimizer, self.hparams.scheduler)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_extras(self, checkpoint)
+        save_extras(self, checkpoint, strip_external=True)  # frozen base-LLM weights left out (models/checkpoint.py)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_external_weights(self, checkpoint)  # resuming: base weights from the (checked) base folder

@@ -25,6 +25,10 @@ attribute `output_dim`; `set_grad_checkpointing(enable)`.
     llm_encoder.json                 pooling, pooler kwargs, max length, bidirectionality, LoRA settings
 Loading reads llm_encoder.json so inference matches training; explicit arguments that disagree win,
 with a warning.
+
+Lightning checkpoints (models/checkpoint.py) of a module holding this tower on a `pretrained` base under
+LoRA leave the base's weights out (`external_state`) and record the folder's `base_fingerprint`; loading
+rebuilds the base from the folder and refuses one whose fingerprint differs.
 """
 
 from __future__ import annotations
@@ -46,17 +50,85 @@ log = logging.getLogger(__name__)
 ENCODER_JSON = "llm_encoder.json"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# "attention": every linear projection inside the attention blocks, found from the model's structure
+# (q/k/v/o for Llama/Qwen2/Mistral, the fused qkv_proj + o_proj for Phi-3), so LLM2Vec's "LoRA on the
+# attention projections" means the same thing on every architecture.
+DEFAULT_LORA_TARGETS = "attention"
+FINGERPRINT_FILES = ("config.json", "model.safetensors.index.json", f"{ADAPTER_DIR}/adapter_config.json")
 
 # Built-in defaults for settings that a saved directory may override (see _resolve).
 _DEFAULTS = {"pooling": "latent_attention", "pooler_kwargs": {}, "max_length": 512, "bidirectional": True}
 
 
-def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """None -> float32 (not the checkpoint's own dtype: Llama-3 / Qwen ship bfloat16, which CPUs and
+    32-bit trainers cannot mix with the float32 pooler and heads); "auto" -> the checkpoint's dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+
+
+def attention_linear_names(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear children of the model's attention blocks (the modules reached as
+    `self_attn` / `attention`, or whose class name ends in "Attention", as in every transformers decoder)."""
+    names: set[str] = set()
+    for qual, mod in model.named_modules():
+        leaf = qual.rsplit(".", 1)[-1]
+        if leaf in ("self_attn", "attention", "attn") or type(mod).__name__.endswith("Attention"):
+            names.update(n for n, c in mod.named_children() if isinstance(c, nn.Linear))
+    return sorted(names)
+
+
+def resolve_lora_targets(model: nn.Module, requested: str | Sequence[str]) -> str | list[str]:
+    """The LoRA target module names for this model, or a loud error.
+
+    "attention": every linear projection of the attention blocks (q/k/v/o on Llama/Qwen2, the fused
+    qkv_proj + o_proj on Phi-3). "all-linear" is passed to PEFT as is. An explicit list must match: each
+    name must be the last component of some nn.Linear in the model; PEFT itself only fails when *none*
+    matches, so [q_proj, k_proj, v_proj, o_proj] on Phi-3 would silently adapt o_proj alone.
+    """
+    if requested == "all-linear":
+        return requested
+    linear_leaves = {q.rsplit(".", 1)[-1] for q, m in model.named_modules() if isinstance(m, nn.Linear)}
+    attention = attention_linear_names(model)
+    if requested == "attention":
+        if not attention:
+            raise ValueError(f"{type(model).__name__}: no linear projections found in its attention blocks; "
+                             "give model.text_tower.lora_target_modules explicitly")
+        return attention
+    if isinstance(requested, str):
+        raise ValueError(f"lora_target_modules must be 'attention', 'all-linear' or a list of module names, got {requested!r}")
+    missing = [t for t in requested if t not in linear_leaves]
+    if missing:
+        raise ValueError(
+            f"LoRA targets {missing} match no linear layer of {type(model).__name__} (its attention projections "
+            f"are {attention}); use lora_target_modules=attention or name existing modules")
+    return list(requested)
+
+
+def base_fingerprint(path: str | Path) -> dict:
+    """sha256 of what a base folder contributes to a model's frozen weights: every `*.safetensors` file under
+    it (recursive: shards, a stage-1 adapter, pooler and LM head), config.json, the shard index and the
+    adapter's config. Returns {"algorithm", "files": {relative path: sha256}, "digest": sha256 over the
+    sorted "path:sha256" lines}. Tokenizer files are not covered (checkpoints carry their tokenizer).
+    Cost: one sequential read and sha256 of the weights (sha256 ran at ~0.7 GB/s on the 2-core dev CPU:
+    ~25 s for 16 GB), once per process."""
+    import hashlib
+
+    root = Path(path)
+    files = sorted({p for p in root.rglob("*.safetensors")} | {root / f for f in FINGERPRINT_FILES if (root / f).exists()})
+    hashes = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        hashes[f.relative_to(root).as_posix()] = h.hexdigest()
+    digest = hashlib.sha256("\n".join(f"{k}:{v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
+    return {"algorithm": "sha256", "files": hashes, "digest": digest}
 
 
 class BidirectionalLLMEncoder(nn.Module):
@@ -70,13 +142,17 @@ class BidirectionalLLMEncoder(nn.Module):
         `pretrained` is given ("llama", "qwen2", or any decoder model type with the same config keys).
     bidirectional: False = the causal ablation. None = from the saved directory, else True.
     pooling: a name from models.poolers.POOLERS (None = saved, else latent attention as in the seed).
-    use_lora: PEFT LoRA on `lora_target_modules` (base weights frozen); False = full finetune;
+    use_lora: PEFT LoRA on `lora_target_modules` (base weights and LM head frozen); False = full finetune;
         "auto" (default) = LoRA iff `pretrained` is given (a from-scratch tiny model trains in full).
     adapter_mode: when `pretrained` holds an adapter (stage-1 output): "merge" folds it into the base
         weights and (with use_lora) starts a fresh LoRA (LLM2Vec's recipe); "continue" trains it further.
     with_lm_head: keep the LM head (stage 1 MNTP needs it; the dual tower does not).
-    autocast_bf16 / dtype / gradient_checkpointing: GPU switches (bf16 autocast, weight dtype, activation
-        checkpointing).
+    dtype: weight dtype of the base. None = float32 whatever the checkpoint's dtype (a bf16 release then
+        trains on a CPU and under 32-bit precision); "bfloat16" on a GPU (LoRA, pooler and heads stay
+        float32; hidden states are cast to the pooler's dtype); "auto" = the checkpoint's own dtype.
+    lora_target_modules: "attention" (every linear projection of the attention blocks, per architecture),
+        "all-linear", or explicit names, each of which must exist (see resolve_lora_targets).
+    autocast_bf16 / gradient_checkpointing: GPU switches (bf16 autocast, activation checkpointing).
     verify_attention: probe once after building that the model really is (non-)causal as asked, so a
         model family whose masks ignore `config.is_causal` fails loudly instead of silently staying causal.
     """
@@ -103,7 +179,7 @@ class BidirectionalLLMEncoder(nn.Module):
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
-        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lora_target_modules: str | Sequence[str] = DEFAULT_LORA_TARGETS,
         adapter_mode: str = "merge",
         # runtime switches
         attn_implementation: str = "sdpa",
@@ -126,7 +202,10 @@ class BidirectionalLLMEncoder(nn.Module):
         # auto: LoRA on a pretrained (or stage-1) base; a tiny model built from a config has random
         # weights with nothing to preserve, so it is trained in full.
         self.use_lora = bool(pretrained) if use_lora == "auto" else bool(use_lora)
-        self.lora_settings = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=list(lora_target_modules))
+        targets = lora_target_modules if isinstance(lora_target_modules, str) else list(lora_target_modules)
+        self.lora_settings = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets)
+        self.pretrained = str(pretrained) if pretrained else None
+        self._fingerprint: dict | None = None
         self.autocast_bf16 = autocast_bf16
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
@@ -139,6 +218,10 @@ class BidirectionalLLMEncoder(nn.Module):
             attn_implementation=attn_implementation, with_lm_head=with_lm_head, dtype=_as_dtype(dtype),
         )
         self.lm_head = lm_head
+        if self.use_lora and lm_head is not None and not self._lm_head_is_new:
+            # LLM2Vec trains only the adapters: an untied LM head (~525M parameters for Llama-3-8B) stays
+            # frozen like the rest of the base. (A tied head is the frozen input embedding anyway.)
+            lm_head.requires_grad_(False)
         self.backbone = self._attach_adapter(base, pretrained, saved, adapter_mode)
         self.output_dim = int(self.base_model.config.hidden_size)
         self.pooler = build_pooler(self.pooling, self.output_dim, **self.pooler_kwargs)
@@ -201,18 +284,26 @@ class BidirectionalLLMEncoder(nn.Module):
         config.is_causal = not self.bidirectional
         config.use_cache = False
         auto = AutoModelForCausalLM if with_lm_head else AutoModel
+        self._lm_head_is_new = False
+        self._resized = False
         if pretrained:
             # A causal-LM checkpoint loads into AutoModel (the head is dropped) and a base-model
             # checkpoint into AutoModelForCausalLM (an untied head is then new, or read from lm_head.safetensors).
-            model = auto.from_pretrained(
+            model, info = auto.from_pretrained(
                 pretrained, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                attn_implementation=attn_implementation, dtype=dtype,
+                attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True,
             )
+            # An untied head missing from a base-model checkpoint is new (random): it must train, not freeze.
+            self._lm_head_is_new = with_lm_head and not model.config.tie_word_embeddings and any(
+                k.startswith("lm_head") for k in info.get("missing_keys", ()))
         else:
-            model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+            model = auto.from_config(config, attn_implementation=attn_implementation,
+                                     dtype=torch.float32 if dtype == "auto" else dtype)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             # e.g. a mask token added for MNTP; mean-resizing keeps new rows in the embedding distribution.
+            # The new rows are random, so a checkpoint must keep these matrices (see external_state).
             model.resize_token_embeddings(len(tokenizer))
+            self._resized = True
         if not with_lm_head:
             return model, None
         lm_head = model.get_output_embeddings()
@@ -221,6 +312,7 @@ class BidirectionalLLMEncoder(nn.Module):
             from safetensors.torch import load_file
 
             lm_head.load_state_dict(load_file(str(head_file)))
+            self._lm_head_is_new = False
         # Keep the bare decoder as the backbone; the head is held separately (tied weights stay shared).
         return model.base_model, lm_head
 
@@ -234,6 +326,7 @@ class BidirectionalLLMEncoder(nn.Module):
             base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         if not self.use_lora:
             return base
+        self.lora_settings["target_modules"] = resolve_lora_targets(base, self.lora_settings["target_modules"])
         cfg = LoraConfig(
             r=self.lora_settings["r"],
             lora_alpha=self.lora_settings["alpha"],
@@ -302,6 +395,11 @@ class BidirectionalLLMEncoder(nn.Module):
         return out.last_hidden_state
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The pooler's dtype (float32) wins over the base's (e.g. bfloat16 weights on a GPU): under
+        # autocast its matmuls still run in bfloat16; without autocast, mixed dtypes would not multiply.
+        param = next(self.pooler.parameters(), None)
+        if param is not None:
+            hidden = hidden.to(param.dtype)
         with self._autocast(hidden.device):
             pooled = self.pooler(hidden, attention_mask)
         return pooled.float()
@@ -313,7 +411,7 @@ class BidirectionalLLMEncoder(nn.Module):
         if self.lm_head is None:
             raise RuntimeError("built without an LM head (with_lm_head=False)")
         with self._autocast(hidden.device):
-            return self.lm_head(hidden).float()
+            return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
     # ---- persistence ---------------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -358,6 +456,38 @@ class BidirectionalLLMEncoder(nn.Module):
             tokenizer.save_pretrained(str(path))
         (path / ENCODER_JSON).write_text(json.dumps(self.settings(), indent=2))
         return path
+
+    # ---- checkpoints without the base (models/checkpoint.py) -----------------------------------------
+    def base_fingerprint(self) -> dict | None:
+        """Fingerprint of the `pretrained` folder (None for a model built from a config); computed once."""
+        if not self.pretrained:
+            return None
+        if self._fingerprint is None:
+            self._fingerprint = base_fingerprint(self.pretrained)
+        return self._fingerprint
+
+    def external_state(self) -> dict | None:
+        """The state-dict keys (relative to this module) that rebuilding from `pretrained` reproduces
+        exactly, with the folder's fingerprint, so a Lightning checkpoint can store only what was trained.
+        None when nothing comes from a base folder: no `pretrained`, or a full finetune (use_lora=False).
+        Under LoRA these are the base model's weights (with a stage-1 adapter merged in, deterministically)
+        and the LM head, never the LoRA weights or the pooler, even when a later stage froze them too (DP).
+        Kept as well: anything that requires grad, buffers, and the embedding / LM-head matrices when the
+        vocabulary was grown (their new rows are random, not in the base) or the head was new."""
+        if not self.pretrained or not self.use_lora:
+            return None
+        keep = set()
+        if self._resized:
+            keep.add(id(self.base_model.get_input_embeddings().weight))
+        if self.lm_head is not None and (self._resized or self._lm_head_is_new):
+            keep.add(id(self.lm_head.weight))
+        from_base = {id(p) for n, p in self.named_parameters(remove_duplicate=False)
+                     if n.startswith(("backbone.", "lm_head.")) and "lora_" not in n
+                     and not p.requires_grad and id(p) not in keep}
+        keys = [k for k, v in self.state_dict(keep_vars=True).items() if id(v) in from_base]
+        if not keys:
+            return None
+        return {"pretrained": self.pretrained, "fingerprint": self.base_fingerprint(), "keys": keys}
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from models.checkpoint import plain, save_extras
+from models.checkpoint import plain, restore_external_weights, save_extras
 from models.losses import IGNORE_INDEX, SupConLoss, mask_tokens, mntp_labels, mntp_loss
 from models.optim import configure_optimizers
 
@@ -174,4 +174,7 @@ class TextAdaptModule(L.LightningModule):
             self.export_hf(self.hparams.hf_output_dir)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_extras(self, checkpoint)
+        save_extras(self, checkpoint, strip_external=True)  # frozen base-LLM weights left out (models/checkpoint.py)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_external_weights(self, checkpoint)  # resuming: base weights from the (checked) base folder

@@ -334,3 +334,121 @@ def test_error_disc_has_one_definition():
     assert [int(v) for v in error_discrimination(s_pos, s_err, own)] == [2, 4]  # wins: (0,0), (1,0)
     assert [int(v) for v in error_discrimination(s_pos, s_err)] == [3, 6]  # + (2,0)
     assert "error_discrimination(" in inspect.getsource(text_eval.evaluate)
+
+
+# ---- stage 1 on a pretrained base with LoRA: only the adapters (and the pooler) train ----------------
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_stage1_lora_trains_only_adapters_and_pooler(tmp_path, tie):
+    from models.poolers import build_pooler
+    from models.text_adapt import TextAdaptModule
+    from datamodules.text import build_tokenizer
+    from tests.test_llm_checkpoints import save_tiny_llama
+
+    base = save_tiny_llama(tmp_path / "base", [s.report for s in variant_studies(8)] * 3, tie=tie)
+    tok = build_tokenizer(None, pretrained=str(base))
+    tower = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "pretrained": str(base), "lora_r": 4,
+             "pooling": "latent_attention", "pooler_kwargs": {"num_latents": 8, "num_heads": 4}}
+    n_vocab = len(tok)
+    # tied: a new "<mask>" token grows the vocabulary; untied: the WordPiece [MASK] already exists
+    m = TextAdaptModule(text_tower=tower, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, tokenizer=tok,
+                        mask_token="<mask>" if tie else None)
+    grown = len(tok) > n_vocab
+    assert grown == tie and m.text_tower.use_lora  # auto: LoRA on for a pretrained base
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    lora = {f"text_tower.backbone.base_model.model.layers.{i}.self_attn.{proj}.lora_{ab}.default.weight"
+            for i in range(2) for proj in ("q_proj", "k_proj", "v_proj", "o_proj") for ab in "AB"}
+    ref_pooler = build_pooler("latent_attention", 64, num_latents=8, num_heads=4)
+    pooler = {f"text_tower.pooler.{n}" for n, _ in ref_pooler.named_parameters()}
+    assert trainable == lora | pooler  # the (untied or tied) LM head and the grown embeddings stay frozen
+    assert not m.text_tower.lm_head.weight.requires_grad
+    # The MNTP loss still reaches the adapters through the frozen head.
+    ids = tok(["small left pleural effusion", "no acute process"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    m.mntp(ids["input_ids"], ids["attention_mask"], torch.Generator().manual_seed(0)).backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "lora_" in n)
+    # A checkpoint leaves out the frozen base, except embeddings whose grown rows are random (not in the base).
+    keys = m.text_tower.external_state()["keys"]
+    assert any("embed_tokens" in k for k in keys) != grown and ("lm_head.weight" in keys) != grown
+    assert any("mlp.down_proj" in k for k in keys) and not any("lora_" in k or "pooler" in k for k in keys)
+
+
+# ---- SupCon under real DDP (2 CPU processes, gloo) ---------------------------------------------------
+
+
+def _supcon_ddp_worker(rank: int, world_size: int, init_file: str, inputs: str, out_dir: str) -> None:
+    """One rank: a shared linear map (wrapped in DDP) embeds this rank's rows and its own hard negatives;
+    SupConLoss gathers the embeddings across ranks; writes the local loss and the averaged gradient."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)  # as DataLoader workers do: a forked child must not enter the parent's OpenMP pool
+    feats, groups, hard, weight, temperature = torch.load(inputs, weights_only=True).values()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        n = feats.shape[0] // world_size
+        lin = torch.nn.Linear(feats.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+        ddp = DDP(lin)
+        loss = SupConLoss(temperature=float(temperature), rank=rank, world_size=world_size)(
+            ddp(feats[rank * n:(rank + 1) * n]), groups[rank * n:(rank + 1) * n], ddp(hard[rank]))["supcon_loss"]
+        loss.backward()  # DDP averages the parameter gradients over ranks
+        torch.save({"loss": loss.detach(), "grad": lin.weight.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_supcon_real_two_process_gather_matches_single_process(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(3)
+    world, n, d = 2, 4, 6
+    feats = torch.randn(world * n, d, generator=g)
+    # every anchor has a positive; rank 0 and rank 1 share groups 1 and 2 (positives across ranks)
+    groups = torch.tensor([0, 0, 1, 2, 1, 2, 3, 3])
+    hard = torch.randn(world, 2, d, generator=g)  # each rank's own hard negatives
+    weight = torch.randn(5, d, generator=g)
+    torch.save({"feats": feats, "groups": groups, "hard": hard, "weight": weight, "t": torch.tensor(0.1)},
+               tmp_path / "inputs.pt")
+    # fork: the children inherit the imported torch instead of importing it again (seconds on a shared CPU)
+    ctx = mp.start_processes(_supcon_ddp_worker, nprocs=world, join=False, start_method="fork",
+                             args=(world, str(tmp_path / "init"), str(tmp_path / "inputs.pt"), str(tmp_path)))
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two DDP workers did not finish within 120 s")
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    # Single process, whole batch, brute force: each rank's anchors see every row plus that rank's hard negatives;
+    # the DDP objective is the mean of the ranks' losses.
+    w = weight.clone().requires_grad_(True)
+    z = feats @ w.T
+    per_rank = []
+    for r in range(world):
+        zr, hr = z[r * n:(r + 1) * n], hard[r] @ w.T
+        zn, an, hn = F.normalize(zr, dim=-1), F.normalize(z, dim=-1), F.normalize(hr, dim=-1)
+        cand = torch.cat([an, hn])
+        terms = []
+        for i in range(n):
+            gi = r * n + i
+            logits = zn[i] @ cand.T / 0.1
+            keep = torch.ones(len(cand), dtype=torch.bool)
+            keep[gi] = False
+            log_denom = torch.logsumexp(logits[keep], 0)
+            pos = [p for p in range(world * n) if p != gi and groups[p] == groups[gi]]
+            terms.append(-torch.stack([logits[p] - log_denom for p in pos]).mean())
+        per_rank.append(torch.stack(terms).mean())
+    ref = torch.stack(per_rank).mean()
+    ref.backward()
+    for r in range(world):
+        torch.testing.assert_close(out[r]["loss"], per_rank[r].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[r]["grad"], w.grad, rtol=1e-4, atol=1e-6)
