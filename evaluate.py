@@ -1,5 +1,8 @@
 """Audit a model: `python evaluate.py audit=standard|hardneg|probe|all ckpt_path=... [data=...]`
-or `python evaluate.py audit=hardneg embeddings=path.npz` (any external model, no checkpoint).
+or `python evaluate.py audit=hardneg model=hf_clip|open_clip model.path=/models/x` (an existing
+vision-language model from a local folder, models/external.py), or `python evaluate.py audit=hardneg
+embeddings=path.npz` (precomputed embeddings of any model; `python -m experiments.export_embeddings`
+writes them).
 
 The work is `evaluate(cfg)`, which tests call with a composed config; `main()` is the Hydra
 entry point. Writes `audit.json` (audit/result.py schema), `recall_vs_n.png` and
@@ -14,6 +17,9 @@ embeddings=path.npz holds one row per image item:
   "train" rows train the probe, rows equal to `split=` are audited; without it every row is
   audited and the result says split='all').
 Rows of one study must agree (report embedding, labels, hash); ids may not be blank (NaN, "").
+audit=report_quality also reads report_id [I] (optional, fixed-width strings: the study id of the
+row's report in the `data=` cohort, which brings the reports' labels, texts and findings; default
+study_id) and retrieves from the "train" rows' reports (docs/report_quality.md).
 The probe trains on a seeded random subset of at most max_train_samples train rows.
 """
 
@@ -154,31 +160,64 @@ def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict, dict | No
     return rel, probe, meta
 
 
-def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, dict | None, dict]:
-    """Trainer.test of the checkpoint's module on `split` of the `data=` cohort, audits as callbacks."""
-    import lightning as L
+def external_model_path(cfg: DictConfig) -> str | None:
+    """`model.path` of an existing model's config (configs/model/hf_clip.yaml, open_clip.yaml), else None."""
+    return OmegaConf.select(cfg, "model.path", default=None)
 
-    from models.checkpoint import load_module
 
-    module = load_module(cfg.ckpt_path)
+def load_audited_module(cfg: DictConfig):
+    """The module to audit: the checkpoint's (models/checkpoint.py) or an existing model's
+    (models/external.py), each with its tokenizer and `data_preprocessing`."""
+    if cfg.get("ckpt_path"):
+        from models.checkpoint import load_module
+
+        # `+model.<key>=...` changes one of the checkpoint's hyper-parameters, e.g. a moved LLM base
+        # folder (`+model.text_tower.pretrained=/new/dir`; its fingerprint must still match).
+        overrides = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                     if k != "tokenizer_spec"}  # (the data configs' key, see configs/evaluate.yaml)
+        return load_module(cfg.ckpt_path, overrides=overrides or None)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if not str(model_cfg.get("_target_", "")).startswith("models.external."):
+        raise ValueError(f"model={model_cfg.get('_target_')} is a model to train: evaluate.py audits a checkpoint "
+                         "(ckpt_path=...), an existing model (model=hf_clip|open_clip model.path=...) or embeddings")
+    model_cfg.pop("tokenizer_spec", None)
+    return instantiate(model_cfg)
+
+
+def prepared_datamodule(cfg: DictConfig, module):
+    """The `data=` cohort's datamodule, set up to feed `module` (its test_dataloader serves `split`)."""
     dm = instantiate(cfg.data, test_split=cfg.split)  # test_dataloader serves the audited split
     dm.tokenizer = module.tokenizer  # the checkpoint's tokenizer, whatever the cohort
-    # ... and its preprocessing (image size, normalisation, text field, max length): a model is only
-    # audited on inputs prepared the way it was trained on.
+    # ... and its preprocessing (image size, normalisation, text field, max length; an existing
+    # model's own image transform): a model is only audited on inputs prepared the way it expects.
     for key, value in (getattr(module, "data_preprocessing", None) or {}).items():
         if getattr(dm, key, value) != value:
-            log.info("using the checkpoint's data.%s=%r (the data config says %r)", key, value, getattr(dm, key))
+            log.info("using the model's data.%s=%r (the data config says %r)", key, value, getattr(dm, key))
             setattr(dm, key, value)
     dm.setup("test")
-    callbacks = [cb for cb in (rel_cb, probe_cb) if cb is not None]
+    return dm
+
+
+def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dict | None, dict | None, dict]:
+    """Trainer.test of the checkpoint's (or existing model's) module on `split` of the `data=` cohort,
+    audits as callbacks."""
+    import lightning as L
+
+    module = load_audited_module(cfg)
+    dm = prepared_datamodule(cfg, module)
+    callbacks = [cb for cb in (rel_cb, probe_cb, rq_cb) if cb is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     trainer.test(module, datamodule=dm, verbose=False)
     if not trainer.is_global_zero:  # under DDP only rank 0 holds the results and writes them
         return None, None, None
     rel = rel_cb.last_result["relinkage"] if rel_cb is not None else None
     probe = probe_cb.last_result.get("probe") if probe_cb is not None else None
-    meta: dict[str, Any] = {"source": "checkpoint", "checkpoint": str(cfg.ckpt_path), "model": type(module).__name__,
-                            "split": cfg.split, "epoch": module.saved_epoch}
+    if cfg.get("ckpt_path"):
+        meta: dict[str, Any] = {"source": "checkpoint", "checkpoint": str(cfg.ckpt_path),
+                                "model": type(module).__name__, "split": cfg.split, "epoch": module.saved_epoch}
+    else:
+        meta = {"source": "model", "model": f"{module.family}:{Path(module.path).name}", "model_path": module.path,
+                "split": cfg.split}
     # Audits the split could not support (no labels: hard negatives, probe), with the reason.
     skipped = {k: v for cb in callbacks for k, v in (cb.last_result["meta"].get("skipped") or {}).items()}
     if skipped:
@@ -188,16 +227,29 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, di
         meta["cohort"] = cohort
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
+    if rq_cb is not None:  # evaluate() pops it into the result's report_quality section
+        meta["report_quality"] = rq_cb.last_result["report_quality"]
     # A DP checkpoint's privacy statement (saved at training time) travels with every audit of it.
     if module.saved_dp_state is not None:
         meta["privacy"] = module.saved_dp_state
     return rel, probe, meta
 
 
+def audit_report_quality_embeddings(cfg: DictConfig, rq) -> dict:
+    """The report-quality section of an embeddings file, its report ids joined to the `data=` cohort."""
+    from audit.report_quality import audit_embedding_rows
+
+    studies = instantiate(cfg.data.reader).load()
+    return audit_embedding_rows(rq, load_embeddings(cfg.embeddings), cfg.get("split"), studies,
+                                OmegaConf.select(cfg, "data.text_field", default="report"))
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     quiet_known_warnings()
-    if bool(cfg.get("ckpt_path")) == bool(cfg.get("embeddings")):
-        raise ValueError("give exactly one of ckpt_path=<model checkpoint> or embeddings=<file.npz>")
+    given = [bool(cfg.get("ckpt_path")), bool(cfg.get("embeddings")), external_model_path(cfg) is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of ckpt_path=<model checkpoint>, model=hf_clip|open_clip "
+                         "model.path=<folder> or embeddings=<file.npz>")
     audit = cfg.audit
     # The re-linkage audit of an embeddings file is the audit library alone: no Lightning, whose import
     # costs seconds of start-up, and nothing drawn at random outside the audit's seeded bootstrap.
@@ -209,16 +261,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     rel_cb = ((Relinkage.from_config if library else instantiate)(audit.relinkage)
               if audit.get("relinkage") else None)
     probe_cb = instantiate(audit.probe) if audit.get("probe") else None
-    if rel_cb is None and probe_cb is None:
-        raise ValueError("audit config enables neither `relinkage` nor `probe`")
+    rq_cb = None
+    if audit.get("report_quality"):
+        from audit.report_quality import ReportQuality
+
+        rq_cb = (ReportQuality.from_config if library else instantiate)(audit.report_quality)
+    if rel_cb is None and probe_cb is None and rq_cb is None:
+        raise ValueError("audit config enables none of `relinkage`, `probe`, `report_quality`")
     if cfg.get("embeddings"):
         rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb)
+        if rq_cb is not None:
+            meta["report_quality"] = audit_report_quality_embeddings(cfg, rq_cb)
     else:
-        rel, probe, meta = audit_checkpoint(cfg, rel_cb, probe_cb)
+        rel, probe, meta = audit_checkpoint(cfg, rel_cb, probe_cb, rq_cb)
         if meta is None:
             return {}, {}
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
-    res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None))
+    res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None),
+                         report_quality=meta.pop("report_quality", None))
     out = Path(cfg.output_dir)
     R.write_bundle(res, out)
     log.info("%s", R.console_summary(res, out))

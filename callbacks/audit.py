@@ -385,3 +385,73 @@ class LinearProbe(_CollectingCallback):
             return self._skip(meta, why)
         probe = self.probe(xtr, ytr.numpy(), data["image_emb"], data["labels"].numpy(), data["patient_idx"].numpy())
         return R.build_result(probe=probe, meta=meta, settings=self.settings)
+
+
+class ReportQualityAudit(_CollectingCallback):
+    """Retrieved-report quality (audit.report_quality): for each image of the evaluation split, the
+    report it retrieves is scored against its own: GREEN-exact error counts (synthetic cohort), CheXpert
+    label F1 and BLEU-4 / ROUGE-L (docs/report_quality.md).
+
+    ``settings``: any key of configs/audit/settings/report_quality.yaml (database, mode, k, lexical,
+    n_boot, seed). With ``database="train"`` (default) the training split's reports are encoded with
+    ``pl_module.encode_reports`` on rank 0 at every audited epoch (one text pass over the split);
+    ``database="self"`` retrieves from the evaluation split's own reports. Logs
+    ``report_quality/green_exact``, ``report_quality/label_micro_f1``, ... (audit/result.py). Report
+    texts never leave memory. As a validation callback:
+    ``python train.py +callbacks.report_quality._target_=callbacks.audit.ReportQualityAudit``.
+    """
+
+    name = "report_quality"
+
+    def __init__(self, every_n_epochs: int = 1, out_dir: str | None = None, write_json: bool = True,
+                 split: str = "val", **settings: Any):
+        from audit.report_quality import ReportQuality
+
+        super().__init__(("image_emb", "report_emb", "study_idx", "patient_idx", "index"), every_n_epochs, out_dir,
+                         write_json, split)
+        self.report_quality = ReportQuality(**settings)
+        self.settings = self.report_quality.settings
+
+    @staticmethod
+    def encode_split_reports(trainer: Trainer, pl_module: LightningModule, split: str) -> torch.Tensor:
+        """One L2-normalised report embedding per study of ``split`` (datamodule order), from the
+        tokens the datamodule prepared for it."""
+        dm = trainer.datamodule
+        ds = dm.dataset(split, train=False)
+        tok = dm.tokenizer
+        bs = int(getattr(dm, "eval_batch_size", 64) or 64)
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(ds.input_ids), bs):
+                chunk = ds.input_ids[s:s + bs]
+                length = max(len(ids) for ids in chunk)
+                ids = torch.full((len(chunk), length), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), length), dtype=torch.long)
+                for i, t in enumerate(chunk):
+                    sl = slice(0, len(t)) if tok.padding_side == "right" else slice(length - len(t), length)
+                    ids[i, sl] = torch.as_tensor(t, dtype=torch.long)
+                    mask[i, sl] = 1
+                emb = pl_module.encode_reports(ids.to(pl_module.device), mask.to(pl_module.device))
+                out.append(emb.detach().float().cpu())
+        return torch.cat(out)
+
+    def run_audit(self, trainer, pl_module, data, meta):
+        from audit.report_quality import ReportSet
+
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "studies"):
+            raise ValueError("ReportQualityAudit needs a datamodule with studies(split) (the reports' truth)")
+        split = _split_name(trainer, self)
+        text_field = getattr(dm, "text_field", "report")
+        queries = ReportSet.from_studies(dm.studies(split), text_field)
+        study_idx = data["study_idx"].reshape(-1).numpy()
+        if self.settings["database"] == "train":
+            database = ReportSet.from_studies(dm.studies("train"), text_field)
+            db_emb = self.encode_split_reports(trainer, pl_module, "train")
+        else:  # the evaluation split's own reports (one row per study that has an image)
+            uniq, first = np.unique(study_idx, return_index=True)
+            database = queries.subset(uniq)
+            db_emb = data["report_emb"][torch.as_tensor(first)]
+        sec = self.report_quality.audit(data["image_emb"], study_idx, queries, db_emb, database)
+        meta.update(n_items=int(study_idx.size))
+        return R.build_result(report_quality=sec, meta=meta, settings=self.settings)

@@ -159,6 +159,7 @@ class CXRDataModule(L.LightningDataModule):
         test_split: str = "test",
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        image_transform: Any = None,
     ) -> None:
         super().__init__()
         if text_field not in TEXT_FIELDS:
@@ -183,6 +184,9 @@ class CXRDataModule(L.LightningDataModule):
         self.test_split = test_split
         self.cache_dir = cache_dir
         self.pin_memory = pin_memory
+        # A callable that replaces the built-in transform (uint8 [1,H,W] -> image tensor): evaluate.py
+        # sets an existing model's own preprocessing here (models/external.py).
+        self.image_transform = image_transform
         self._studies: dict[str, list[Study]] | None = None
         self._datasets: dict[tuple[str, bool], StudyImageDataset] = {}
 
@@ -230,6 +234,8 @@ class CXRDataModule(L.LightningDataModule):
         return self._studies[split]
 
     def transform(self, train: bool):
+        if self.image_transform is not None:
+            return self.image_transform
         # Mild, anatomy-preserving augmentation: flips would swap the side a report states.
         ops: list = [v2.ToDtype(torch.float32, scale=True)]
         if train and self.augment:

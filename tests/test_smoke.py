@@ -28,6 +28,8 @@ ELSEWHERE = {
     ("data", "mimic_cxr"): "needs a cohort on disk: tests/test_readers_e2e.py runs it on an exported tree",
     ("data", "chexpert_plus"): "needs a cohort on disk: tests/test_readers_e2e.py runs it on an exported tree",
     ("data", "openi"): "needs a cohort on disk: tests/test_readers_e2e.py runs it on an exported tree",
+    ("model", "hf_clip"): "an existing model, audited not trained: tests/test_external_models.py runs it through evaluate.py",
+    ("model", "open_clip"): "an existing model, audited not trained: tests/test_external_models.py runs it through evaluate.py",
     ("experiment", "dp_alignment"): "needs a stage-2 checkpoint: tests/test_dp.py::test_experiment_end_to_end_caches_features_and_rebuilds runs it",
 }
 # Extra overrides an option needs on tiny settings.

@@ -370,9 +370,12 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         privacy_unit: str = "study",
         feature_device: str = "auto",
         feature_cache_dir: str | None = None,
+        external: dict | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(reader=reader, **kwargs)
+        # An existing model (models/external_heads.py) as the frozen backbone instead of a checkpoint.
+        self.external = dict(external) if (external or {}).get("path") else None
         if privacy_unit not in PRIVACY_UNITS:
             raise ValueError(f"data.privacy_unit must be one of {PRIVACY_UNITS}, got {privacy_unit!r}")
         self.backbone_ckpt = backbone_ckpt
@@ -403,14 +406,29 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
             return
         from models.checkpoint import load_module
 
-        if not self.backbone_ckpt:
-            raise ValueError("the DP stage needs a dual-tower checkpoint: set data.backbone_ckpt (= model.backbone_ckpt)")
         device = self._device()
-        backbone = load_module(self.backbone_ckpt).to(device).eval()
-        if self.tokenizer is None:
+        if self.external is not None:
+            from models.external_heads import ExternalSplit
+
+            if self.backbone_ckpt:
+                raise ValueError("give one frozen backbone: model.backbone_ckpt or model.external.path, not both")
+            ext = ExternalSplit.load(self.external)
+            backbone = ext.trunk.to(device).eval()
+            # The model's own tokenizer and preprocessing (RGB, resize/crop, per-channel mean/std), as
+            # evaluate.py feeds it; the cache key is the fingerprint of its files.
             self.tokenizer = backbone.tokenizer
+            for key, value in backbone.data_preprocessing.items():
+                setattr(self, key, value)
+            ckpt_hash = ext.fingerprint
+        else:
+            if not self.backbone_ckpt:
+                raise ValueError("the DP stage needs a frozen backbone: model.backbone_ckpt=<stage-2 checkpoint> or "
+                                 "model.external.path=<an existing model's folder> (docs/dp.md)")
+            backbone = load_module(self.backbone_ckpt).to(device).eval()
+            if self.tokenizer is None:
+                self.tokenizer = backbone.tokenizer
+            ckpt_hash = file_sha256(self.backbone_ckpt)
         super().setup(stage)
-        ckpt_hash = file_sha256(self.backbone_ckpt)
         root = Path(self.feature_cache_dir)
         self.features = {s: cached_split_features(backbone, self, s, root, ckpt_hash, device) for s in SPLITS if self.studies(s)}
         if "train" not in self.features:
@@ -424,7 +442,7 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         pub = CXRDataModule(
             reader=self.public_reader, batch_size=self.eval_batch_size, image_size=self.image_size,
             image_channels=self.image_channels, mean=self.mean, std=self.std, augment=False, text_field=self.text_field,
-            max_length=self.max_length, cache_dir=self.cache_dir,
+            max_length=self.max_length, cache_dir=self.cache_dir, image_transform=self.image_transform,
         )
         pub.tokenizer = self.tokenizer
         pub.setup()

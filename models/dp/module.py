@@ -136,6 +136,11 @@ class DPAlignmentModule(L.LightningModule):
             features computed elsewhere (tests, benchmarks).
         tokenizer_spec: ignored (the backbone's own tokenizer is used; the key is shared with the
             data config).
+        external: an existing model instead of ``backbone_ckpt`` ({path, family, arch, ...}, the options
+            of configs/model/hf_clip.yaml | open_clip.yaml; models/external_heads.py): its trunk is
+            frozen and copies of its own projection layers are the heads.
+        export_dir: with ``external``: where ``on_fit_end`` writes the model in its own format with the
+            trained projections, plus dp_record.json (``export_model``).
     """
 
     def __init__(
@@ -149,6 +154,8 @@ class DPAlignmentModule(L.LightningModule):
         temperature_init: float = 0.07,
         tokenizer: Any = None,
         tokenizer_spec: dict | None = None,
+        external: dict | None = None,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         loss = {**DEFAULT_LOSS, **plain(loss or {})}
@@ -163,7 +170,22 @@ class DPAlignmentModule(L.LightningModule):
         self.automatic_optimization = False
 
         self.backbone_module = None
-        if backbone is None and backbone_ckpt:
+        # An existing model (models/external_heads.py) instead of a stage-2 checkpoint: its trunk is
+        # frozen and copies of its own projections are the heads; rebuilt the same way from a DP checkpoint.
+        ext = None
+        if (external or {}).get("path"):
+            from models.external_heads import ExternalSplit
+
+            if backbone_ckpt:
+                raise ValueError("give one frozen backbone: model.backbone_ckpt (a stage-2 checkpoint) or "
+                                 "model.external.path (an existing model), not both")
+            ext = ExternalSplit.load(external)
+            if backbone is not None and backbone.get("checkpoint_sha256") not in (None, ext.fingerprint):
+                raise ValueError(f"{ext.spec['path']}: the model's files differ from those this DP run was trained "
+                                 "on (fingerprint mismatch)")
+            backbone = ext.backbone_record()
+            bb = None
+        elif backbone is None and backbone_ckpt:
             ckpt = load_checkpoint_dict(backbone_ckpt)
             if KEY not in ckpt:
                 raise ValueError(f"{backbone_ckpt} was not written by cxr-relink")
@@ -182,9 +204,19 @@ class DPAlignmentModule(L.LightningModule):
             bb = None
         self.save_hyperparameters(
             plain(dict(backbone_ckpt=backbone_ckpt, loss=loss, dp=dp, optimizer=optimizer, backbone=backbone, heads=heads,
-                       temperature_init=temperature_init))
+                       temperature_init=temperature_init, external=external, export_dir=export_dir))
         )
-        if bb is not None:
+        self.__dict__["_external"] = ext
+        self.outside_base = list(OUTSIDE_GUARANTEE)
+        if ext is not None:
+            self.backbone_module = ext.trunk
+            self.tokenizer = ext.trunk.tokenizer
+            self.data_preprocessing = ext.trunk.data_preprocessing
+            self.image_head, self.text_head = ext.image_head, ext.text_head
+            self.register_buffer("logit_scale", ext.logit_scale.clone())
+            self.outside_base[0] = (f"the frozen encoders of the existing model {ext.spec['path']}: trained by others on "
+                                    "data this run does not control; epsilon is end to end only if they never saw these units")
+        elif bb is not None:
             bb.requires_grad_(False).eval()
             self.backbone_module = bb
             self.tokenizer = bb.tokenizer
@@ -217,7 +249,7 @@ class DPAlignmentModule(L.LightningModule):
         self.n_train_units: int | None = None
         self.expected_batch_size: int | None = None
         self.steps_planned: int | None = None
-        self.outside_guarantee: list[str] = list(OUTSIDE_GUARANTEE)
+        self.outside_guarantee: list[str] = list(self.outside_base)
         self._restored_dp: dict | None = None
         self._noise_gen: torch.Generator | None = None
         self._epsilon_spent: float = 0.0
@@ -336,6 +368,8 @@ class DPAlignmentModule(L.LightningModule):
             "accountant": accountant_state(self._accountant) if self._accountant is not None else None,
             "epsilon_spent": self._epsilon_spent if self.dp_enabled else None,
             "backbone_checkpoint_sha256": (self.hparams.backbone or {}).get("checkpoint_sha256"),
+            **({"backbone_model": {k: (self.hparams.backbone or {}).get(k) for k in ("external", "projections")}}
+               if self._external is not None else {}),
             "scope": "epsilon covers this stage given the frozen checkpoint; end-to-end only if that checkpoint never saw these units",
             "outside_guarantee": list(self.outside_guarantee),
         }
@@ -572,7 +606,7 @@ class DPAlignmentModule(L.LightningModule):
         for cb in self.trainer.callbacks:
             if (getattr(cb, "settings", None) or {}).get("train_split") == "train":
                 extra.append(f"{type(cb).__name__} is fitted on the DP training units (train split): a non-private release about them")
-        self.outside_guarantee = list(OUTSIDE_GUARANTEE) + extra
+        self.outside_guarantee = list(self.outside_base) + extra
 
     def on_train_start(self) -> None:
         if self.dp_enabled and not isinstance(self.trainer.train_dataloader, DPDataLoader):
@@ -638,7 +672,12 @@ class DPAlignmentModule(L.LightningModule):
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer is not None:
+        if self._external is not None:
+            # The frozen model is rebuilt from its folder (fingerprint checked): not copied into every checkpoint.
+            sd = checkpoint.get("state_dict") or {}
+            for k in [k for k in sd if k.startswith("backbone_module.")]:
+                del sd[k]
+        elif self.tokenizer is not None:
             save_extras(self, checkpoint)
         if self.dp_enabled and self._accountant is not None:
             self._epsilon_spent = self.epsilon_spent()
@@ -646,3 +685,38 @@ class DPAlignmentModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_dp = checkpoint.get("dp_state")
+        if self._external is not None and "state_dict" in checkpoint:
+            saved = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
+            if saved.get("checkpoint_sha256") not in (None, self._external.fingerprint):
+                raise ValueError("this DP checkpoint was trained on a model whose files differ from model.external.path")
+            checkpoint["state_dict"].update({f"backbone_module.{k}": v for k, v in self.backbone_module.state_dict().items()})
+
+    # ---- the release in the existing model's own format ---------------------------------------------
+    def on_fit_end(self) -> None:
+        if self._external is not None and self.hparams.get("export_dir") and self.trainer.is_global_zero:
+            out = self.export_model(self.hparams.export_dir)
+            log.info("trained projections written in the model's own format (with %s): %s", "dp_record.json", out)
+
+    def dp_record(self) -> dict[str, Any]:
+        """The DP record saved beside an exported model: dp_state plus what was trained and what was not."""
+        if self.dp_enabled and self._accountant is not None:
+            self._epsilon_spent = self.epsilon_spent()
+        ext = self._external
+        return {
+            "format": "cxr-relink dp_record v1",
+            "source_model": ext.spec if ext is not None else None,
+            "source_fingerprint": ext.fingerprint if ext is not None else None,
+            "trained_tensors": ext.trunk.trained_tensor_names() if ext is not None else None,
+            "frozen": "every other tensor of the source model, written back unchanged",
+            "covers": "epsilon bounds what the trained projection weights reveal about each DP training unit of the "
+                      "private cohort's train split, given the frozen encoders",
+            **plain(self.dp_state()),
+        }
+
+    def export_model(self, out) -> Any:
+        """Write the existing model with the trained projections in its own format + dp_record.json."""
+        from models.external_heads import export_model
+
+        if self._external is None:
+            raise ValueError("export_model is for DP runs on an existing model (model.external.path)")
+        return export_model(self._external.spec, self.image_head, self.text_head, out, self.dp_record())

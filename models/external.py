@@ -1,0 +1,350 @@
+"""Existing vision-language models from local folders, behind the project's embedding contract.
+
+`python evaluate.py model=hf_clip model.path=/models/x` (or `model=open_clip`) audits a model that
+was not trained here: a Hugging Face `CLIPModel` / `SiglipModel` (or any model with
+`get_image_features` / `get_text_features`), or an open_clip model (a folder with
+`open_clip_config.json` + weights, as BiomedCLIP is published, or a named architecture + a
+checkpoint file, as CheXzero-style OpenAI-CLIP state dicts are). Nothing is downloaded and no remote
+code runs: every file is read from the given path (`local_files_only=True`, `weights_only=True`).
+
+Embeddings are the library's own: the image goes through the model's own processor / transform
+(resize, crop, RGB, per-channel mean/std read from its config) and the report through its own
+tokenizer and context length. A grey-scale radiograph becomes RGB (`PIL.Image.convert("RGB")`, the
+channel repeated), as these models were fed. The datamodule still reads the cohort: evaluate.py
+hands it this module's `tokenizer` and `data_preprocessing` (its `image_transform`), as it hands it
+a checkpoint's. tests/test_external_models.py checks the embeddings against the libraries' own calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from audit.embeddings import validation_outputs
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("hf", "open_clip")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """A radiograph (PIL image, HxW uint8 array, or the datamodule's uint8 [1,H,W] tensor) as an RGB
+    PIL image: grey channel repeated three times, as CLIP-family models are fed."""
+    if isinstance(image, torch.Tensor):
+        image = image.squeeze(0).numpy() if image.ndim == 3 and image.shape[0] == 1 else image.numpy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """The datamodule's image transform for an external model: its uint8 [1,H,W] tensor -> RGB ->
+    the library's own preprocessing -> float [3,h,w]. Picklable (dataloader workers)."""
+
+    def __init__(self, preprocess: Any, name: str) -> None:
+        self.preprocess = preprocess  # the library's own (no model weights: cheap to send to workers)
+        self.name = name
+
+    def __call__(self, x: Any) -> torch.Tensor:
+        return self.preprocess(to_rgb(x))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.name})"
+
+
+class HFImageProcessor:
+    """A transformers image processor as a one-image callable -> pixel_values [C, h, w]."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class ReportTokenizer:
+    """What the datamodule needs of a tokenizer (`__call__` -> input_ids, `pad_token_id`,
+    `padding_side`), answered by the library's own tokenizer at the model's context length.
+
+    Rows are returned without their padding (the library's attention mask says which tokens are
+    real), the datamodule pads them to the batch, and `ExternalDualEncoder.encode_reports` pads them
+    on to the context length: the tensors the model sees are the ones its library would build."""
+
+    def __init__(self, backend: "_Backend") -> None:
+        self.backend = backend
+        self.pad_token_id = backend.pad_token_id
+        self.padding_side = backend.padding_side
+
+    def __call__(self, texts: Sequence[str], truncation: bool = True, max_length: int | None = None,
+                 add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        # The model's own context length and special tokens, whatever the caller asks for.
+        ids, mask = self.backend.tokenize(list(texts))
+        return {"input_ids": [row[m.bool()].tolist() for row, m in zip(ids, mask)]}
+
+
+def pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad [B, l] token ids (and their mask) to [B, length] on `side`, as a tokenizer's
+    padding="max_length" does."""
+    extra = length - ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"token rows of length {ids.shape[1]} exceed the model's context length {length}")
+    if extra == 0:
+        return ids, mask
+    pad_ids = ids.new_full((ids.shape[0], extra), pad_id)
+    pad_mask = mask.new_zeros((mask.shape[0], extra))
+    if side == "left":
+        return torch.cat([pad_ids, ids], 1), torch.cat([pad_mask, mask], 1)
+    return torch.cat([ids, pad_ids], 1), torch.cat([mask, pad_mask], 1)
+
+
+def _features(out: Any) -> torch.Tensor:
+    """transformers 5 returns a model output whose pooler_output is the projected feature; 4.x a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class _Backend:
+    """One library's model + preprocessing. `tokenize` -> (ids [B, L], mask [B, L]) at the context length."""
+
+    model: torch.nn.Module
+    context_length: int
+    pad_token_id: int
+    padding_side: str = "right"
+
+    preprocess: Any  # RGB PIL image -> pixel tensor [C, h, w], the library's own
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+class HFBackend(_Backend):
+    """A transformers model with get_image_features / get_text_features, with the image processor
+    and tokenizer saved beside it (AutoImageProcessor, AutoTokenizer)."""
+
+    def __init__(self, path: str, context_length: int | None = None, dtype: torch.dtype | None = None) -> None:
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        kw = dict(local_files_only=True, trust_remote_code=False)
+        self.model = AutoModel.from_pretrained(path, dtype=dtype or "auto", **kw).eval()  # "auto": as saved
+        for fn in ("get_image_features", "get_text_features"):
+            if not hasattr(self.model, fn):
+                raise ValueError(f"{path}: {type(self.model).__name__} has no {fn}; model=hf_clip needs a dual "
+                                 "encoder (CLIPModel, SiglipModel, ...)")
+        self.preprocess = HFImageProcessor(AutoImageProcessor.from_pretrained(path, **kw))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        self.context_length = int(context_length or self._context_length())
+        self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.padding_side = self.tokenizer.padding_side
+        # SigLIP's tokenizer returns no attention mask and its model is fed none (it was trained on
+        # max_length padding without one); pass the mask only where the tokenizer makes it.
+        self.use_mask = "attention_mask" in self.tokenizer.model_input_names
+        self.name = f"{type(self.model).__name__} from {path}"
+
+    def _context_length(self) -> int:
+        text_cfg = getattr(self.model.config, "text_config", self.model.config)
+        max_pos = getattr(text_cfg, "max_position_embeddings", None)
+        tok_max = self.tokenizer.model_max_length
+        tok_max = tok_max if tok_max and tok_max < 100_000 else None  # "unset" is a huge sentinel
+        known = [v for v in (tok_max, max_pos) if v]
+        if not known:
+            raise ValueError("cannot tell the model's context length: set model.context_length")
+        return min(known)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                             return_attention_mask=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kw = {"attention_mask": mask} if self.use_mask else {}
+        return _features(self.model.get_text_features(input_ids=ids, **kw))
+
+    def describe(self) -> str:
+        return self.name
+
+
+class OpenCLIPBackend(_Backend):
+    """An open_clip model: a folder with open_clip_config.json + weights (`local-dir:`), or `arch`
+    (a built-in architecture name or a model-config .json) + a checkpoint file."""
+
+    def __init__(self, path: str, arch: str | None = None, context_length: int | None = None,
+                 dtype: torch.dtype | None = None, image_mean: Sequence[float] | None = None,
+                 image_std: Sequence[float] | None = None, text_config_dir: str | None = None) -> None:
+        try:
+            import open_clip
+        except ImportError as e:
+            raise ImportError("model=open_clip needs open-clip-torch (pip install -r requirements.txt)") from e
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"model.path {p} does not exist")
+        kw: dict[str, Any] = dict(image_mean=image_mean, image_std=image_std, weights_only=True, load_weights=True)
+        if p.is_dir():
+            if arch is not None:
+                raise ValueError(f"model.path {p} is a folder (open_clip_config.json + weights): leave model.arch null")
+            name = f"local-dir:{p}"
+            if not (p / "open_clip_config.json").is_file():
+                raise FileNotFoundError(f"model.path {p} is a folder without open_clip_config.json (an open_clip "
+                                        "folder holds it beside the weights); for a Hugging Face folder use model=hf_clip")
+            cfg = json.loads((p / "open_clip_config.json").read_text())["model_cfg"]
+            text_cfg = cfg.get("text_cfg", {})
+            hf_name = text_cfg.get("hf_model_name")
+            if hf_name and not Path(hf_name).is_dir():
+                # A Hugging Face text tower named by its hub id (BiomedCLIP): its config.json must be local.
+                local = Path(text_config_dir) if text_config_dir else p
+                if not (local / "config.json").is_file():
+                    raise FileNotFoundError(
+                        f"{p}/open_clip_config.json names the Hugging Face text model {hf_name!r}, which is never "
+                        f"downloaded: put its config.json in {local} or set model.text_config_dir=<folder>")
+                # Its weights come with the full checkpoint (loaded strictly): build it from the config alone.
+                kw["text_cfg"] = {**text_cfg, "hf_model_name": str(local), "hf_model_pretrained": False}
+            model, _, self.preprocess = open_clip.create_model_and_transforms(name, **kw)
+            if "text_cfg" in kw and text_cfg.get("hf_tokenizer_name"):
+                # open_clip.get_tokenizer("local-dir:...") would read the tokenizer from `p`; it lives
+                # with the text config (the same arguments get_tokenizer passes).
+                from open_clip.tokenizer import HFTokenizer
+
+                self.tokenizer = HFTokenizer(kw["text_cfg"]["hf_model_name"],
+                                             context_length=context_length or text_cfg.get("context_length", 77),
+                                             tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                                             **text_cfg.get("tokenizer_kwargs", {}))
+            else:
+                self.tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
+        else:
+            if arch is None:
+                raise ValueError(f"model.path {p} is a checkpoint file: name its architecture with model.arch "
+                                 "(an open_clip model name such as ViT-B-32-quickgelu, or a model-config .json)")
+            if arch.endswith(".json"):
+                open_clip.add_model_config(arch)  # registers it under the file's stem
+                arch = Path(arch).stem
+            model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(p), **kw)
+            self.tokenizer = open_clip.get_tokenizer(arch, context_length=context_length)
+            name = f"{arch} + {p}"
+        self.model = model.to(dtype).eval() if dtype is not None else model.eval()
+        self.context_length = int(self.tokenizer.context_length)
+        self.pad_token_id = 0  # rows come at full context length; the datamodule never pads them
+        self.name = f"open_clip {name}"
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # open_clip's encode_text takes the full [B, context_length] rows (it masks padding itself).
+        ids = self.tokenizer(texts)
+        return ids, torch.ones_like(ids)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class ExternalDualEncoder(L.LightningModule):
+    """An existing dual encoder (configs/model/hf_clip.yaml, open_clip.yaml) as an embedding module:
+    `encode_images` / `encode_reports` return L2-normalised embeddings, `test_step` /
+    `validation_step` the outputs the audit callbacks collect. Frozen, eval mode, never trained here.
+
+    family: "hf" | "open_clip"; path: the model folder (or, for open_clip with `arch`, the
+    checkpoint file); context_length: null = the model's own; dtype: weights are cast to it
+    (float32 by default: bf16/fp16 releases run on a CPU, and the audit compares float32 cosines;
+    null = the library's default: as saved for Hugging Face, float32 for open_clip).
+    """
+
+    def __init__(self, family: str, path: str, arch: str | None = None, context_length: int | None = None,
+                 dtype: str | None = "float32", image_mean: Sequence[float] | None = None,
+                 image_std: Sequence[float] | None = None, text_config_dir: str | None = None) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {family!r}")
+        if not path:
+            raise ValueError("model.path is required: the local folder (or checkpoint file) of the model")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)} or null, got {dtype!r}")
+        torch_dtype = DTYPES[dtype] if dtype else None
+        if family == "hf":
+            if arch or image_mean or image_std or text_config_dir:
+                raise ValueError("model.arch/image_mean/image_std/text_config_dir are open_clip options; a Hugging "
+                                 "Face model reads its preprocessing from its own folder")
+            self.backend: _Backend = HFBackend(path, context_length, torch_dtype)
+        else:
+            self.backend = OpenCLIPBackend(path, arch, context_length, torch_dtype, image_mean, image_std, text_config_dir)
+        self.net = self.backend.model.requires_grad_(False)
+        self.family, self.path = family, str(path)
+        self.tokenizer = ReportTokenizer(self.backend)
+        self.image_transform = ImageTransform(self.backend.preprocess, self.backend.describe())
+        # What evaluate.py sets on the datamodule (as for a checkpoint's preprocessing).
+        self.data_preprocessing = {"image_transform": self.image_transform, "max_length": self.backend.context_length,
+                                   "image_channels": 1}
+        # A model released by the DP stage (models/external_heads.py) carries its privacy record beside
+        # its weights: evaluate.py puts it next to the audit's numbers, as for a DP checkpoint.
+        record = Path(path) / "dp_record.json"
+        self.saved_dp_state = json.loads(record.read_text()) if Path(path).is_dir() and record.is_file() else None
+        self.saved_epoch = None
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: dropout stays off across Lightning's mode switches
+        return super().train(False)
+
+    @property
+    def _weights_dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    # ---- the embedding contract -----------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, image: torch.Tensor) -> torch.Tensor:
+        """Images already prepared by `image_transform` [B, 3, h, w] -> unit embeddings (float32)."""
+        return F.normalize(self.backend.image_features(image.to(self.device, self._weights_dtype)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_reports(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token rows from `tokenizer` (padded to the batch) -> unit embeddings, padded on to the
+        context length as the library's padding="max_length" would."""
+        ids, mask = pad_to(input_ids, attention_mask, self.backend.context_length, self.backend.pad_token_id,
+                           self.backend.padding_side)
+        return F.normalize(self.backend.text_features(ids.to(self.device), mask.to(self.device)).float(), dim=-1)
+
+    # ---- conveniences: raw inputs -> embeddings, through the same path as the datamodule's ----------
+    def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images or HxW uint8 arrays -> unit embeddings."""
+        return self.encode_images(torch.stack([self.image_transform(im) for im in images]))
+
+    def embed_reports(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = self.tokenizer(list(texts))["input_ids"]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.backend.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(0, len(r)) if self.backend.padding_side == "right" else slice(width - len(r), width)
+            ids[i, sl] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return self.encode_reports(ids, mask)
+
+    # ---- the audit callbacks' contract --------------------------------------------------------------
+    def _outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return validation_outputs(self.encode_images(batch["image"]),
+                                  self.encode_reports(batch["input_ids"], batch["attention_mask"]), batch)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._outputs(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._outputs(batch)
+
+    def describe(self) -> str:
+        return self.backend.describe()
