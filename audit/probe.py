@@ -221,26 +221,40 @@ def linear_probe(
     return out
 
 
-def _bootstrap_macro(scores, t, v, used, patient, n_boot, seed) -> list[float]:
+def _bootstrap_macro(scores, t, v, used, patient, n_boot, seed, block: int = 64) -> list[float]:
+    """95% CI of the macro AUROC by bootstrap over patients. A replicate draws patients with
+    replacement; a row then counts as many times as its patient was drawn, so each label's AUROC is
+    the Mann-Whitney statistic with those multiplicities as weights (ties count half, as the ROC
+    area does). Scores are sorted once per label and ``block`` replicates are weighted at a time,
+    instead of re-sorting a resampled copy per replicate and label."""
     pat = np.asarray(patient).reshape(-1)
     if pat.size != scores.shape[0]:
         raise ValueError(f"test_patient has {pat.size} entries but the test split has {scores.shape[0]} rows")
     _, code = np.unique(pat, return_inverse=True)
     code = code.reshape(-1)
-    rows_of = [np.flatnonzero(code == p) for p in range(code.max() + 1)]
+    n_pat = int(code.max()) + 1
     rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(rows_of), len(rows_of))
-        idx = torch.as_tensor(np.concatenate([rows_of[p] for p in pick]))
-        aucs = []
-        for j in used:
-            vv = v[idx, j]
-            tt = t[idx, j][vv]
-            if tt.numel() == 0 or tt.min() == tt.max():
-                continue
-            aucs.append(float(binary_auroc(scores[idx, j][vv], tt.long())))
-        if aucs:
-            reps.append(np.mean(aucs))
+    picks = [rng.integers(0, n_pat, n_pat) for _ in range(n_boot)]
+    sums = np.zeros(n_boot)
+    counts = np.zeros(n_boot)
+    s_all, t_all, v_all = scores.double().numpy(), t.numpy(), v.numpy()
+    for j in used:
+        rows = np.flatnonzero(v_all[:, j])
+        order = rows[np.argsort(s_all[rows, j], kind="stable")]
+        s_sorted = s_all[order, j]
+        pos = t_all[order, j] == 1
+        starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # tie groups
+        for b0 in range(0, n_boot, block):
+            mult = np.stack([np.bincount(p, minlength=n_pat) for p in picks[b0:b0 + block]])[:, code[order]]
+            pos_w = np.add.reduceat(mult * pos, starts, axis=1).astype(np.float64)
+            neg_w = np.add.reduceat(mult * ~pos, starts, axis=1).astype(np.float64)
+            below = np.cumsum(neg_w, axis=1) - neg_w
+            n_pos, n_neg = pos_w.sum(1), neg_w.sum(1)
+            ok = (n_pos > 0) & (n_neg > 0)  # a replicate with one class has no AUROC for this label
+            num = (pos_w * (below + 0.5 * neg_w)).sum(1)
+            auc = np.divide(num, n_pos * n_neg, out=np.zeros_like(num), where=ok)
+            sums[b0:b0 + block] += auc
+            counts[b0:b0 + block] += ok
+    reps = sums[counts > 0] / counts[counts > 0]
     lo, hi = np.quantile(reps, [0.025, 0.975])
     return [float(lo), float(hi)]

@@ -102,3 +102,39 @@ def test_probe_bad_input():
         linear_probe(xtr[:0], ytr[:0], xte, yte)
     with pytest.raises(ValueError, match="uncertain policy"):
         linear_probe(xtr, ytr, xte, yte, uncertain="maybe")
+
+
+def test_bootstrap_ci_equals_resampling_with_sklearn():
+    """The weighted (multiplicity) bootstrap equals resampling patients and scoring each replicate's
+    rows with scikit-learn, replicate by replicate: ties, rare labels with one-class replicates, and
+    patients of several rows included."""
+    import torch
+
+    from audit.probe import _bootstrap_macro
+
+    rng = np.random.default_rng(3)
+    n, n_boot = 120, 40
+    scores = torch.tensor(np.round(rng.normal(size=(n, 3)), 1), dtype=torch.float32)  # many ties
+    t = torch.tensor((rng.random((n, 3)) < [0.3, 0.5, 0.03]).astype(np.float32))  # label 2: rare
+    v = torch.tensor(rng.random((n, 3)) < 0.9)
+    patient = rng.integers(0, 45, n)
+    used = [0, 1, 2]
+    lo, hi = _bootstrap_macro(scores, t, v, used, patient, n_boot, seed=7)
+
+    _, code = np.unique(patient, return_inverse=True)
+    rows_of = [np.flatnonzero(code == p) for p in range(code.max() + 1)]
+    draw = np.random.default_rng(7)
+    reps = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rows_of[p] for p in draw.integers(0, len(rows_of), len(rows_of))])
+        aucs = []
+        for j in used:
+            keep = idx[v.numpy()[idx, j]]
+            y = t.numpy()[keep, j]
+            if y.min() != y.max():
+                aucs.append(roc_auc_score(y, scores.numpy()[keep, j]))
+        if aucs:
+            reps.append(np.mean(aucs))
+    assert len(reps) == n_boot
+    ref = np.quantile(reps, [0.025, 0.975])
+    assert (lo, hi) == pytest.approx(tuple(ref), abs=1e-12)
