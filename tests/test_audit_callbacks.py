@@ -5,6 +5,8 @@ single-process one."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import lightning as L
 import numpy as np
@@ -157,6 +159,72 @@ def test_two_process_gloo_equals_single_process(tmp_path):
         assert two["meta"]["world_size"] == 2
         assert two["meta"]["n_padding_duplicates_dropped"] == 1  # 37 items on 2 ranks
         assert _comparable(one) == _comparable(two)
+
+
+_RANK0_ERROR = "injected rank-0 audit failure 7f3a"
+_HANG_S = 60  # a passing run takes < 1 s (fork), 10-25 s (spawn, loaded 2 cores); a hang: gloo's 30 min
+
+
+def _rank0_fails_worker(rank: int, port: int, out_dir: str, release) -> None:
+    """One rank of an externally launched 2-process gloo job (LOCAL_RANK set: Lightning launches
+    nothing itself) whose re-linkage audit raises on rank 0 only; writes what validate raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    cb = RelinkageAudit(ks=[1], ns=["full"], hardneg=False, n_boot=10, out_dir=out_dir, log_plot=False)
+    if rank == 0:
+        def boom(*args, **kwargs):
+            raise ValueError(_RANK0_ERROR)
+
+        cb.relinkage.audit = boom  # the library call inside run_audit
+    outcome = "validate returned without an exception"
+    try:
+        L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                  accelerator="cpu", devices=2, strategy="ddp", default_root_dir=out_dir,
+                  callbacks=[cb]).validate(FakeDual(), datamodule=FakeDataModule(), verbose=False)
+    except BaseException as e:  # noqa: BLE001  (reported to the parent)
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    if rank == 0:
+        # Stay in the process group until rank 1 is done, as a failed NCCL peer looks to the others
+        # (under gloo, rank 0's exit would instead break rank 1's broadcast with "connection closed").
+        release.wait(2 * _HANG_S)
+
+
+def test_two_process_rank0_audit_error_fails_every_rank(tmp_path):
+    """An exception in rank 0's audit reaches rank 1 through the result broadcast: both ranks
+    raise, naming the original error, instead of rank 1 waiting at the broadcast forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children inherit the imported lightning (spawn re-imports it per rank: 8-13 s on a
+    # loaded 2-core machine, against < 1 s for the whole run); spawn if a process group is already up here
+    fork = "fork" in torch.multiprocessing.get_all_start_methods() and not torch.distributed.is_initialized()
+    ctx = torch.multiprocessing.get_context("fork" if fork else "spawn")
+    release = ctx.Event()
+    procs = [ctx.Process(target=_rank0_fails_worker, args=(r, port, str(tmp_path), release), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        procs[1].join(_HANG_S)
+        release.set()
+        procs[0].join(10)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    finally:  # never leave a rank behind, whatever failed
+        release.set()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    outcomes = {r: (tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists()
+                else f"no report (exit code {procs[r].exitcode})" for r in range(2)}
+    assert not hung, f"rank(s) {hung} still running {_HANG_S} s after rank 0's audit raised " \
+                     f"(waiting at the broadcast?); outcomes: {outcomes}"
+    for r, msg in outcomes.items():
+        assert "RelinkageAudit failed on rank 0" in msg and f"ValueError: {_RANK0_ERROR}" in msg, outcomes
+    assert not (tmp_path / "val_relinkage.json").exists()
 
 
 def test_bad_validation_outputs_named(tmp_path):
