@@ -174,6 +174,11 @@ def attach_to_wandb(loggers: list, out: Path) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     quiet_known_warnings()
+    if str(OmegaConf.select(cfg, "model._target_", default="")).startswith("models.external."):
+        raise ValueError(
+            "model=hf_clip|open_clip is an existing model, not one train.py trains: audit it with "
+            "`python evaluate.py model=<it> model.path=...`, or train its own heads with DP with "
+            "`python train.py experiment=dp_alignment model.external.path=...`")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     if cfg.get("ckpt_path"):
