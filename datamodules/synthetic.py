@@ -51,7 +51,14 @@ import numpy as np
 
 from datamodules.records import CHEXPERT_LABELS, SPLITS, Study
 from datamodules import synthetic_reports as rep
-from datamodules.synthetic_sampling import labels_json, make_error_variants, make_variants, public_items, sample_patient
+from datamodules.synthetic_sampling import (
+    LABEL_PROFILES,
+    labels_json,
+    make_error_variants,
+    make_variants,
+    public_items,
+    sample_patient,
+)
 from datamodules.synthetic_render import (
     Geometry,
     draw_study,
@@ -87,9 +94,18 @@ class CohortParams:
     max_views_per_study: int
     num_variants: int
     split_fractions: tuple[float, float, float]
+    label_profile: str = "legacy"
+
+    def public(self) -> dict:
+        """The parameters as hashed and recorded; `label_profile` only when not legacy, so the
+        legacy cohort keeps its cache key and meta.json from before profiles existed."""
+        d = asdict(self)
+        if d["label_profile"] == "legacy":
+            del d["label_profile"]
+        return d
 
     def key(self) -> str:
-        blob = json.dumps({"params": asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
+        blob = json.dumps({"params": self.public(), "version": GENERATOR_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -141,6 +157,12 @@ class SyntheticReader:
         max_views_per_study: cap on views (images) per study.
         num_variants: clinically equivalent report variants per study (extras["variants"]).
         split_fractions: (train, val, test) fractions of *patients*.
+        label_profile: how the 14 labels are generated. ``legacy`` (default): findings drawn
+            from a latent clinical-state model and labels read off them (Lung Opacity a
+            deterministic parent, No Finding excludes devices). ``chexpert`` / ``mimic``: label
+            vectors sampled from a model fitted to real CheXpert labeler statistics (MIMIC-CXR
+            prevalences for ``mimic``), then written into the report and image; see
+            docs/cohorts.md, "Label profiles".
         cache_dir: where to cache the generated cohort; None generates in memory every time.
         workers: generation processes (output is identical for any value; not part of the
             cache key).
@@ -165,6 +187,7 @@ class SyntheticReader:
         max_views_per_study: int = 2,
         num_variants: int = 4,
         split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+        label_profile: str = "legacy",
         cache_dir: str | os.PathLike | None = None,
         workers: int = 1,
     ) -> None:
@@ -180,6 +203,8 @@ class SyntheticReader:
             raise ValueError(
                 f"split_fractions must be three fractions >= 0 summing to 1 (train, val, test), got {split_fractions!r}"
             )
+        if label_profile not in LABEL_PROFILES:
+            raise ValueError(f"label_profile must be one of {LABEL_PROFILES}, got {label_profile!r}")
         self.params = CohortParams(
             num_patients=_check_num("num_patients", num_patients, 1, 10_000_000, integer=True),
             seed=_check_num("seed", seed, 0, 2**63 - 1, integer=True),
@@ -198,6 +223,7 @@ class SyntheticReader:
             max_views_per_study=_check_num("max_views_per_study", max_views_per_study, 1, 4, integer=True),
             num_variants=_check_num("num_variants", num_variants, 0, 16, integer=True),
             split_fractions=fr,
+            label_profile=label_profile,
         )
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self.workers = _check_num("workers", workers, 1, 64, integer=True)
@@ -226,7 +252,7 @@ class SyntheticReader:
             self._generate_atomically(path)
         meta = json.loads((path / "meta.json").read_text())
         if (
-            meta.get("params") != json.loads(json.dumps(asdict(self.params)))
+            meta.get("params") != json.loads(json.dumps(self.params.public()))
             or meta.get("version") != GENERATOR_VERSION
         ):
             raise ValueError(
@@ -413,7 +439,7 @@ def _generate(P: CohortParams, out: Path, workers: int = 1) -> dict:
             pool.join()
     meta = {
         "version": GENERATOR_VERSION,
-        "params": asdict(P),
+        "params": P.public(),
         "counts": {
             "patients": P.num_patients,
             "studies": n_studies,
@@ -433,7 +459,7 @@ def _study_line(st: dict, pt: dict, split: str, P: CohortParams, rng: np.random.
     report, findings, impression = rep.render(
         st["items"], st["negated"], st["normal"], st["style"], st["offset"], technique=st["technique"]
     )
-    labels = rep.labels_for(st["items"], st["negated"], st["normal"])
+    labels = rep.labels_for(st["items"], st["negated"], st["normal"], hierarchy=st.get("hierarchy", True))
     extras = {
         "style": st["style"],
         "attributes": {

@@ -259,6 +259,8 @@ def item_clause(item: dict, abbr: bool, choice: int) -> str:
         return _pick(("Widened mediastinum", "The mediastinum is widened"), choice)
     if k == "nodule":
         n, mm = item["count"], item["size_mm"]
+        if unc:  # only the label profiles hedge a nodule (legacy nodules are always stated as present)
+            return f"? {_loc_ab(item)} nod {mm}mm" if abbr else f"Possible {mm} mm nodule in the {_loc(item)}"
         if abbr:
             return f"{n}x {_loc_ab(item)} nod {mm}mm"
         if n == 1:
@@ -282,6 +284,12 @@ def item_clause(item: dict, abbr: bool, choice: int) -> str:
         return _pick((f"{cm} cm mass in the {_loc(item)}", f"A {cm} cm mass in the {_loc(item)}"), choice)
     if k == "pleural_thickening":
         side = item["side"]
+        if unc:  # label profiles only
+            return (
+                f"? {_SIDE_AB[side]} apical pl thickening"
+                if abbr
+                else f"Possible {side} apical pleural thickening"
+            )
         if abbr:
             return f"{_SIDE_AB[side]} apical pl thickening"
         return _pick(
@@ -348,6 +356,8 @@ def item_clause(item: dict, abbr: bool, choice: int) -> str:
         )
     if k == "picc":
         side, tip = item["side"], item["tip"]
+        if unc:  # label profiles only: a line of uncertain nature
+            return f"? {_SIDE_AB[side]} PICC" if abbr else f"Possible {side} arm PICC line"
         if abbr:
             return f"{_SIDE_AB[side]} PICC tip {_TIP_AB[tip]}"
         return _pick(
@@ -412,7 +422,13 @@ _NEG = {
     "Pleural Effusion": (("No pleural effusion", "No pleural effusions"), ("no eff",)),
     "Pneumothorax": (("No pneumothorax", "There is no pneumothorax"), ("no PTX",)),
     "Fracture": (("No displaced rib fracture", "No acute rib fracture"), ("no rib fx",)),
+    # Written only by the label profiles (legacy never negates these three).
+    "Atelectasis": (("No atelectasis", "No evidence of atelectasis"), ("no atx",)),
+    "Pleural Other": (("No pleural thickening", "No pleural abnormality"), ("no pl thickening",)),
+    "Support Devices": (("No lines or tubes", "No support devices"), ("no lines/tubes",)),
 }
+# Words that mark a hedged (uncertain) clause; every uncertain item clause contains one.
+HEDGES = ("Possible", "cannot be excluded", "Questionable", "Borderline", "borderline", "?")
 _NORMAL = (
     ("No acute cardiopulmonary process", "No acute cardiopulmonary abnormality", "Normal chest radiograph"),
     ("NACPP", "no acute CP process", "nl CXR"),
@@ -455,12 +471,14 @@ def sort_items(items: list[dict]) -> list[dict]:
 _RANK = {1.0: 3, -1.0: 2, 0.0: 1, None: 0}
 
 
-def labels_for(items: list[dict], negated: list[str], normal: bool) -> np.ndarray:
+def labels_for(items: list[dict], negated: list[str], normal: bool, hierarchy: bool = True) -> np.ndarray:
     """CheXpert label vector implied by the stated items and negations.
 
-    1 beats -1 beats 0 beats blank; Lung Opacity is the parent of consolidation, edema,
-    atelectasis and pneumonia. No Finding is 1 when nothing (devices included) is positive or
-    uncertain, otherwise blank, as the CheXpert labeler never writes No Finding = 0.
+    1 beats -1 beats 0 beats blank. With `hierarchy` (the legacy cohort) Lung Opacity is the
+    parent of consolidation, edema, atelectasis and pneumonia; the label profiles pass False,
+    as the real labeler reads Lung Opacity only from opacity mentions. No Finding is 1 exactly
+    when `normal` (the caller decides what normal means), otherwise blank, as the CheXpert
+    labeler never writes No Finding = 0.
     """
     best: dict[str, float] = {}
     for it in items:
@@ -470,7 +488,7 @@ def labels_for(items: list[dict], negated: list[str], normal: bool) -> np.ndarra
         v = -1.0 if it.get("certainty") == "uncertain" else 1.0
         if _RANK[v] > _RANK[best.get(name)]:
             best[name] = v
-        if it["kind"] in OPACITY_CHILDREN and _RANK[v] > _RANK[best.get("Lung Opacity")]:
+        if hierarchy and it["kind"] in OPACITY_CHILDREN and _RANK[v] > _RANK[best.get("Lung Opacity")]:
             best["Lung Opacity"] = v
     for name in negated:
         best.setdefault(name, 0.0)

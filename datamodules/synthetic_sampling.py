@@ -11,13 +11,15 @@ on (seed, patient index, parameters).
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from datamodules import synthetic_reports as rep
-from datamodules.records import LABEL_INDEX
+from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
 
 if TYPE_CHECKING:
     from datamodules.synthetic import CohortParams
@@ -146,7 +148,10 @@ def sample_patient(
     for si in range(n_studies):
         icu = rng.random() < (0.65 if prev_icu else icu_prop)
         prev_icu = icu
-        st = sample_study(rng, pt, chronic, icu, chf_logit, P)
+        if P.label_profile == "legacy":
+            st = sample_study(rng, pt, chronic, icu, chf_logit, P)
+        else:
+            st = sample_study_profile(rng, pt, chronic, P)
         st["study_id"] = f"{pt['patient_id']}-s{si:02d}"
         st["style"] = _choice(rng, [s for s, _ in mix], [w for _, w in mix])
         st["offset"] = int(rng.integers(1000))
@@ -354,6 +359,21 @@ def sample_study(rng, pt: dict, chronic: list[dict], icu: bool, chf_logit: float
         negated.append(name)
     lab = rep.labels_for(items, negated, False)
     normal = not any(v in (1.0, -1.0) for v in lab[1:])
+    projection, views, technique = _acquisition(rng, pt, icu, P)
+    return {
+        "technique": technique,
+        "items": items,
+        "unmentioned": unmentioned,
+        "negated": negated,
+        "normal": normal,
+        "icu": icu,
+        "ctr": round(ctr, 4),
+        "projection": projection,
+        "views": views,
+    }
+
+
+def _acquisition(rng, pt: dict, icu: bool, P: CohortParams) -> tuple[str, list[dict], str | None]:
     # Acquisition: AP (portable) for ICU, otherwise ap_fraction; views share the projection.
     projection = "AP" if icu or rng.random() < P.ap_fraction else "PA"
     n_views = 1
@@ -375,6 +395,392 @@ def sample_study(rng, pt: dict, chronic: list[dict], icu: bool, chf_logit: float
         )
     # Most reports name the views they read (an instance detail the image carries too).
     technique = rep.technique_key([v["view"] for v in views]) if rng.random() < 0.6 else None
+    return projection, views, technique
+
+
+# ============================================================================ label profiles
+#
+# `legacy` (the default) is the latent-state model above: findings first, labels read off them,
+# with Lung Opacity a deterministic parent and No Finding excluding devices. The other profiles
+# sample the 14-label vector first, from a model fitted to real labeler output, and then write
+# one item per positive / uncertain label and one negation per negative label, so the report,
+# the image and the labels agree by construction (see docs/cohorts.md, "Label profiles").
+#
+# Model (the same for every profile; only the targets differ). The 13 observations other than
+# No Finding each have a latent z_j, z ~ N(0, R) (a Gaussian copula). Along z_j the outcome is
+# positive (lowest p_j), then the "uncertain band" (width u_j / h), then negative (q_j), then
+# blank. A study hedges with probability h (one draw per study): in a hedging study the
+# uncertain band reads as -1, otherwise as blank, so every label keeps its uncertain rate u_j
+# while uncertain mentions cluster in fewer studies, as real reports do. R is fitted pair by
+# pair so that P(z_i, z_j both in the positive band) equals the target joint positive rate
+# (from P(B|A)), then projected to the nearest correlation matrix. No Finding is then the
+# labeler's rule: 1 when no observation other than Support Devices is positive or uncertain.
+
+LABEL_PROFILES = ("legacy", "chexpert", "mimic")
+_OBS = CHEXPERT_LABELS[1:]  # the 13 latent observations (No Finding is derived)
+HEDGE_FRACTION = 0.5  # h: fitted once to CheXpert's any-uncertain rate (0.38) by a 1-D sweep
+
+# CheXpert train labels (187,641 studies; /work/shared/data/label_stats/, torchxrayvision 1.5.7):
+# per label (positive, uncertain, negative) rates; blank is the rest.
+CHEXPERT_RATES = {
+    "No Finding": (0.0886, 0.0, 0.0),
+    "Enlarged Cardiomediastinum": (0.0481, 0.0541, 0.0801),
+    "Cardiomegaly": (0.1226, 0.0352, 0.0411),
+    "Lung Opacity": (0.4939, 0.0231, 0.0264),
+    "Lung Lesion": (0.0365, 0.0057, 0.004),
+    "Edema": (0.2606, 0.0617, 0.0835),
+    "Consolidation": (0.0678, 0.1278, 0.1023),
+    "Pneumonia": (0.0244, 0.0834, 0.0098),
+    "Atelectasis": (0.1563, 0.1566, 0.0054),
+    "Pneumothorax": (0.0923, 0.0142, 0.2505),
+    "Pleural Effusion": (0.4034, 0.0502, 0.1323),
+    "Pleural Other": (0.013, 0.0094, 0.0011),
+    "Fracture": (0.0387, 0.0026, 0.0104),
+    "Support Devices": (0.564, 0.0048, 0.028),
+}
+# P(B positive | A positive): rows A, columns B, in CHEXPERT_LABELS order (diagonal 1).
+CHEXPERT_COND = np.array(
+    [
+        [1.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.000, 0.440],
+        [0.000, 1.000, 0.172, 0.493, 0.042, 0.220, 0.056, 0.014, 0.142, 0.076, 0.377, 0.015, 0.061, 0.557],
+        [0.000, 0.068, 1.000, 0.499, 0.020, 0.462, 0.053, 0.017, 0.145, 0.030, 0.450, 0.010, 0.027, 0.609],
+        [0.000, 0.048, 0.124, 1.000, 0.043, 0.279, 0.052, 0.034, 0.134, 0.089, 0.508, 0.015, 0.033, 0.620],
+        [0.000, 0.055, 0.066, 0.587, 1.000, 0.111, 0.083, 0.044, 0.120, 0.109, 0.361, 0.030, 0.034, 0.392],
+        [0.000, 0.041, 0.217, 0.529, 0.016, 1.000, 0.061, 0.022, 0.173, 0.029, 0.509, 0.005, 0.019, 0.660],
+        [0.000, 0.039, 0.096, 0.377, 0.045, 0.234, 1.000, 0.060, 0.138, 0.052, 0.512, 0.017, 0.026, 0.568],
+        [0.000, 0.027, 0.085, 0.689, 0.066, 0.233, 0.168, 1.000, 0.108, 0.027, 0.298, 0.018, 0.023, 0.340],
+        [0.000, 0.044, 0.114, 0.424, 0.028, 0.289, 0.060, 0.017, 1.000, 0.096, 0.491, 0.009, 0.036, 0.638],
+        [0.000, 0.040, 0.040, 0.479, 0.043, 0.081, 0.038, 0.007, 0.162, 1.000, 0.339, 0.011, 0.054, 0.623],
+        [0.000, 0.045, 0.137, 0.621, 0.033, 0.329, 0.086, 0.018, 0.190, 0.078, 1.000, 0.009, 0.028, 0.652],
+        [0.000, 0.056, 0.091, 0.552, 0.083, 0.107, 0.088, 0.033, 0.113, 0.081, 0.279, 1.000, 0.084, 0.430],
+        [0.000, 0.076, 0.085, 0.419, 0.032, 0.127, 0.046, 0.014, 0.147, 0.129, 0.289, 0.028, 1.000, 0.438],
+        [0.069, 0.047, 0.132, 0.543, 0.025, 0.305, 0.068, 0.015, 0.177, 0.102, 0.466, 0.010, 0.030, 1.000],
+    ]
+)
+# Study-level CheXpert targets that the model is not fitted to directly (it is checked against
+# them in tests/test_label_profiles.py).
+CHEXPERT_STUDY_TARGETS = {
+    "any_uncertain": 0.3808,
+    # positives per study, No Finding excluded (6 = 6 or more)
+    "positives_per_study": (0.09, 0.1993, 0.258, 0.2593, 0.1455, 0.0413, 0.0065),
+    # distinct blank-as-negative label vectors among 43,793 random studies
+    "distinct_vectors_43793": 4334,
+}
+# MIMIC-CXR-JPG v2.0.0, CheXpert labeler, 227,827 studies: (positive, uncertain, negative) counts
+# per label as recalled from Johnson et al. 2019 (arXiv:1901.07042), label-frequency table.
+# NOT VERIFIED: the table could not be retrieved in the session that wrote this; check the
+# figures against the paper before relying on the `mimic` profile's absolute prevalences.
+MIMIC_N = 227_827
+MIMIC_COUNTS = {
+    "No Finding": (75_455, 0, 0),
+    "Enlarged Cardiomediastinum": (7_004, 9_375, 5_283),
+    "Cardiomegaly": (44_845, 6_043, 15_911),
+    "Lung Opacity": (51_525, 3_831, 3_069),
+    "Lung Lesion": (6_284, 1_141, 862),
+    "Edema": (27_018, 13_174, 25_641),
+    "Consolidation": (10_778, 4_331, 7_967),
+    "Pneumonia": (16_556, 18_291, 2_461),
+    "Atelectasis": (45_808, 10_327, 1_531),
+    "Pneumothorax": (10_358, 1_134, 42_356),
+    "Pleural Effusion": (54_300, 5_814, 27_158),
+    "Pleural Other": (1_985, 765, 128),
+    "Fracture": (4_390, 590, 870),
+    "Support Devices": (66_558, 237, 3_486),
+}
+MIMIC_RATES = {k: tuple(round(c / MIMIC_N, 4) for c in v) for k, v in MIMIC_COUNTS.items()}
+
+
+def profile_rates(profile: str) -> dict[str, tuple[float, float, float]]:
+    if profile == "chexpert":
+        return CHEXPERT_RATES
+    if profile == "mimic":
+        return MIMIC_RATES
+    raise ValueError(f"label_profile must be one of {LABEL_PROFILES[1:]} here, got {profile!r}")
+
+
+def _fit_correlation(p: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    """Latent correlation whose positive bands have the target joint positive rates."""
+    from scipy.optimize import brentq
+    from scipy.stats import multivariate_normal, norm
+
+    a = norm.ppf(p)
+    k = len(p)
+    R = np.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            # P(A, B) from both conditionals (they disagree slightly by rounding)
+            joint = 0.5 * (cond[i, j] * p[i] + cond[j, i] * p[j])
+            joint = min(max(joint, 1e-6), min(p[i], p[j]) - 1e-6)
+
+            def f(r: float) -> float:
+                return float(multivariate_normal.cdf([a[i], a[j]], cov=[[1.0, r], [r, 1.0]])) - joint
+
+            lo, hi = -0.95, 0.95
+            flo, fhi = f(lo), f(hi)
+            R[i, j] = R[j, i] = brentq(f, lo, hi, xtol=1e-4) if flo < 0 < fhi else (lo if flo >= 0 else hi)
+    w, V = np.linalg.eigh(R)  # nearest positive-definite correlation matrix
+    R = (V * np.clip(w, 1e-3, None)) @ V.T
+    d = np.sqrt(np.diag(R))
+    return R / d[:, None] / d[None, :]
+
+
+@functools.lru_cache(maxsize=None)
+def _chexpert_correlation() -> np.ndarray:
+    p = np.array([CHEXPERT_RATES[n][0] for n in _OBS])
+    return _fit_correlation(p, CHEXPERT_COND[1:, 1:])
+
+
+@dataclass(frozen=True)
+class LabelModel:
+    chol: np.ndarray  # Cholesky factor of the latent correlation R
+    t_pos: np.ndarray  # thresholds on z: positive below t_pos, uncertain band below t_unc,
+    t_unc: np.ndarray  # negative below t_neg, blank above
+    t_neg: np.ndarray
+    normal_mix: float  # share of studies from the "normal" component (0 for chexpert)
+    normal_neg: np.ndarray  # per-observation negation rate in the normal component
+    normal_devices: float  # Support Devices positive rate in the normal component
+
+
+def _thresholds(p: np.ndarray, u: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from scipy.stats import norm
+
+    hi = 1.0 - 1e-9
+    u = u / HEDGE_FRACTION
+    return norm.ppf(p), norm.ppf(np.minimum(p + u, hi)), norm.ppf(np.minimum(p + u + q, hi))
+
+
+@functools.lru_cache(maxsize=None)
+def label_model(profile: str) -> LabelModel:
+    """The fitted label model of `profile`.
+
+    Both profiles share CheXpert's latent correlation R (the *structure* of labeler output) and
+    hedging fraction. `mimic` has far more normal studies than this copula produces at MIMIC's
+    prevalences (~20% vs 33% No Finding), so it mixes in a "normal" component with share pi:
+    no positive or uncertain observation, negations at the profile's rates, and devices at
+    0.78x the overall device rate (CheXpert's P(devices | No Finding) / P(devices)). The copula
+    component's positive and uncertain rates are divided by (1 - pi) so the overall marginals
+    stay on target; pi is solved by a fixed-point iteration on the No Finding rate (Monte Carlo
+    with a fixed seed, so the model is deterministic).
+    """
+    rates = profile_rates(profile)
+    p = np.array([rates[n][0] for n in _OBS])
+    u = np.array([rates[n][1] for n in _OBS])
+    q = np.array([rates[n][2] for n in _OBS])
+    chol = np.linalg.cholesky(_chexpert_correlation())
+    target_nf = rates["No Finding"][0]
+    dev = len(_OBS) - 1
+    sd_ratio = CHEXPERT_COND[0, -1] / CHEXPERT_RATES["Support Devices"][0]
+    pi = 0.0
+    if profile != "chexpert":  # chexpert's copula alone gives its No Finding rate (0.084 vs 0.089)
+        z = np.random.default_rng(0).standard_normal((100_000, len(_OBS))) @ chol.T
+        hedge = np.random.default_rng(1).random((100_000, 1)) < HEDGE_FRACTION
+        for _ in range(6):
+            pc, uc = p / (1 - pi), u / (1 - pi)
+            pc[dev] = (p[dev] - pi * sd_ratio * p[dev]) / (1 - pi)
+            uc[dev] = u[dev]
+            tp, tu, _ = _thresholds(pc, uc, q)
+            hit = (z < tp) | ((z < tu) & hedge)
+            nf = 1.0 - hit[:, :dev].any(axis=1).mean()
+            pi = max(0.0, (target_nf - nf) / (1.0 - nf))
+    pc, uc = p / (1 - pi), u / (1 - pi)
+    pc[dev] = (p[dev] - pi * sd_ratio * p[dev]) / (1 - pi)
+    uc[dev] = u[dev]
+    t_pos, t_unc, t_neg = _thresholds(pc, uc, q)
+    return LabelModel(chol, t_pos, t_unc, t_neg, float(pi), q, float(sd_ratio * p[dev]))
+
+
+def sample_labels(rng: np.random.Generator, profile: str, n: int) -> np.ndarray:
+    """n label vectors [n, 14] in {1, 0, -1, NaN} from `profile` (no images, no reports)."""
+    m = label_model(profile)
+    z = rng.standard_normal((n, len(_OBS))) @ m.chol.T
+    hedge = rng.random((n, 1)) < HEDGE_FRACTION
+    v = np.where(
+        z < m.t_pos, 1.0, np.where(z < m.t_unc, np.where(hedge, -1.0, np.nan), np.where(z < m.t_neg, 0.0, np.nan))
+    )
+    if m.normal_mix > 0:  # the normal component (see label_model)
+        u = rng.random((n, len(_OBS) + 2))  # [component, negation per observation, devices]
+        normal = u[:, :1] < m.normal_mix
+        vn = np.where(u[:, 1:-1] < m.normal_neg, 0.0, np.nan)
+        vn[:, -1] = np.where(u[:, -1] < m.normal_devices, 1.0, vn[:, -1])
+        v = np.where(normal, vn, v)
+    lab = np.full((n, len(CHEXPERT_LABELS)), np.nan)
+    lab[:, 1:] = v
+    pathology = np.isin(lab[:, 1:-1], (1.0, -1.0)).any(axis=1)  # devices do not count
+    lab[:, 0] = np.where(pathology, np.nan, 1.0)
+    return lab
+
+
+_DEVICES = ("ett", "ng", "cvc", "picc", "pacemaker", "chest_tube", "sternotomy")
+_DEVICE_P = np.array([0.2, 0.2, 0.2, 0.14, 0.12, 0.08, 0.06])
+
+
+def _device(rng, kind: str, cert: str) -> dict:
+    if kind == "ett":
+        return {"kind": kind, "tip_cm": int(_clamp(round(rng.normal(4.5, 1.5)), 1, 8)), "certainty": cert}
+    if kind == "ng":
+        return {"kind": kind, "tip": _choice(rng, ("stomach", "distal esophagus"), (0.88, 0.12)), "certainty": cert}
+    if kind == "cvc":
+        return {
+            "kind": kind,
+            "side": _side(rng, 0.75),
+            "approach": _choice(rng, ("internal jugular", "subclavian"), (0.8, 0.2)),
+            "tip": _choice(rng, ("svc", "cavoatrial junction", "right atrium"), (0.55, 0.3, 0.15)),
+            "certainty": cert,
+        }
+    if kind == "picc":
+        return {
+            "kind": kind,
+            "side": _side(rng, 0.6),
+            "tip": _choice(rng, ("svc", "cavoatrial junction", "right atrium"), (0.55, 0.3, 0.15)),
+            "certainty": cert,
+        }
+    if kind == "pacemaker":
+        return {"kind": kind, "leads": int(_choice(rng, (1, 2), (0.3, 0.7))), "certainty": cert}
+    if kind == "chest_tube":
+        return {"kind": kind, "side": _side(rng), "certainty": cert}
+    return {"kind": "sternotomy", "certainty": cert}
+
+
+def sample_study_profile(rng, pt: dict, chronic: list[dict], P: CohortParams) -> dict:
+    """A study of a non-legacy label profile: labels first, then one item per stated label."""
+    lab = sample_labels(rng, P.label_profile, 1)[0]
+
+    def val(name: str) -> float:
+        return float(lab[LABEL_INDEX[name]])
+
+    def cert(name: str) -> str:
+        return "uncertain" if val(name) == -1.0 else "present"
+
+    def on(name: str) -> bool:
+        return val(name) in (1.0, -1.0)
+
+    items: list[dict] = []
+    unmentioned: list[dict] = []
+    for c in chronic:  # unlabelled incidentals persist per patient; labelled ones follow the labels
+        if c["kind"] in rep.INCIDENTAL_KINDS:
+            (unmentioned if rng.random() < 0.15 else items).append(dict(c))
+    ctr = pt["ctr_baseline"] if pt["ctr_baseline"] < 0.49 else float(rng.uniform(0.44, 0.485))
+    if on("Cardiomegaly"):
+        if val("Cardiomegaly") == 1.0:
+            size = _choice(rng, ("mild", "moderate", "marked"), (0.55, 0.3, 0.15))
+            ctr = float(rng.uniform(*{"mild": (0.52, 0.56), "moderate": (0.56, 0.6), "marked": (0.6, 0.66)}[size]))
+            items.append({"kind": "cardiomegaly", "size": size, "certainty": "present"})
+        else:
+            ctr = float(rng.uniform(0.497, 0.515))
+            items.append({"kind": "cardiomegaly", "certainty": "uncertain"})
+    if on("Enlarged Cardiomediastinum"):
+        items.append({"kind": "mediastinal_widening", "certainty": cert("Enlarged Cardiomediastinum")})
+    if on("Edema"):
+        sev = _choice(rng, ("mild", "moderate", "severe"), (0.5, 0.35, 0.15))
+        items.append({"kind": "edema", "size": sev, "certainty": cert("Edema")})
+    lung_side, lung_zone = _side(rng, 0.55), _zone(rng, (0.15, 0.25, 0.6))
+    if on("Consolidation"):
+        items.append(
+            {
+                "kind": "consolidation",
+                "side": lung_side,
+                "zone": lung_zone,
+                "size": _choice(rng, ("small", "moderate", "large"), (0.4, 0.4, 0.2)),
+                "certainty": cert("Consolidation"),
+                "_jit": tuple(rng.random(2)),
+                "_tex": int(rng.integers(4)),
+            }
+        )
+    if on("Pneumonia"):
+        items.append({"kind": "pneumonia", "side": lung_side, "zone": lung_zone, "certainty": cert("Pneumonia")})
+    if on("Lung Opacity"):
+        items.append(
+            {
+                "kind": "opacity",
+                "side": _side(rng),
+                "zone": _zone(rng),
+                "certainty": cert("Lung Opacity"),
+                "_jit": tuple(rng.random(2)),
+                "_tex": int(rng.integers(4)),
+            }
+        )
+    if on("Atelectasis"):
+        bibasilar = rng.random() < 0.45
+        items.append(
+            {
+                "kind": "atelectasis",
+                "side": "bilateral" if bibasilar else _side(rng),
+                "zone": "lower" if bibasilar else _choice(rng, ("mid", "lower"), (0.25, 0.75)),
+                "certainty": cert("Atelectasis"),
+                "_jit": tuple(rng.random(2)),
+            }
+        )
+    if on("Lung Lesion"):
+        side, zone = _side(rng), _zone(rng, (0.4, 0.35, 0.25))
+        if rng.random() < 0.2:
+            items.append(
+                {
+                    "kind": "mass",
+                    "side": side,
+                    "zone": zone,
+                    "size_cm": int(rng.integers(3, 7)),
+                    "certainty": cert("Lung Lesion"),
+                    "_pos": [tuple(rng.random(2))],
+                }
+            )
+        else:
+            n = 1 if val("Lung Lesion") == -1.0 else int(_choice(rng, (1, 2, 3), (0.6, 0.28, 0.12)))
+            items.append(
+                {
+                    "kind": "nodule",
+                    "count": n,
+                    "side": side,
+                    "zone": zone,
+                    "size_mm": int(rng.integers(5, 19)),
+                    "certainty": cert("Lung Lesion"),
+                    "_pos": [tuple(rng.random(2)) for _ in range(n)],
+                }
+            )
+    if on("Pleural Effusion"):
+        items.append(
+            {
+                "kind": "effusion",
+                "side": _choice(rng, ("bilateral", "right", "left"), (0.45, 0.35, 0.2)),
+                "size": _choice(rng, ("small", "moderate", "large"), (0.55, 0.3, 0.15)),
+                "certainty": cert("Pleural Effusion"),
+            }
+        )
+    ptx_side = _side(rng)
+    if on("Pneumothorax"):
+        size = _choice(rng, ("small", "moderate", "large"), (0.65, 0.25, 0.10))
+        items.append({"kind": "pneumothorax", "side": ptx_side, "size": size, "certainty": cert("Pneumothorax")})
+    if on("Pleural Other"):
+        items.append({"kind": "pleural_thickening", "side": _side(rng), "certainty": cert("Pleural Other")})
+    if on("Fracture"):
+        old = val("Fracture") == 1.0 and rng.random() < 0.5
+        items.append(
+            {
+                "kind": "fracture",
+                "age": "old" if old else "acute",
+                "side": _side(rng),
+                "rib": int(rng.integers(3, 10)),
+                "certainty": cert("Fracture"),
+            }
+        )
+    if val("Support Devices") == 1.0:
+        k = int(_choice(rng, (1, 2, 3), (0.5, 0.3, 0.2)))
+        for kind in rng.choice(len(_DEVICES), size=k, replace=False, p=_DEVICE_P):
+            d = _device(rng, _DEVICES[int(kind)], "present")
+            if d["kind"] == "chest_tube" and on("Pneumothorax"):
+                d["side"] = ptx_side
+            items.append(d)
+    elif val("Support Devices") == -1.0:
+        items.append(_device(rng, "picc", "uncertain"))
+    items = rep.sort_items(items)
+    for i, it in enumerate(items):
+        it["_slot"] = i
+    negated = [name for name in _OBS if val(name) == 0.0]
+    normal = val("No Finding") == 1.0
+    # The stated items and negations must read back as exactly the sampled labels.
+    got = rep.labels_for(items, negated, normal, hierarchy=False)
+    assert np.array_equal(np.nan_to_num(got, nan=9.0), np.nan_to_num(lab, nan=9.0)), (got, lab)
+    icu = any(it["kind"] in ("ett", "ng", "cvc") for it in items)
+    projection, views, technique = _acquisition(rng, pt, icu, P)
     return {
         "technique": technique,
         "items": items,
@@ -385,6 +791,7 @@ def sample_study(rng, pt: dict, chronic: list[dict], icu: bool, chf_logit: float
         "ctr": round(ctr, 4),
         "projection": projection,
         "views": views,
+        "hierarchy": False,
     }
 
 
@@ -472,7 +879,8 @@ def _random_finding(rng, kind: str) -> dict:
 def make_error_variants(rng, st: dict) -> list[dict]:
     """One-error variants (hard negatives): exactly one attribute changed, same phrasing."""
     items, neg, normal, style, off = st["items"], st["negated"], st["normal"], st["style"], st["offset"]
-    base_lab = rep.labels_for(items, neg, normal)
+    hier = st.get("hierarchy", True)
+    base_lab = rep.labels_for(items, neg, normal, hierarchy=hier)
     out = []
     stated = [i for i, it in enumerate(items)]
 
@@ -482,7 +890,7 @@ def make_error_variants(rng, st: dict) -> list[dict]:
         for it in new_items:
             if it.get("_negated"):
                 negs.append(rep.KIND_LABEL[it["kind"]])
-        lab = rep.labels_for(new_items, negs, new_normal)
+        lab = rep.labels_for(new_items, negs, new_normal, hierarchy=hier)
         out.append({"error": err, "text": text, "labels": labels_json(lab), "changed": changed})
 
     # severity
