@@ -23,7 +23,8 @@ What the cohort carries, and why (the papers' findings rest on it):
   acquisition (rotation, zoom, shift, exposure, noise);
 - reports in three institutional styles with clinically equivalent variants and one-error
   variants; hedged mentions give -1, negated mentions 0, unmentioned blank (NaN);
-- splits by patient.
+- splits by patient; `test_patients` extra patients (own random stream, ids after the others)
+  enlarge the test split without changing a byte of the train and val studies.
 
 Study.extras: "style", "attributes" (the structured findings the report states, negations,
 projection, ICU state, cardiothoracic ratio, drawn-but-unmentioned incidentals),
@@ -95,13 +96,21 @@ class CohortParams:
     num_variants: int
     split_fractions: tuple[float, float, float]
     label_profile: str = "legacy"
+    test_patients: int = 0
+
+    @property
+    def total_patients(self) -> int:
+        return self.num_patients + self.test_patients
 
     def public(self) -> dict:
-        """The parameters as hashed and recorded; `label_profile` only when not legacy, so the
-        legacy cohort keeps its cache key and meta.json from before profiles existed."""
+        """The parameters as hashed and recorded; `label_profile` only when not legacy and
+        `test_patients` only when not 0, so a cohort without them keeps its cache key and
+        meta.json from before these options existed."""
         d = asdict(self)
         if d["label_profile"] == "legacy":
             del d["label_profile"]
+        if d["test_patients"] == 0:
+            del d["test_patients"]
         return d
 
     def key(self) -> str:
@@ -156,7 +165,12 @@ class SyntheticReader:
             others, and every extra view of an AP study, are repeat frontal acquisitions).
         max_views_per_study: cap on views (images) per study.
         num_variants: clinically equivalent report variants per study (extras["variants"]).
-        split_fractions: (train, val, test) fractions of *patients*.
+        split_fractions: (train, val, test) fractions of *patients* (of ``num_patients``).
+        test_patients: extra patients generated for the test split only (None or 0: none), on
+            top of the ``split_fractions`` share of ``num_patients``. They come from their own
+            random stream and take the patient ids after ``num_patients``, so the train and val
+            studies are byte-identical with or without them; sizes the test split (and so the
+            retrieval pools) independently of training.
         label_profile: how the 14 labels are generated. ``legacy`` (default): findings drawn
             from a latent clinical-state model and labels read off them (Lung Opacity a
             deterministic parent, No Finding excludes devices). ``chexpert`` / ``mimic``: label
@@ -188,6 +202,7 @@ class SyntheticReader:
         num_variants: int = 4,
         split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
         label_profile: str = "legacy",
+        test_patients: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         workers: int = 1,
     ) -> None:
@@ -205,6 +220,7 @@ class SyntheticReader:
             )
         if label_profile not in LABEL_PROFILES:
             raise ValueError(f"label_profile must be one of {LABEL_PROFILES}, got {label_profile!r}")
+        n_test = 0 if test_patients is None else _check_num("test_patients", test_patients, 0, 10_000_000, integer=True)
         self.params = CohortParams(
             num_patients=_check_num("num_patients", num_patients, 1, 10_000_000, integer=True),
             seed=_check_num("seed", seed, 0, 2**63 - 1, integer=True),
@@ -224,6 +240,7 @@ class SyntheticReader:
             num_variants=_check_num("num_variants", num_variants, 0, 16, integer=True),
             split_fractions=fr,
             label_profile=label_profile,
+            test_patients=n_test,
         )
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self.workers = _check_num("workers", workers, 1, 64, integer=True)
@@ -282,6 +299,8 @@ class SyntheticReader:
 
 
 def _split_of(P: CohortParams) -> list[str]:
+    """Split per patient index: the first num_patients by split_fractions, the extra
+    test_patients after them all "test"."""
     n = P.num_patients
     perm = np.random.default_rng([P.seed, 0x5B117]).permutation(n)
     n_tr = int(round(P.split_fractions[0] * n))
@@ -290,7 +309,15 @@ def _split_of(P: CohortParams) -> list[str]:
     split[perm[:n_tr]] = "train"
     split[perm[n_tr : n_tr + n_va]] = "val"
     split[perm[n_tr + n_va :]] = "test"
-    return list(split)
+    return list(split) + ["test"] * P.test_patients
+
+
+def _patient_rng(P: CohortParams, pidx: int) -> np.random.Generator:
+    """The patient's own generator: stream 1 for the num_patients split by fraction, stream 2
+    (indexed from 0) for the extra test patients, so adding them changes no other patient."""
+    if pidx < P.num_patients:
+        return np.random.default_rng([P.seed, 1, pidx])
+    return np.random.default_rng([P.seed, 2, pidx - P.num_patients])
 
 
 PUBLIC_TRAITS = (
@@ -343,7 +370,7 @@ def _generate_chunk(
     geo = _geometry(P)
     patients, per_patient, rngs = [], [], []
     for pidx in range(p0, p1):
-        rng = np.random.default_rng([P.seed, 1, pidx])
+        rng = _patient_rng(P, pidx)
         pt, studies = sample_patient(rng, pidx, splits[pidx - p0], P, geo)
         for st in studies:
             for v in st["views"]:  # noise bank offsets
@@ -402,8 +429,8 @@ def _generate(P: CohortParams, out: Path, workers: int = 1) -> dict:
     splits = _split_of(P)
     S = P.image_size
     jobs = [
-        (P, splits[c0 : c0 + CHUNK_PATIENTS], c0, min(P.num_patients, c0 + CHUNK_PATIENTS))
-        for c0 in range(0, P.num_patients, CHUNK_PATIENTS)
+        (P, splits[c0 : c0 + CHUNK_PATIENTS], c0, min(P.total_patients, c0 + CHUNK_PATIENTS))
+        for c0 in range(0, P.total_patients, CHUNK_PATIENTS)
     ]
     n_img = n_studies = 0
     counts = {s: {"patients": 0, "studies": 0, "images": 0} for s in SPLITS}
@@ -441,7 +468,7 @@ def _generate(P: CohortParams, out: Path, workers: int = 1) -> dict:
         "version": GENERATOR_VERSION,
         "params": P.public(),
         "counts": {
-            "patients": P.num_patients,
+            "patients": P.total_patients,
             "studies": n_studies,
             "images": n_img,
             "by_split": counts,
