@@ -408,6 +408,34 @@ def privacy_lines(p: dict[str, Any]) -> list[str]:
     return lines + [f"  - {item}" for item in p.get("outside_guarantee") or []]
 
 
+def x_chance_axes(ax, title: str, hard: bool, ylabel: str) -> None:
+    """A log-log Recall ÷ chance panel: x is N, or the mean effective pool for hard negatives."""
+    import matplotlib.ticker
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean effective pool size (label-matched)" if hard else "candidate pool size N")
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_x_chance(ax, rows: list[dict[str, Any]], hard: bool, color: str, label: str, band_alpha: float) -> None:
+    """One curve of Recall ÷ chance over the pool sizes of ``rows`` (recall rows of one K), with its
+    95% CI band when every row has one. Hard-negative rows sit at their mean effective pool."""
+    x_of = (lambda r: r["effective_pool_mean"]) if hard else (lambda r: r["n_value"])
+    rows = sorted((r for r in rows if r.get("x_chance") is not None), key=x_of)
+    xs, ys = [x_of(r) for r in rows], [r["x_chance"] for r in rows]
+    # A ratio of 0 has no place on a log axis; such points sit at the bottom edge, marked open.
+    ax.plot(xs, [max(y, 1e-2) for y in ys], "-", color=color, label=label)
+    ax.plot([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], "o", color=color)
+    ax.plot([x for x, y in zip(xs, ys) if y <= 0], [1e-2 for y in ys if y <= 0], "o", mfc="none", color=color)
+    if rows and all(r.get("x_chance_ci") for r in rows):
+        ax.fill_between(xs, [max(r["x_chance_ci"][0], 1e-2) for r in rows],
+                        [max(r["x_chance_ci"][1], 1e-2) for r in rows], color=color, alpha=band_alpha)
+
+
 def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None):
     """Recall@K as a multiple of chance vs the pool size N, both axes logarithmic (the view of
     arXiv 2606.02276's main figure): one panel per variant, one line per K with its 95% CI band, the
@@ -432,30 +460,13 @@ def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None)
     for ax, key in zip(axes[0], keys):
         sec = rl.get(key)
         hard = bool(sec) and sec.get("variant") == "hardneg"
-        ax.set_title(VARIANT_TITLES.get(key, key), fontsize=10)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("mean effective pool size (label-matched)" if hard else "candidate pool size N")
-        ax.set_ylabel("Recall@K ÷ chance")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        x_chance_axes(ax, VARIANT_TITLES.get(key, key), hard, "Recall@K ÷ chance")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if not sec:
             continue
         ks = sorted({r["k"] for r in sec["recall"]})
         for i, k in enumerate(ks):
-            rows = [r for r in sec["recall"] if r["k"] == k and r.get("x_chance") is not None]
-            x_of = (lambda r: r["effective_pool_mean"]) if hard else (lambda r: r["n_value"])
-            rows.sort(key=x_of)
-            xs = [x_of(r) for r in rows]
-            # A ratio of 0 has no place on a log axis; such points sit at the bottom edge, marked open.
-            ys = [r["x_chance"] for r in rows]
-            ax.plot(xs, [max(y, 1e-2) for y in ys], "-", color=f"C{i}", label=f"K={k}")
-            ax.plot([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], "o", color=f"C{i}")
-            ax.plot([x for x, y in zip(xs, ys) if y <= 0], [1e-2 for y in ys if y <= 0], "o", mfc="none", color=f"C{i}")
-            if rows and all(r.get("x_chance_ci") for r in rows):
-                ax.fill_between(xs, [max(r["x_chance_ci"][0], 1e-2) for r in rows],
-                                [max(r["x_chance_ci"][1], 1e-2) for r in rows], color=f"C{i}", alpha=0.2)
+            plot_x_chance(ax, [r for r in sec["recall"] if r["k"] == k], hard, f"C{i}", f"K={k}", band_alpha=0.2)
         ax.axhline(1.0, color="k", ls="--", lw=1, label="chance (1×)")
         notes = [f"{sec['n_queries']} queries, {sec['n_candidates']} candidates"]
         if sec.get("clipped_n"):

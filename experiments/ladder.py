@@ -134,34 +134,16 @@ def plot_ladder(results: dict[str, dict[str, Any]], path: str | Path | None = No
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     keys = [v for v in PLOT_VARIANTS if any(v in (r.get("relinkage") or {}) for r in results.values())] or ["i2t"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         hard = key.startswith("hardneg")
-        ax.set_title(f"{R.VARIANT_TITLES.get(key, key)}, R@{k}", fontsize=10)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("mean effective pool size (label-matched)" if hard else "candidate pool size N")
-        ax.set_ylabel(f"Recall@{k} ÷ chance")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        R.x_chance_axes(ax, f"{R.VARIANT_TITLES.get(key, key)}, R@{k}", hard, f"Recall@{k} ÷ chance")
         for i, (name, res) in enumerate(results.items()):
             sec = (res.get("relinkage") or {}).get(key)
-            if not sec:
-                continue
-            rows = [r for r in sec["recall"] if r["k"] == k and r.get("x_chance") is not None]
-            x_of = (lambda r: r["effective_pool_mean"]) if hard else (lambda r: r["n_value"])
-            rows.sort(key=x_of)
-            xs, ys = [x_of(r) for r in rows], [r["x_chance"] for r in rows]
-            # A ratio of 0 has no place on a log axis: drawn at the bottom edge, open marker.
-            ax.plot(xs, [max(y, 1e-2) for y in ys], "-", color=f"C{i}", label=name)
-            ax.plot([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], "o", color=f"C{i}")
-            ax.plot([x for x, y in zip(xs, ys) if y <= 0], [1e-2 for y in ys if y <= 0], "o", mfc="none", color=f"C{i}")
-            if rows and all(r.get("x_chance_ci") for r in rows):
-                ax.fill_between(xs, [max(r["x_chance_ci"][0], 1e-2) for r in rows],
-                                [max(r["x_chance_ci"][1], 1e-2) for r in rows], color=f"C{i}", alpha=0.15)
+            if sec:
+                R.plot_x_chance(ax, [r for r in sec["recall"] if r["k"] == k], hard, f"C{i}", name, band_alpha=0.15)
         ax.axhline(1.0, color="k", ls="--", lw=1, label="chance (1×)")
         ax.legend(fontsize=8, loc="upper right")
         ax.grid(True, which="both", alpha=0.3)

@@ -27,12 +27,7 @@ COHORT = ["data.reader.num_patients=30", "public_cohort.reader.num_patients=20",
           "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "logger=csv"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_inputs(path: Path):

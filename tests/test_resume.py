@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback
 
 from callbacks.run_dir import check_run_dir, lock_run_dir
+from models.checkpoint import load_checkpoint_dict
 from tests.conftest import ROOT, TINY
 
 # Three short epochs; the audits with few bootstrap draws (they are not what is tested here).
@@ -81,7 +82,7 @@ def stop_mid_epoch(run_dir: Path, sig: int, epoch: int, *extra: str, while_pause
 
 def checkpoint_bookkeeping(path: Path) -> dict:
     """What ModelCheckpoint keeps about the best checkpoints (from the checkpoint file)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint_dict(path)
     state = next(v for k, v in ck["callbacks"].items() if k.startswith("ModelCheckpoint") and v["monitor"] == "val/loss")
     return {"best": Path(state["best_model_path"]).name, "score": float(state["best_model_score"]),
             "k": sorted((Path(p).name, round(float(s), 6)) for p, s in state["best_k_models"].items()),
@@ -134,8 +135,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(runs) -> None:
     for name in names:
         want, got = (json.loads((r / "audit" / name).read_text()) for r in (reference, resumed))
         assert {k: got.get(k) for k in ("relinkage", "probe")} == {k: want.get(k) for k in ("relinkage", "probe")}, name
-    want, got = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-                 for r in (reference, resumed))
+    want, got = (load_checkpoint_dict(r / "checkpoints" / "last.ckpt")["state_dict"] for r in (reference, resumed))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
