@@ -81,7 +81,12 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _rows(data: dict[str, np.ndarray], mask: np.ndarray | None) -> dict[str, np.ndarray]:
-    return data if mask is None else {k: v[mask] for k, v in data.items()}
+    if mask is None:
+        return data
+    idx = np.flatnonzero(mask)
+    if idx.size and idx[-1] - idx[0] + 1 == idx.size:  # one contiguous block (files written by split): views
+        return {k: v[idx[0] : idx[-1] + 1] for k, v in data.items()}
+    return {k: v[mask] for k, v in data.items()}
 
 
 def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_cb) -> tuple[dict | None, str | None]:

@@ -53,7 +53,7 @@ def _count_cols(sims: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
     return [(x > t).sum(1, dtype=torch.int32).sum(0), (x == t).sum(1, dtype=torch.int32).sum(0)]
 
 
-# Views of fewer scores are counted eagerly: there the compiled kernel's call costs more (~0.3 ms).
+# Views of fewer scores are counted eagerly: there a fused kernel's call costs more than it saves.
 _SMALL = 1 << 15
 # Elements before every tensor the kernels read, so that no view of one starts at offset 0 or 1.
 _PAD = 16
@@ -63,16 +63,68 @@ def _padded(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(_PAD + n, dtype=dtype, device=device)[_PAD:]
 
 
+# The fused kernels: each reads its view of the tile once and writes no boolean intermediates (in
+# eager mode every comparison and reduction is a separate pass over the tile, together 0.76x the GEMM
+# at M = 43,793 on a CPU; fused, 0.04-0.10x; docs/audit.md#speed). On a CPU they are numba loops:
+# compiled once and cached on disk (~1.5 s the first time, ~0.3 s to load in later processes), where
+# torch.compile costs ~2.5 s per process even with inductor's cache warm and ~12 s cold. On an
+# accelerator, torch.compile (its CPU path stays testable through ``_BACKEND``).
+_BACKEND = {"cpu": "numba", "accelerator": "inductor"}
+_NUMBA: dict[str, Any] = {}
+
+
+def _numba_kernels() -> dict[str, Any]:
+    if not _NUMBA:
+        import numba
+
+        @numba.njit(parallel=True, cache=True, nogil=True)
+        def rows(x, t):  # x [R, W] (any strides), t [R] -> per row #(x > t), #(x == t)
+            above = np.zeros(x.shape[0], np.int32)
+            ties = np.zeros(x.shape[0], np.int32)
+            for r in numba.prange(x.shape[0]):
+                a, e, tr, row = 0, 0, t[r], x[r]
+                for c in range(row.shape[0]):
+                    a += row[c] > tr
+                    e += row[c] == tr
+                above[r], ties[r] = a, e
+            return above, ties
+
+        @numba.njit(parallel=True, cache=True, nogil=True)
+        def cols(x, t):  # x [R, W], t [W] -> per column; blocks of columns, rows read in order
+            w, blk = x.shape[1], 1024
+            above = np.zeros(w, np.int32)
+            ties = np.zeros(w, np.int32)
+            for b in numba.prange((w + blk - 1) // blk):
+                c0, c1 = b * blk, min(w, b * blk + blk)
+                a, e, tb = above[c0:c1], ties[c0:c1], t[c0:c1]
+                for r in range(x.shape[0]):
+                    row = x[r, c0:c1]
+                    for c in range(c1 - c0):
+                        a[c] += row[c] > tb[c]
+                        e[c] += row[c] == tb[c]
+            return above, ties
+
+        _NUMBA.update(rows=rows, cols=cols)
+    return _NUMBA
+
+
+def _numba_run(fn, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+    """``fn``'s counts by the numba kernel of the same name, on as many threads as torch uses."""
+    import numba
+
+    kern = _numba_kernels()["rows" if fn is _count_rows else "cols"]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return [torch.from_numpy(v) for v in kern(x.numpy(), t.reshape(-1).numpy())]
+
+
 _COMPILED: dict[Any, Any] = {}
 
 
 def _compiled(fn, dtype: torch.dtype, device: torch.device):
-    """``fn`` compiled (torch.compile) into one loop over its input that writes no boolean
-    intermediates: in eager mode each comparison and reduction is a separate pass, which on a CPU
-    costs a third of the GEMM each (docs/audit.md#speed). The kernels read views of many sizes,
-    strides and offsets; traced first (dynamic shapes, no duck sizing nor 0/1 specialisation, under
-    ``_one_trace``) on a view of the general kind past offset 1, one graph serves them all, except a
-    view of one row or column, which ``rank_counts`` counts eagerly."""
+    """``fn`` compiled (torch.compile) into one loop over its input. The kernels read views of many
+    sizes, strides and offsets; traced first (dynamic shapes, no duck sizing nor 0/1 specialisation,
+    under ``_one_trace``) on a view of the general kind past offset 1, one graph serves them all,
+    except a view of one row or column, which ``rank_counts`` counts eagerly."""
     key = (fn.__name__, dtype, device.type)
     if key not in _COMPILED:
         kern = torch.compile(fn, dynamic=True)
@@ -93,15 +145,20 @@ def _one_trace():
         yield
 
 
-def _want_fused(fused: bool | str, n_elems: int) -> bool:
+def _backend(device: torch.device) -> str:
+    return _BACKEND["cpu" if device.type == "cpu" else "accelerator"]
+
+
+def _want_fused(fused: bool | str, n_elems: int, device: torch.device = torch.device("cpu")) -> bool:
     if isinstance(fused, bool):
         return fused
     env = os.environ.get("CXR_RELINK_FUSED_COUNTS")
     if env is not None:
         return env not in ("0", "false", "False", "")
-    # Compiling costs seconds once per process (importing inductor, ~3 s, even with its cache warm;
-    # ~15 s more cold): worth it only where eager counting would cost more.
-    return n_elems >= (1 << 28)
+    # A fused kernel costs a fixed time per process (numba: ~0.3 s to load from its cache; inductor:
+    # ~3 s even with its cache warm, ~15 s cold) and saves ~0.7 GEMMs of eager counting: worth it from
+    # ~8,000 x 8,000 scores on a CPU (~0.35 s of GEMM there), far later with inductor.
+    return n_elems >= (1 << 26 if _backend(device) == "numba" else 1 << 28)
 
 
 def _runs(ts: np.ndarray, rows: int, cols: int, whole_groups: bool) -> list[tuple[int, int]]:
@@ -180,9 +237,9 @@ def rank_counts(
     the queries in the same order, so a hard-negative population or the subset is a rectangle of a
     tile, counted like the full rows; the query patient's own studies are then subtracted by index.
 
-    ``chunk_size``: query rows per tile, or (rows, columns); None: ``TILE``. ``fused``: compile the
-    counting (torch.compile; "auto": for large audits, or per the CXR_RELINK_FUSED_COUNTS
-    environment variable); falls back to eager if compilation fails. The full Q x C matrix is never
+    ``chunk_size``: query rows per tile, or (rows, columns); None: ``TILE``. ``fused``: count with
+    fused kernels (numba on a CPU, torch.compile elsewhere; "auto": for large audits, or per the
+    CXR_RELINK_FUSED_COUNTS environment variable); falls back to eager counting if they fail. The full Q x C matrix is never
     held.
     """
     q_n, c_n = query.shape[0], cand.shape[0]
@@ -276,7 +333,10 @@ def rank_counts(
         col_acc = torch.zeros(2, c_n, dtype=torch.long, device=dev)
         rev_x = torch.zeros(2, q_n, dtype=torch.long, device=dev)
 
-    use_fused = _want_fused(fused, q_n * c_n)
+    use_fused = _want_fused(fused, q_n * c_n, dev)
+    backend = _backend(dev)
+    if backend == "numba" and dtype not in (torch.float32, torch.float64):
+        use_fused = False  # numba reads numpy arrays: no bfloat16
     kern: dict[Any, Any] = {}
 
     def run(fn, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
@@ -284,10 +344,12 @@ def rank_counts(
         if not use_fused or min(x.shape) < 2 or x.numel() < _SMALL:
             return fn(x, t)
         try:
+            if backend == "numba":
+                return _numba_run(fn, x, t)
             if fn not in kern:
                 kern[fn] = _compiled(fn, dtype, dev)
             return kern[fn](x, t)
-        except Exception as err:  # compilation unavailable (no compiler, ...): eager is exact too
+        except Exception as err:  # no numba / no compiler, ...: eager counting is exact too
             warnings.warn(f"fused counting unavailable ({type(err).__name__}: {err}); using eager counting")
             use_fused = False
             return fn(x, t)
@@ -362,7 +424,7 @@ def rank_counts(
                 rev_x[0, x_pos_d[a:b]] += xa
                 rev_x[1, x_pos_d[a:b]] += xe
 
-    with _one_trace() if use_fused else contextlib.nullcontext():
+    with _one_trace() if use_fused and backend == "inductor" else contextlib.nullcontext():
         later = []
         for s, e in runs:
             q = query[s:e]

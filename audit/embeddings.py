@@ -41,6 +41,8 @@ def as_embeddings(x: Any, name: str) -> torch.Tensor:
     if bad.any():
         rows = bad.nonzero().flatten()[:5].tolist()
         raise ValueError(f"{name} has NaN/inf values in {int(bad.sum())} rows (first rows: {rows})")
+    if t.dtype == torch.float32:
+        return t
     f = t.float()
     big = ~torch.isfinite(f).all(dim=1)  # finite in float64, beyond float32's range (|x| > 3.4e38)
     if big.any():
@@ -234,11 +236,18 @@ REPORT_CONFLICT_DISTANCE = 0.05
 
 def _report_conflicts(rep: torch.Tensor, first_of_row: np.ndarray) -> np.ndarray:
     """Rows whose report embedding is not (up to float noise) their study's first row's."""
-    scale = rep.abs().amax(dim=1, keepdim=True)
-    unit = rep / scale.clamp_min(torch.finfo(rep.dtype).tiny)
-    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rep.dtype).tiny)
-    ref = unit[torch.as_tensor(first_of_row)]
-    return ((unit - ref).norm(dim=1) > REPORT_CONFLICT_DISTANCE).numpy()
+    out = np.zeros(len(first_of_row), dtype=bool)
+    later = np.flatnonzero(first_of_row != np.arange(len(first_of_row)))  # a study's 2nd, 3rd... rows
+    if later.size == 0:
+        return out
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+    rows, refs = torch.as_tensor(later), torch.as_tensor(first_of_row[later])
+    out[later] = ((unit(rep[rows]) - unit(rep[refs])).norm(dim=1) > REPORT_CONFLICT_DISTANCE).numpy()
+    return out
 
 
 def _same_within_study(skeys: np.ndarray, first_of_row: np.ndarray, what: str, differs: np.ndarray) -> None:

@@ -226,7 +226,7 @@ class Relinkage:
         }
         self.chunk_size = s["chunk_size"]
         self.device = s["device"]
-        self.fused = s["fused"]  # compile the counting step (see audit.counting.rank_counts); results identical
+        self.fused = s["fused"]  # fused counting kernels (see audit.counting.rank_counts); results identical
 
     @classmethod
     def from_config(cls, node: Any) -> "Relinkage":

@@ -12,8 +12,9 @@ similarities, matmul and nothing else), then the in-process audit (`relinkage_au
 settings of configs/audit/, kernels already compiled), then `python evaluate.py audit=...
 embeddings=<npz>` as a subprocess (start-up, loading, compilation and writing included). Each ratio
 is to the bare GEMM measured just before it; medians over the repeats are printed. Also: the
-previous loop (full rows of ~128 MiB), compilation of the counting kernels in a fresh process
-(inductor's cache warm, and cold), and eager vs compiled counting on the first queries.
+previous loop (full rows of ~128 MiB), a bare script end to end (start Python, import torch, load the
+npz, the bare GEMM: the floor under `evaluate.py`), the fused counting kernels' start-up in a fresh
+process (their on-disk cache warm, and cold), and eager vs fused counting on the first queries.
 
 Every row prints the load average beside it (the 2-core machine is shared). The first M also
 cross-checks the closed form against Monte Carlo pools and times torchmetrics' RetrievalRecall.
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audit.counting import rank_counts, tile_shape
+from audit.counting import _backend, rank_counts, tile_shape
 from audit.embeddings import EmbeddingSet
 from audit.labels import label_groups
 from audit.reference import monte_carlo_recall
@@ -122,7 +123,8 @@ def load() -> float:
 
 
 def compile_seconds(cold: bool) -> float:
-    """Compilation of every counting kernel in a fresh process (torch already imported)."""
+    """Start-up of every fused counting kernel in a fresh process (torch already imported): numba's
+    (CPU) or inductor's on-disk cache warm, or empty (``cold``)."""
     code = ("import time, torch\nfrom audit.counting import rank_counts\n"
             "q = torch.randn(512, 8); t = time.perf_counter()\n"  # tiles big enough to be compiled
             "rank_counts(q, q, torch.arange(512), reverse=True, fused=True, chunk_size=(256, 256))\n"
@@ -130,7 +132,7 @@ def compile_seconds(cold: bool) -> float:
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         if cold:
-            env["TORCHINDUCTOR_CACHE_DIR"] = tmp
+            env["TORCHINDUCTOR_CACHE_DIR"] = env["NUMBA_CACHE_DIR"] = tmp
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -139,6 +141,23 @@ def write_npz(path: Path, img, rep, patient, labels, text, m: int) -> None:
     split = np.array(["test"] * m + ["train"] * (img.shape[0] - m))
     np.savez(path, image_emb=img.numpy(), report_emb=rep.numpy(), study_id=np.arange(img.shape[0]),
              patient_id=patient.numpy(), labels=labels, report_text_hash=text, split=split)
+
+
+def bare_script(npz: Path, m: int) -> float:
+    """Wall seconds of a fresh process that imports torch, loads the npz's audited rows and runs the
+    bare GEMM: what any tool must spend end to end before it counts anything."""
+    rows, cols = tile_shape(None, m, m, torch.device("cpu"))
+    code = ("import numpy as np, torch\n"  # bare_gemm's loop, inline: importing this module costs more
+            f"z = np.load({str(npz)!r})\n"
+            f"q, ct = torch.as_tensor(z['image_emb'][:{m}]), torch.as_tensor(z['report_emb'][:{m}]).t()\n"
+            f"buf = torch.empty({rows}, {cols})\n"
+            f"for i in range(0, {m}, {rows}):\n"
+            f"    for j in range(0, {m}, {cols}):\n"
+            f"        w, r = min({cols}, {m} - j), min({rows}, {m} - i)\n"
+            f"        torch.matmul(q[i : i + r], ct[:, j : j + w], out=buf.view(-1)[: r * w].view(r, w))\n")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - t
 
 
 def evaluate_run(name: str, npz: Path, out_dir: Path) -> tuple[float, dict]:
@@ -209,6 +228,10 @@ def bench_m(m: int, args, dev: torch.device, rows: list, tmp: Path) -> None:
             row(f"`evaluate.py` {' '.join(SETTINGS[name][0])} (same numbers as in process: {same})", t_ev, t_ref, ld_ev)
     row(f"bare GEMM, tiles {tile[0]:,} x {tile[1]:,} ({len(gemm)} runs: {min(gemm):.1f}-{max(gemm):.1f} s)", gemm,
         gemm, gemm_load)
+    if not args.no_evaluate and dev.type == "cpu":
+        t_ref = timed(lambda: bare_gemm(img, rep), dev)[0]
+        row("bare script end to end: Python, import torch, load the npz, bare GEMM", [bare_script(npz, m)], [t_ref],
+            [load()])
     if not args.quick:
         t_rows, _ = timed(lambda: full_row_gemm(img, rep), dev)
         row(f"previous loop: bare GEMM over full rows of {max(1, (1 << 25) // m)} queries", [t_rows],
@@ -224,7 +247,7 @@ def bench_m(m: int, args, dev: torch.device, rows: list, tmp: Path) -> None:
     row(f"bare GEMM, first {qe:,} queries", [t_ge], None, [load()])
     for fused in (False, True):
         t, _ = timed(lambda: rank_counts(img[:qe], rep, torch.arange(qe), fused=fused, **kw), dev)
-        row(f"counts, every direction, {'compiled' if fused else 'eager'}, first {qe:,} queries", [t], [t_ge], [load()])
+        row(f"counts, every direction, {'fused' if fused else 'eager'}, first {qe:,} queries", [t], [t_ge], [load()])
 
 
 def extras(args, dev: torch.device) -> None:
@@ -285,8 +308,8 @@ def main() -> None:
     dev = torch.device(args.device)
     print(f"# bench_audit  M={args.m}  D={args.d}  device={dev}")
     print(f"# machine: {describe()}")
-    print(f"# compiling the counting kernels in a fresh process: {compile_seconds(cold=False):.1f} s with inductor's "
-          f"cache warm, {compile_seconds(cold=True):.1f} s cold")
+    print(f"# fused counting kernels ({_backend(dev)}) ready in a fresh process: {compile_seconds(cold=False):.1f} s "
+          f"with their cache warm, {compile_seconds(cold=True):.1f} s cold")
     print("\n| M | step | seconds | x bare GEMM | load |\n|---:|---|---:|---:|---:|")
     rows: list = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -355,7 +355,7 @@ def audit_part(m: int, d: int, device: torch.device, chunk: int | None) -> dict[
     img = F.normalize(torch.randn(m, d, device=device, generator=g), dim=1)
     rep = F.normalize(img + 1.6 * 8 / d**0.5 * torch.randn(m, d, device=device, generator=g), dim=1)  # as make_data
     chunk = chunk or tile_shape(None, m, m, device)[0]  # the audit's own tile rows on this device
-    fused = _want_fused(st["fused"], m * m)
+    fused = _want_fused(st["fused"], m * m, device)
     groups = label_groups(labels, st["label_mapping"])
     qw = min(m, chunk + 7)  # warm-up (and compilation) on one full chunk and a remainder chunk
     t_warm, _ = timed(lambda: rank_counts(img[:qw], rep, torch.arange(qw), hardneg=(groups, patient, patient[:qw]),

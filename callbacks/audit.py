@@ -5,7 +5,7 @@ Both callbacks collect what ``validation_step`` / ``test_step`` return
 (audit.embeddings.validation_outputs: "image_emb", "report_emb", "labels", "study_idx", "patient_idx",
 "index"), gather it across ranks, drop the duplicates a padding DistributedSampler adds (by the dataset
 ``index``), sort by ``index`` (so the result does not depend on the world size), run the audit on rank 0
-(every ``every_n_epochs`` while fitting; always under ``trainer.validate`` and ``trainer.test``),
+(every ``every_n_epochs`` and at the last epoch while fitting; always under ``trainer.validate`` and ``trainer.test``),
 broadcast the scalars so every rank logs the same values (they can be monitored) and log them:
 validation under ``audit/...`` / ``probe/...``, the test stage under ``test/...``.
 
@@ -106,7 +106,9 @@ def _is_due(trainer: Trainer, every_n_epochs: int) -> bool:
         return False
     if trainer.state.fn != TrainerFn.FITTING:
         return True
-    return every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0
+    epoch = trainer.current_epoch + 1
+    # every n-th epoch, and the last one (so a sparse schedule still reports the trained model)
+    return every_n_epochs > 0 and (epoch % every_n_epochs == 0 or epoch == trainer.max_epochs)
 
 
 def _run_dir(trainer: Trainer, out_dir: str | None) -> str:

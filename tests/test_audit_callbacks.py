@@ -314,3 +314,21 @@ def test_evaluate_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="unknown label names"):
         evaluate(_eval_cfg([f"embeddings={npz}", "audit=probe", "audit.probe.eval_labels=[Pneumonitis]",
                             f"paths.output_dir={tmp_path}"]))
+
+
+def test_audits_run_every_nth_and_the_last_epoch_while_fitting() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from callbacks.audit import _is_due
+
+    def due(every: int, max_epochs: int, fn=TrainerFn.FITTING) -> list[int]:
+        return [e for e in range(max_epochs) if _is_due(SimpleNamespace(
+            sanity_checking=False, state=SimpleNamespace(fn=fn), current_epoch=e, max_epochs=max_epochs), every)]
+
+    assert due(1, 4) == [0, 1, 2, 3]
+    assert due(3, 6) == [2, 5] and due(3, 7) == [2, 5, 6]  # the last epoch always, once
+    assert due(10, 4) == [3]
+    assert due(0, 4) == []  # 0: never while fitting
+    assert due(0, 2, TrainerFn.TESTING) == [0, 1]  # trainer.test / validate: always

@@ -4,6 +4,8 @@ exact in float32 whatever the kernel, which makes ties deliberate and reproducib
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -342,16 +344,20 @@ def test_rank_counts_exclude_across_tiles():
         assert r["ties"][i] == (scores[i][keep] == ts).sum() - (scores[i, drop] == ts).sum()
 
 @pytest.mark.slow
-def test_fused_counts_equal_eager(monkeypatch):
-    # torch.compile of the counting step (seconds to compile): same comparisons, same counts, on
-    # every view (the kernels otherwise leave the small ones to eager counting).
+@pytest.mark.parametrize("backend", ["numba", "inductor"])
+def test_fused_counts_equal_eager(monkeypatch, backend):
+    # The fused kernels (numba, the CPU's; torch.compile, the accelerators', here on the CPU): same
+    # comparisons, same counts, on every view (they otherwise leave the small ones to eager counting).
     monkeypatch.setattr(counting, "_SMALL", 0)
+    monkeypatch.setitem(counting._BACKEND, "cpu", backend)
     img, rep, st, sp, labels = _cohort(seed=8, n_studies=300, extra_views=200, n_patients=120)
     hn = (label_groups(labels), torch.tensor(sp), torch.tensor(sp[st]))
     args = (torch.tensor(img), torch.tensor(rep), torch.tensor(st))
     sub = (np.arange(300) % 3 == 0, torch.tensor((st // 3) * 3))  # every third study stands for its text
     kw = dict(hardneg=hn, subset=sub, reverse=True, chunk_size=(97, 130))
-    fused = rank_counts(*args, fused=True, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fused counting unavailable")  # no silent eager fallback
+        fused = rank_counts(*args, fused=True, **kw)
     eager = rank_counts(*args, fused=False, **kw)
     assert int(eager["ties"].sum()) > 0 and int(eager["hn_ties"].sum()) > 0 and int(eager["rev_ties"].sum()) > 0
     for k in eager:
