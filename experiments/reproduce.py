@@ -3,8 +3,19 @@
     python -m experiments.reproduce --scale tiny                 # ~3.5 min on 2 CPU cores (tests/test_reproduce.py runs it)
     python -m experiments.reproduce --scale small --seeds 3      # 600 patients at 64 px, ~1 h per seed
     python -m experiments.reproduce --scale full --seeds 3 --resume   # the configs' defaults, ~2.5 h per seed
+    python -m experiments.reproduce --scale paper --seeds 3 --resume --results RESULTS.md   # see below
 Writes <out>/<scale>/RESULTS.md, RESULTS_claims.png, runs.json and every run under <out>/<scale>/runs/
 (--out defaults to logs/reproduce; --results puts RESULTS.md elsewhere, e.g. the repository root).
+
+Scale `paper` decides the claims at the papers' pool sizes: the default training data (1,200 patients,
+128 px, the default epochs) with a MIMIC-like label structure (data.reader.label_profile=mimic) and
+4,500 extra test-only patients (~12,400 test studies: N = 100 / 1,000 / 10,000 / full are all real
+pools), the external cohort's test split enlarged the same way (1,000 extra patients). Runs resume
+one by one within a session (--resume, from <out>); across sessions a seed is the unit: when all of
+a seed's runs have finished, their audit JSONs and run records are kept in --keep (default
+experiments/results/<scale>/s<seed>/, committed), and a later `--resume` loads kept seeds instead of
+running them (their checkpoints are not needed any more). `--render-only` writes RESULTS.md from the
+kept seeds alone.
 
 Every number comes from `train.train()` / `evaluate.evaluate()` on configs composed from configs/
 (the row names its overrides) and is read back from the audit JSON they write
@@ -57,12 +68,17 @@ SCALES: dict[str, dict[str, Any]] = {
                   dp_batch=64, batch=64, n_boot=200, probe_boot=100, probe_train=2000, directions=None),
     "full": dict(patients=None, ext_patients=None, image=None, epochs=None, train_batches=None, stage1_epochs=None,
                  dp_epochs=None, dp_batch=None, batch=None, n_boot=None, probe_boot=None, probe_train=None, directions=None),
+    "paper": dict(patients=None, ext_patients=None, image=None, epochs=None, train_batches=None, stage1_epochs=None,
+                  dp_epochs=None, dp_batch=None, batch=None, n_boot=None, probe_boot=None, probe_train=None, directions=None,
+                  test_patients=4500, ext_test_patients=1000, label_profile="mimic"),
 }
+# Keep-state across sessions: scales whose finished seeds are kept by default (experiments/results/<scale>).
+KEEP_BY_DEFAULT = ("paper",)
 # Wall time on 2 CPU cores shared with other jobs, per seed. tiny: measured (3.5 min). small: one
 # bert_encoder stage-2 run measured at 4.5 min; ~11 runs per seed (LLM runs heavier). full: the default
 # `python train.py` is sized at ~10 min; ~9 stage-1/2 runs per seed plus DP and evaluations.
 RUNTIME_NOTE = {"tiny": "~3.5 min per seed (measured)", "small": "~1 h per seed (estimate)",
-                "full": "~2.5 h per seed (estimate)"}
+                "full": "~2.5 h per seed (estimate)", "paper": "~1 h per seed (to be measured)"}
 
 
 def _kv(key: str, value: Any) -> list[str]:
@@ -77,8 +93,10 @@ def scale_overrides(scale: dict[str, Any], kind: str) -> list[str]:
         ov += ["logger=csv"]
     if kind == "evaluate":
         ov = ["data=synthcxr_external", *_kv("data.reader.num_patients", s["ext_patients"])]
+        ov += _kv("data.reader.test_patients", s.get("ext_test_patients"))
     else:
-        ov += _kv("data.reader.num_patients", s["patients"])
+        ov += _kv("data.reader.num_patients", s["patients"]) + _kv("data.reader.test_patients", s.get("test_patients"))
+    ov += _kv("data.reader.label_profile", s.get("label_profile"))
     ov += _kv("data.reader.image_size", s["image"]) + _kv("data.image_size", s["image"])
     if kind == "stage2":
         ov += _kv("trainer.max_epochs", s["epochs"]) + _kv("trainer.limit_train_batches", s["train_batches"])
@@ -88,6 +106,7 @@ def scale_overrides(scale: dict[str, Any], kind: str) -> list[str]:
     if kind == "dp":
         ov += _kv("trainer.max_epochs", s["dp_epochs"]) + _kv("data.batch_size", s["dp_batch"])
         ov += _kv("public_cohort.reader.num_patients", s["ext_patients"])
+        ov += _kv("public_cohort.reader.label_profile", s.get("label_profile"))
         if s["dp_epochs"] is not None:
             ov += [f"trainer.check_val_every_n_epoch={max(1, s['dp_epochs'])}"]
     if kind in ("stage2", "dp"):
@@ -305,9 +324,10 @@ def compare(a: list[dict | None], b: list[dict | None], value: str = "value", ci
 
 
 class Reproduction:
-    def __init__(self, scale: str, seeds: list[int], out: Path, resume: bool, epsilon: float):
+    def __init__(self, scale: str, seeds: list[int], out: Path, resume: bool, epsilon: float, keep: Path | None = None):
         self.scale_name, self.scale = scale, SCALES[scale]
         self.seeds, self.out, self.resume, self.epsilon = seeds, out, resume, epsilon
+        self.keep = keep
         self.avail = availability()
         self.runs: dict[str, Run] = {}
         self.aliases: set[str] = set()  # names that point at another run (not listed twice)
@@ -322,8 +342,57 @@ class Reproduction:
         self.runs[name] = r
         return r
 
+    # ------------------------------------------------------------------ kept seeds (resume across sessions)
+
+    def load_kept(self, s: int) -> bool:
+        """Load seed ``s`` from --keep (its runs' records and audit JSONs) if it was kept."""
+        from audit.result import load_result
+
+        if self.keep is None or not (self.keep / f"s{s}" / "runs.json").exists():
+            return False
+        d = self.keep / f"s{s}"
+        man = json.loads((d / "runs.json").read_text())
+        for rec in man["runs"]:
+            r = Run(rec["name"], rec["entry"], rec["overrides"], rec["sizing"], self.out / "runs" / rec["name"],
+                    error=rec["error"], seconds=rec["seconds"], extra=rec.get("extra", {}))
+            if rec.get("audit_json"):
+                r.result = load_result(d / rec["audit_json"])
+            self.runs[r.name] = r
+        for alias, target in man["aliases"].items():
+            self.runs[alias] = self.runs[target]
+            self.aliases.add(alias)
+        log.info("seed %d: loaded %d kept runs from %s", s, len(man["runs"]), d)
+        return True
+
+    def keep_seed(self, s: int) -> None:
+        """Copy seed ``s``'s audit JSONs and run records into --keep, once every run has finished (a run
+        that failed is retried by the next --resume instead of being kept)."""
+        if self.keep is None:
+            return
+        names = [n for n in self.runs if n.endswith(f"/s{s}") and n not in self.aliases]
+        failed = [n for n in names if self.runs[n].error and not self.runs[n].error.startswith("not available")]
+        if failed:
+            log.warning("seed %d not kept: %s failed", s, ", ".join(failed))
+            return
+        d = self.keep / f"s{s}"
+        d.mkdir(parents=True, exist_ok=True)
+        recs = []
+        for n in names:
+            r = self.runs[n]
+            rec = {"name": n, "entry": r.entry, "overrides": [o.replace(str(self.out), "<out>") for o in r.overrides],
+                   "sizing": r.sizing, "error": r.error, "seconds": round(r.seconds, 1), "extra": r.extra, "audit_json": None}
+            if r.result is not None:
+                rec["audit_json"] = n.replace("/", "__") + ".json"
+                (d / rec["audit_json"]).write_text(audit_json_path(r).read_text())
+            recs.append(rec)
+        aliases = {a: self.runs[a].name for a in self.aliases if a.endswith(f"/s{s}")}
+        (d / "runs.json").write_text(json.dumps({"scale": self.scale_name, "runs": recs, "aliases": aliases}, indent=1))
+        log.info("seed %d kept in %s", s, d)
+
     def execute_all(self) -> None:
         for s in self.seeds:
+            if self.resume and self.load_kept(s):
+                continue
             seed = f"seed={s}"
             self.run(f"generic/s{s}", "train", ["experiment=generic_text", seed], "stage2")
             self.run(f"bert/s{s}", "train", ["model=bert_encoder", seed], "stage2")
@@ -371,8 +440,14 @@ class Reproduction:
                     self.skip(name, f"no checkpoint ({src.error or src.ckpt})")
                 else:
                     self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=all", f"seed={s}"], "evaluate")
+            self.keep_seed(s)
 
     # ------------------------------------------------------------------ claims -> markdown
+
+    def seed_minutes(self) -> str:
+        """Summed run time of each seed (kept seeds: as recorded when they ran)."""
+        return ", ".join(f"s{s} {sum(r.seconds for n, r in self.runs.items() if n.endswith(f'/s{s}') and n not in self.aliases) / 60:.0f} min"
+                         for s in self.seeds)
 
     def results(self, prefix: str) -> list[dict | None]:
         return [self.runs[f"{prefix}/s{s}"].result for s in self.seeds]
@@ -477,6 +552,17 @@ class Reproduction:
             if key != "generic":
                 ok3.append(xs.lo > 1.0 and 1 or (-1 if xs.hi < 1.0 else 0))
         verdict3 = ci_verdict(ok3)
+        lines += ["", "Effective pools at every N: a pool is the query's label group less its own patient, so it is "
+                  "smaller than N wherever the group is (mean over queries, averaged over seeds).", "",
+                  "| text tower | N | mean effective pool | hard-neg R@1 × effective chance |", "|---|---|---:|---:|"]
+        for key, title in towers:
+            res = self.results(key)
+            for n_ in pool_sizes(next((r for r in res if r), None), "hardneg/i2t"):
+                rows = [recall(r, "hardneg/i2t", n=n_) for r in res]
+                xs = stat(rows, "x_chance", "x_chance_ci")
+                pools = [r["effective_pool_mean"] for r in rows if r and r.get("effective_pool_mean") is not None]
+                if xs and pools:
+                    lines.append(f"| {title} | {n_} | {sum(pools) / len(pools):,.0f} | {xs.fmt(pct=False, digits=2)} |")
         lines += ["", f"- Verdict (trained towers' hard-negative × chance CI above 1): **{verdict3}**.", ""]
         summary.append(("3. signal persists under hard negatives", verdict3, "hardneg/i2t R@1 × effective chance",
                         f"{self.cfg_of('bert')}, {self.cfg_of('llm')} (audit hardneg)"))
@@ -578,7 +664,8 @@ class Reproduction:
             "# Reproduction on the synthetic cohort", "",
             f"`python -m experiments.reproduce --scale {self.scale_name} --seeds {len(self.seeds)}` — seeds {self.seeds}, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()} ({os.cpu_count()} CPUs), "
-            f"total {seconds / 60:.1f} min (expected: {RUNTIME_NOTE[self.scale_name]}).", "",
+            f"this invocation {seconds / 60:.1f} min; runs per seed: {self.seed_minutes()} "
+            f"(expected: {RUNTIME_NOTE[self.scale_name]}).", "",
             f"Scale `{self.scale_name}` adds these overrides to every stage-2 run: "
             f"`{' '.join(scale_overrides(self.scale, 'stage2')) or '(none)'}` (stage 1, DP and evaluate.py runs get the "
             "matching data sizes). Each row's config is the command that made it, plus these. A claim that does not "
@@ -651,6 +738,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", default=str(ROOT / "logs" / "reproduce"), help="runs go to <out>/<scale>/runs/")
     ap.add_argument("--results", default=None, help="RESULTS.md path (default <out>/<scale>/RESULTS.md)")
     ap.add_argument("--resume", action="store_true", help="reuse runs whose audit JSON already exists")
+    ap.add_argument("--keep", default=None, help="keep finished seeds here (default: experiments/results/<scale> "
+                    f"for {', '.join(KEEP_BY_DEFAULT)}; 'none' to keep nothing)")
+    ap.add_argument("--render-only", action="store_true", help="write RESULTS.md from the kept seeds, run nothing")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -664,8 +754,15 @@ def main(argv: list[str] | None = None) -> Path:
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.scale == "tiny" else 3)))
     out = Path(args.out) / args.scale
     t0 = time.time()
-    rep = Reproduction(args.scale, seeds, out, args.resume, args.epsilon)
-    rep.execute_all()
+    keep = args.keep or (str(ROOT / "experiments" / "results" / args.scale) if args.scale in KEEP_BY_DEFAULT else None)
+    keep = None if keep in (None, "none") else Path(keep)
+    rep = Reproduction(args.scale, seeds, out, args.resume, args.epsilon, keep)
+    if args.render_only:
+        rep.seeds = [s for s in seeds if rep.load_kept(s)]
+        if not rep.seeds:
+            raise SystemExit(f"--render-only: no kept seed among {seeds} in {keep}")
+    else:
+        rep.execute_all()
     md, _ = rep.render(time.time() - t0)
     results = Path(args.results) if args.results else out / "RESULTS.md"
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,11 @@ def test_every_planned_config_composes(scale, tmp_path) -> None:
     for entry, overrides in planned(scale):
         cfg = rp.compose_cfg(f"{entry}.yaml", overrides, tmp_path)
         assert cfg.paths.output_dir == str(tmp_path)
-        if scale == "full":  # the full scale is the configs' own defaults: nothing shrunk
+        if scale in ("full", "paper"):  # the configs' own training sizes: nothing shrunk
             assert not any("num_patients" in o or "max_epochs" in o for o in overrides)
+        if scale == "paper":  # pools reaching N = 10,000 and a realistic label structure
+            assert cfg.data.reader.label_profile == "mimic"
+            assert cfg.data.reader.test_patients == (1000 if entry == "evaluate" else 4500)
 
 
 def test_generic_text_tower_is_frozen_at_init(compose_train) -> None:
@@ -74,8 +77,15 @@ def test_stats_and_comparisons() -> None:
 
 @pytest.mark.slow
 def test_tiny_reproduction_has_every_claim_row(tmp_path, cache_dir) -> None:
-    results = rp.main(["--scale", "tiny", "--out", str(tmp_path)])
+    keep = tmp_path / "keep"
+    results = rp.main(["--scale", "tiny", "--out", str(tmp_path), "--keep", str(keep)])
     md = results.read_text()
+    # Across sessions: a later --resume elsewhere (no checkpoints, no run folders) loads the kept seed
+    # instead of running it, and writes the same claims.
+    again = rp.main(["--scale", "tiny", "--out", str(tmp_path / "later"), "--keep", str(keep), "--resume"])
+    assert not (tmp_path / "later" / "tiny" / "runs").exists()
+    body = lambda text: text.split("## Summary", 1)[1].split("## Runs", 1)[0]  # noqa: E731
+    assert body(again.read_text()) == body(md)
     summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
     avail = rp.availability()
     for claim in CLAIMS:

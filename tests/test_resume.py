@@ -28,7 +28,8 @@ from tests.conftest import ROOT, TINY
 
 # Three short epochs; the audits with few bootstrap draws (they are not what is tested here).
 RUN = [*TINY, "trainer.max_epochs=3", "trainer.deterministic=true", "callbacks.relinkage_audit.n_boot=10",
-       "callbacks.linear_probe.n_boot=10", "callbacks.linear_probe.max_train_samples=64"]
+       "callbacks.linear_probe.n_boot=10", "callbacks.linear_probe.max_train_samples=64",
+       "callbacks.linear_probe.every_n_epochs=1"]  # every epoch: each one's probe must survive the resume
 TIMEOUT = 240
 
 
