@@ -280,3 +280,38 @@ def test_frozen_adapters_are_not_taken_for_base_weights(base_and_dm):
     full = BidirectionalLLMEncoder(dm.tokenizer, use_lora=False,
                                    **{k: v for k, v in tower_cfg(base).items() if k != "_target_"})
     assert full.external_state() is None
+
+
+def test_dp_checkpoint_on_an_llm_backbone_leaves_out_the_base(base_and_dm, tmp_path):
+    """The DP stage on a stage-2 checkpoint with an LLM tower: its checkpoints hold the heads and the
+    stage-2 module's trained weights but not the frozen base (rebuilt from the base folder), and load
+    back (evaluate.py's load_module, and a strict Lightning resume) to the same encoder."""
+    from models.dp.module import DPAlignmentModule
+
+    base, dm = base_and_dm
+    L.seed_everything(0)
+    stage2 = DualTowerModule(**TOWERS, text_tower=tower_cfg(base), tokenizer=dm.tokenizer)
+    trainer = fit(stage2, dm, tmp_path)
+    s2 = tmp_path / "stage2.ckpt"
+    trainer.save_checkpoint(s2)
+
+    dp = DPAlignmentModule(backbone_ckpt=str(s2), dp={"enabled": False})
+    ckpt = {"state_dict": dp.state_dict(), "hyper_parameters": dict(dp.hparams)}
+    dp.on_save_checkpoint(ckpt)
+    base_keys = {k for k in dp.state_dict() if k.startswith("backbone_module.text_tower.backbone.") and "lora_" not in k}
+    assert base_keys and not base_keys & set(ckpt["state_dict"])  # no base weight stored
+    assert set(ckpt["cxr_relink"]["external_weights"]) == {"backbone_module.text_tower"}
+
+    ckpt["pytorch-lightning_version"] = L.__version__
+    torch.save(ckpt, tmp_path / "dp.ckpt")
+    loaded = load_module(tmp_path / "dp.ckpt")
+    batch = next(iter(dm.eval_dataloader("test")))
+    dp.eval()
+    with torch.no_grad():
+        ref = dp.encode_reports(batch["input_ids"], batch["attention_mask"])
+        assert torch.equal(loaded.encode_reports(batch["input_ids"], batch["attention_mask"]), ref)
+    # A resume loads strictly: on_load_checkpoint puts the base back from the folder.
+    resumed = DPAlignmentModule(backbone_ckpt=str(s2), dp={"enabled": False})
+    again = torch.load(tmp_path / "dp.ckpt", weights_only=True)
+    resumed.on_load_checkpoint(again)
+    resumed.load_state_dict(again["state_dict"], strict=True)

@@ -54,7 +54,8 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.validators import ModuleValidator
 
 from audit.embeddings import validation_outputs
-from models.checkpoint import KEY, import_module_class, load_checkpoint_dict, load_module, plain, save_extras
+from models.checkpoint import (KEY, import_module_class, load_checkpoint_dict, load_module, plain,
+                               restore_external_weights, save_extras)
 from models.dp.accounting import (
     ACCOUNTANTS,
     accountant_state,
@@ -678,7 +679,9 @@ class DPAlignmentModule(L.LightningModule):
             for k in [k for k in sd if k.startswith("backbone_module.")]:
                 del sd[k]
         elif self.tokenizer is not None:
-            save_extras(self, checkpoint)
+            # A stage-2 backbone with an LLM tower: its frozen base weights are rebuilt from the base
+            # folder (fingerprint checked), not copied into every DP checkpoint (GBs for a real LLM).
+            save_extras(self, checkpoint, strip_external=True)
         if self.dp_enabled and self._accountant is not None:
             self._epsilon_spent = self.epsilon_spent()
         checkpoint["dp_state"] = plain(self.dp_state())
@@ -690,6 +693,7 @@ class DPAlignmentModule(L.LightningModule):
             if saved.get("checkpoint_sha256") not in (None, self._external.fingerprint):
                 raise ValueError("this DP checkpoint was trained on a model whose files differ from model.external.path")
             checkpoint["state_dict"].update({f"backbone_module.{k}": v for k, v in self.backbone_module.state_dict().items()})
+        restore_external_weights(self, checkpoint)  # what save_extras(strip_external=True) left out (resume)
 
     # ---- the release in the existing model's own format ---------------------------------------------
     def on_fit_end(self) -> None:
