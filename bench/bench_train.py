@@ -321,12 +321,14 @@ def main() -> None:
           f"({c_light / steps * 1000:.0f} vs {c_bare / steps * 1000:.0f} CPU-ms/step) | ≤ 1.1× |")
     print(f"| (c) validation + audits + probe ÷ training part of the epoch | {t_val[0] / t_train[0]:.1%} "
           f"({t_val[0]:.2f} s / {t_train[0]:.2f} s) | ≤ 10% |")
-    # The probe runs every n-th and the last epoch (callbacks.audit._is_due): its share over the
-    # default run's epochs, with the rest of validation every epoch.
+    # The probe runs on the epochs callbacks.audit.due_epoch picks: its share over the default run's
+    # epochs, with the rest of validation every epoch.
+    from callbacks.audit import due_epoch
+
     probe_wall = sum(w for k, w in clock.wall.items() if k.startswith("LinearProbe.run_audit") or
                      k.startswith("LinearProbe.write"))
     epochs, every = int(cfg.trainer.max_epochs), int(cfg.callbacks.linear_probe.every_n_epochs or 0)
-    due = 0 if every <= 0 else sum(1 for e in range(1, epochs + 1) if e % every == 0 or e == epochs)
+    due = sum(due_epoch(e, every, epochs) for e in range(1, epochs + 1))
     t_avg = t_val[0] - probe_wall + probe_wall * due / epochs
     print(f"| (c) the same averaged over the run's {epochs} epochs (probe on {due} of them: every "
           f"{every}th and the last) | {t_avg / t_train[0]:.1%} ({t_avg:.2f} s / {t_train[0]:.2f} s) | ≤ 10% |")

@@ -106,9 +106,13 @@ def _is_due(trainer: Trainer, every_n_epochs: int) -> bool:
         return False
     if trainer.state.fn != TrainerFn.FITTING:
         return True
-    epoch = trainer.current_epoch + 1
-    # every n-th epoch, and the last one (so a sparse schedule still reports the trained model)
-    return every_n_epochs > 0 and (epoch % every_n_epochs == 0 or epoch == trainer.max_epochs)
+    return due_epoch(trainer.current_epoch + 1, every_n_epochs, trainer.max_epochs)
+
+
+def due_epoch(epoch: int, every_n_epochs: int, max_epochs: int | None) -> bool:
+    """Whether the 1-based ``epoch`` of a fit is audited: every n-th, and the last one (so a sparse
+    schedule still reports the trained model); never for n <= 0."""
+    return every_n_epochs > 0 and (epoch % every_n_epochs == 0 or epoch == max_epochs)
 
 
 def _run_dir(trainer: Trainer, out_dir: str | None) -> str:

@@ -59,6 +59,14 @@ def base_and_dm(tmp_path):
     return base, dm
 
 
+def saved_stage2(base, dm, path):
+    """A stage-2 module with the base's LLM tower, trained two steps and saved to ``path`` by Lightning."""
+    L.seed_everything(0)
+    module = DualTowerModule(**TOWERS, text_tower=tower_cfg(base), tokenizer=dm.tokenizer)
+    fit(module, dm, path.parent).save_checkpoint(path)
+    return module
+
+
 def fit(module, dm, root, steps=2):
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=1, logger=False, enable_progress_bar=False,
                         default_root_dir=root, enable_model_summary=False, num_sanity_val_steps=0)
@@ -175,11 +183,8 @@ def test_ko2025_preset_composes_and_builds(tmp_path):
 
 def test_checkpoint_stores_only_trained_weights_and_checks_the_base(base_and_dm, tmp_path):
     base, dm = base_and_dm
-    L.seed_everything(0)
-    module = DualTowerModule(**TOWERS, text_tower=tower_cfg(base), tokenizer=dm.tokenizer)
-    trainer = fit(module, dm, tmp_path)
     path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
+    module = saved_stage2(base, dm, path)
     ckpt = load_checkpoint_dict(path)
     stored = set(ckpt["state_dict"])
     full = module.state_dict()
@@ -289,11 +294,8 @@ def test_dp_checkpoint_on_an_llm_backbone_leaves_out_the_base(base_and_dm, tmp_p
     from models.dp.module import DPAlignmentModule
 
     base, dm = base_and_dm
-    L.seed_everything(0)
-    stage2 = DualTowerModule(**TOWERS, text_tower=tower_cfg(base), tokenizer=dm.tokenizer)
-    trainer = fit(stage2, dm, tmp_path)
     s2 = tmp_path / "stage2.ckpt"
-    trainer.save_checkpoint(s2)
+    saved_stage2(base, dm, s2)
 
     dp = DPAlignmentModule(backbone_ckpt=str(s2), dp={"enabled": False})
     ckpt = {"state_dict": dp.state_dict(), "hyper_parameters": dict(dp.hparams)}
