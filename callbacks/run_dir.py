@@ -76,11 +76,13 @@ def check_run_dir(run_dir: str | Path, resume_ckpt: str | Path | None = None) ->
                 old.rename(run_dir / f".hydra.before_resume_{k}")
             log.info("resuming in %s from %s", run_dir, ckpt)
             return
+    # Resuming is offered only where there is something to resume (a run's last.ckpt).
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = f", or resume training in place with ckpt_path={last}" if last.exists() else ""
     raise FileExistsError(
         f"run directory {run_dir} already holds another run's outputs "
         f"({', '.join(sorted(held)[:5])}); a second run there would interleave "
-        "with it. Choose a new hydra.run.dir (the default is timestamped), delete the old one, or resume "
-        f"training in place with ckpt_path={run_dir}/checkpoints/last.ckpt"
+        f"with it. Choose a new hydra.run.dir (the default is timestamped to the microsecond), delete the old one{resume}"
     )
 
 

@@ -108,6 +108,32 @@ def test_run_dir_guard(tmp_path) -> None:
     assert not (run / ".hydra").exists()
 
 
+@pytest.mark.parametrize("config_name", ["train.yaml", "evaluate.yaml"])
+def test_runs_started_in_the_same_second_get_two_folders(config_name, tmp_path) -> None:
+    """The default run and multirun folders are told apart below the second (two `python train.py &`
+    in one second used to share one folder, and the second was refused)."""
+    import re
+    from datetime import datetime
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+
+    compose_config(config_name, [], tmp_path)
+    node = OmegaConf.to_container(HydraConfig.get(), resolve=False)
+    for key in ("run", "sweep"):
+        pattern = re.fullmatch(r".*\$\{now:([^}]*)\}", node[key]["dir"]).group(1)
+        a, b = (datetime(2026, 12, 5, 13, 7, 26, us).strftime(pattern) for us in (1000, 2000))
+        assert a != b, f"hydra.{key}.dir: two starts 1 ms apart give the same folder {a}"
+    # and the guard offers a resume only where a run left a checkpoint to resume from
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    with pytest.raises(FileExistsError) as e:
+        check_run_dir(run)
+    assert "ckpt_path" not in str(e.value)
+
+
 def test_second_cli_run_into_a_used_folder_is_refused_before_writing(tmp_path) -> None:
     run = tmp_path / "run"
     run.mkdir()
