@@ -12,6 +12,10 @@ A study is the directory of its images (train/patient00001/study1). The label fi
 `label_file` (null: blank labels); labels are joined on path_to_image and mapped by name.
 CheXpert Plus has no test split: use split_policy=hash for patient-level splits, or
 split_policy=test to evaluate on the whole cohort as an external test set.
+Reports may exceed csv's default field limit (131,072 characters); the reader raises it
+(reader_utils.CSV_FIELD_LIMIT). The CSV next to a `.gz` copy of itself is refused (they may differ).
+A label file none of whose path_to_image keys is in the CSV is refused; partial matches are counted.
+Section columns (or report sections) holding only `___` marks are empty.
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ from datamodules.reader_utils import (
     InputIssues,
     apply_uncertainty,
     bad_utf8,
+    check_label_join,
     check_label_names,
     clean,
+    find_file,
     open_text,
     read_csv_rows,
 )
 from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from datamodules.report_sections import parse_report
+from datamodules.report_sections import parse_report, section_text
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +138,9 @@ class CheXpertPlusReader(CohortReader):
         return str(cands[0].resolve())
 
     def _read(self, issues: InputIssues) -> tuple[list[Study], int]:
-        csv_path = self.root / self.csv
-        if not csv_path.is_file() and (self.root / f"{self.csv}.gz").is_file():
-            csv_path = self.root / f"{self.csv}.gz"
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"chexpert_plus: expected {csv_path}")
+        csv_path = find_file(self.root, self.csv, required=False)
+        if csv_path is None:
+            raise FileNotFoundError(f"chexpert_plus: expected {self.root / self.csv}")
         labels = self._labels(issues)
 
         rows_by_study: dict[str, list[tuple[int, dict[str, str]]]] = {}
@@ -149,6 +153,10 @@ class CheXpertPlusReader(CohortReader):
                 continue
             seen[rel] = line
             rows_by_study.setdefault(study, []).append((line, row))
+
+        if self.label_file:
+            # Against every image row of the CSV (CheXbert keys are path_to_image).
+            check_label_join("chexpert_plus", self.root / self.label_file, list(labels), list(seen), unit="image")
 
         studies: list[Study] = []
         n_no_view = n_no_label = 0
@@ -163,15 +171,18 @@ class CheXpertPlusReader(CohortReader):
                 continue
             # Report and sections are per study; every image row repeats them.
             report = first["report"]
-            findings, impression = clean(first["section_findings"]), clean(first["section_impression"])
-            if not clean(report) and not findings and not impression:
+            # A section column of only "___" marks is an empty section.
+            findings, impression = section_text(first["section_findings"]), section_text(first["section_impression"])
+            if not clean(report) and not clean(first["section_findings"]) and not clean(first["section_impression"]):
                 issues.problem(where, "empty report", key=study)
                 continue
             used_fallback = False
             if not findings and not impression:
                 parsed = parse_report(report)
                 if not parsed.has_text:
-                    issues.problem(where, "empty report (section headers only)", key=study)
+                    marks = parsed.deid_only or not clean(report)  # only the section columns held text: marks
+                    why = "de-identification marks only" if marks else "section headers only"
+                    issues.problem(where, f"empty report ({why})", key=study)
                     continue
                 findings, impression, used_fallback = parsed.findings, parsed.impression, parsed.used_fallback
                 if not findings and not impression:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from datamodules.reader_utils import grey_uint8
 from datamodules.records import SPLITS, Study
 from datamodules.text import build_tokenizer
 
@@ -47,13 +48,8 @@ def load_image(ref: Any, where: str) -> np.ndarray:
         return ref
     try:
         with Image.open(ref) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                # 16-bit / float radiographs: PIL's convert("L") would saturate them; rescale the
-                # image's own range to 0..255 instead.
-                a = np.asarray(im, dtype=np.float64)
-                lo, hi = float(a.min()), float(a.max())
-                return np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-            return np.asarray(im.convert("L"))
+            # One rule for every bit depth (16-bit scaled by its format's range, not stretched).
+            return grey_uint8(im, f"{where}: image file {ref}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image file {ref} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:

@@ -9,7 +9,10 @@ Expected under `root` (MIMIC-CXR-JPG; `.csv` or `.csv.gz`):
 and the reports (MIMIC-CXR `mimic-cxr-reports.zip`, unzipped) under `reports_root` (default: root):
     files/p10/p10000032/s50414267.txt
 Label columns are mapped by name, never by position. Studies absent from the label file get blank
-(NaN) labels, as in the official release. Sections come from `report_sections.parse_report`.
+(NaN) labels, as in the official release (a warning counts them, and label rows naming no study);
+a label file none of whose study_ids is in the metadata is refused. A `.csv` next to its `.csv.gz`
+is refused (they may differ). Sections come from `report_sections.parse_report`; a report holding
+only headers or `___` marks is empty.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from datamodules.reader_utils import (
     DataError,
     InputIssues,
     apply_uncertainty,
+    check_label_join,
     clean,
     find_file,
     read_csv_rows,
@@ -123,8 +127,12 @@ class MimicCXRReader(CohortReader):
                 except ValueError as e:
                     issues.problem(where, f"bad label value ({e})", key=study)
 
+        if label_path is not None:
+            # Against every study in the metadata (before the view filter).
+            check_label_join("mimic_cxr", label_path, list(labels), list(images))
+
         studies: list[Study] = []
-        n_no_view = n_no_label = 0
+        n_no_view = 0
         for study, imgs in images.items():
             if study in issues.skipped:
                 continue
@@ -150,7 +158,8 @@ class MimicCXRReader(CohortReader):
                 issues.problem(f"{report_path}", "empty report", key=study)
                 continue
             if not parsed.has_text:
-                issues.problem(f"{report_path}", "empty report (section headers only)", key=study)
+                why = "de-identification marks only" if parsed.deid_only else "section headers only"
+                issues.problem(f"{report_path}", f"empty report ({why})", key=study)
                 continue
             if not self.fallback_last_paragraph and (parsed.used_fallback or not (parsed.findings or parsed.impression)):
                 issues.problem(f"{report_path}", "section-less report (no FINDINGS or IMPRESSION)", key=study)
@@ -169,7 +178,6 @@ class MimicCXRReader(CohortReader):
                 continue
             lab = labels.get(study)
             if lab is None:
-                n_no_label += 1
                 lab = np.full(NUM_LABELS, np.nan, dtype=np.float32)
             studies.append(
                 Study(
@@ -192,6 +200,4 @@ class MimicCXRReader(CohortReader):
             )
         if n_no_view:
             log.info("mimic_cxr: %d studies have no image with a view in %s; dropped", n_no_view, self.views)
-        if n_no_label:
-            log.info("mimic_cxr: %d studies have no row in the %s label file; labels blank", n_no_label, self.labeler)
         return studies, len(images)

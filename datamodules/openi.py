@@ -9,9 +9,11 @@ Two layouts, chosen by what is under `root`:
 2. R2Gen-style `annotation.json` ({"train"|"val"|"test": [{id, report, image_path: [...], split}]},
    or a plain list of such items), with images at `<images_dir>/<image_path>`; the report is one
    string, split into findings/impression with the MIMIC-style section parser when it has headers,
-   else all findings. Split names are mapped (validate/validation/valid -> val); an unknown name
-   raises unless `split_map` maps it (e.g. {dev: val}); items without any split are hash-split by
-   patient with a warning that counts them.
+   else all findings. Split names are mapped (validate/validation/valid -> val); an item's own
+   `split` field wins over the key of the list it is in, so a key that is no split name is harmless
+   when its items carry theirs; otherwise an unknown name raises unless `split_map` (or, for a key a
+   Hydra override cannot write, a JSON/YAML `split_map_file`) maps it (e.g. {dev: val}); items
+   without any split are hash-split by patient with a warning that counts them.
 
 Open-I has no patient ids (one study per de-identified patient is the published unit) and no split:
 patient_id = study id; splits by hash unless annotation.json gives them. It has no CheXpert labels
@@ -24,7 +26,9 @@ become audit queries; the reader says how many.
 Images: without `images_dir` on disk the reader runs reports-only (every study without images,
 for text-side stages such as experiment=text_adapt) and says so; the image-report datamodule then
 refuses with an error naming the missing directory instead of building an empty loader.
-`XXXX` (de-identification) is kept as written.
+`XXXX` (de-identification) is kept as written in the report; a section holding only `XXXX` marks or
+its own heading ("FINDINGS:") is an empty section, and a report with no other text is empty
+(`report_sections.section_text`; counted and skipped under the default on_error=skip).
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ from datamodules.reader_utils import (
     InputIssues,
     apply_uncertainty,
     bad_utf8,
+    check_label_join,
     clean,
     open_text,
     read_csv_rows,
 )
 from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from datamodules.report_sections import parse_report
+from datamodules.report_sections import DEID_MARK, parse_report, section_text
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +137,9 @@ class OpenIReader(CohortReader):
         projections_csv: optional CSV giving each image's view: (filename, projection) as in
             indiana_projections.csv, or (image_path, projection) keyed by annotation.json's paths.
         split_map: {name in annotation.json: train|val|test} for split names the reader does not
-            know (they raise otherwise).
+            know (they raise otherwise, unless every item under them has its own `split`).
+        split_map_file: the same map as a JSON or YAML file (relative to root or absolute), for keys
+            a Hydra override cannot write (blank or odd characters); merged with split_map.
         on_error: "skip" by default here: the published archive holds 28 reports (0.7%) with no
             section text at all, which are skipped as empty (within max_skip_fraction=0.01).
     """
@@ -148,6 +155,7 @@ class OpenIReader(CohortReader):
         labels_csv: str | None = None,
         projections_csv: str | None = None,
         split_map: dict[str, str] | None = None,
+        split_map_file: str | None = None,
         views: Sequence[str] | None = FRONTAL_VIEWS,
         on_error: str = "skip",
         keep_unknown_views: bool = True,
@@ -160,6 +168,7 @@ class OpenIReader(CohortReader):
         self.labels_csv = labels_csv
         self.projections_csv = projections_csv
         self.split_map = {str(k): str(v) for k, v in dict(split_map or {}).items()}
+        self.split_map_file = split_map_file
         bad = {k: v for k, v in self.split_map.items() if v not in SPLIT_NAMES.values()}
         if bad:
             raise ValueError(f"openi: split_map values must be train, val or test; got {bad}")
@@ -216,16 +225,45 @@ class OpenIReader(CohortReader):
                 out[name] = view
         return out
 
-    def _split_name(self, name: str, where: str) -> str:
-        """A split name from annotation.json -> train|val|test (split_map first); unknown raises:
-        guessing (e.g. re-splitting "validation" by hash) silently moved val studies into train."""
+    def _load_split_map_file(self) -> None:
+        """Merge `split_map_file` (JSON or YAML {name: train|val|test}) into split_map."""
+        path = self._path(self.split_map_file)
+        if path is None:
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"openi: split_map_file {path} does not exist")
+        import yaml  # JSON is YAML; both keep quoted keys such as "    " exactly
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise DataError(f"openi: {path}: not a readable JSON/YAML map ({type(e).__name__})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"openi: {path}: expected a map of split name -> train|val|test")
+        loaded = {str(k): str(v) for k, v in data.items()}
+        bad = {k: v for k, v in loaded.items() if v not in SPLIT_NAMES.values()}
+        if bad:
+            raise DataError(f"openi: {path}: split map values must be train, val or test; got {bad}")
+        clash = {k: (v, self.split_map[k]) for k, v in loaded.items() if k in self.split_map and self.split_map[k] != v}
+        if clash:
+            raise DataError(f"openi: {path} and split_map disagree on {clash}")
+        self.split_map = {**loaded, **self.split_map}
+
+    def _known_split(self, name: str) -> str | None:
+        """A split name from annotation.json -> train|val|test (split_map first), None if unknown."""
         if name in self.split_map:
             return self.split_map[name]
-        ours = SPLIT_NAMES.get(name.strip().lower())
+        return SPLIT_NAMES.get(name.strip().lower())
+
+    def _split_name(self, name: str, where: str) -> str:
+        """`_known_split`, raising for an unknown name: guessing (e.g. re-splitting "validation" by
+        hash) silently moved val studies into train."""
+        ours = self._known_split(name)
         if ours is None:
             raise DataError(
                 f"openi: {where}: unknown split name {name!r}; known names are {sorted(SPLIT_NAMES)}. "
-                f"Map it with data.reader.split_map={{{name}: val}} (or train/test), or set "
+                f"Map it with data.reader.split_map={{{name}: val}} (or train/test); for a key an override "
+                "cannot write, data.reader.split_map_file=<JSON/YAML file of {name: split}>; or set "
                 "data.reader.split_policy=hash to re-split every study by patient"
             )
         return ours
@@ -244,13 +282,17 @@ class OpenIReader(CohortReader):
         else:
             raise DataError(f"openi: {ann}: expected an object of split -> list of studies, or a list of studies")
         use_names = self.split_policy in ("auto", "cohort")
+        if use_names:
+            self._load_split_map_file()
         n_missing = 0
         for split_key, items in groups:
             if not isinstance(items, list):
                 raise DataError(f"openi: {ann} [{split_key}]: expected a list of studies")
-            key_split = None
-            if split_key is not None and use_names:
-                key_split = self._split_name(split_key, f"{ann.name} [{split_key}]")
+            # A key that is no split name only matters for items without a split of their own.
+            key_split = self._known_split(split_key) if split_key is not None and use_names else None
+            if split_key is not None and use_names and key_split is None and items:
+                log.info("openi: %s: key %r is not a split name; its items' own split fields are used",
+                         ann.name, split_key)
             for i, it in enumerate(items):
                 where = f"{ann.name} [{split_key}][{i}]" if split_key is not None else f"{ann.name} [{i}]"
                 if not isinstance(it, dict) or it.get("id") in (None, ""):
@@ -266,7 +308,10 @@ class OpenIReader(CohortReader):
                 split = None
                 if use_names:
                     own = it.get("split")
-                    split = self._split_name(str(own), where) if own not in (None, "") else key_split
+                    if own not in (None, ""):
+                        split = self._split_name(str(own), where)
+                    elif split_key is not None:
+                        split = self._split_name(split_key, where)  # raises for a key that is no split name
                     if key_split is not None and split != key_split:
                         raise DataError(f"openi: {where}: split {own!r} contradicts the list it is in ({split_key!r})")
                     n_missing += split is None
@@ -328,18 +373,27 @@ class OpenIReader(CohortReader):
                 continue
             if from_xml:
                 sections = rec["sections"]
-                findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
+                # The report keeps every section as written (XXXX included); a section holding only
+                # XXXX marks or its own heading is empty for the sections and the emptiness test.
+                text = {k: section_text(v, heading=k) for k, v in sections.items()}
+                findings, impression = text.get("FINDINGS", ""), text.get("IMPRESSION", "")
                 report = report_from_sections(sections)
+                empty_why = None if any(text.values()) else (
+                    "empty report (de-identification marks only)" if DEID_MARK.search(report)
+                    else "empty report (section headers only)")
             else:
                 report = rec["report"]
                 parsed = parse_report(report)
                 has_headers = any(n in ("findings", "impression") for n, _ in parsed.sections)
                 findings, impression = (parsed.findings, parsed.impression) if has_headers else (clean(report), "")
-                if clean(report) and not parsed.has_text:
-                    issues.problem(where, "empty report (section headers only)", key=sid)
-                    continue
+                empty_why = None if parsed.has_text else (
+                    "empty report (de-identification marks only)" if parsed.deid_only
+                    else "empty report (section headers only)")
             if not clean(report):
                 issues.problem(where, "empty report", key=sid)
+                continue
+            if empty_why:
+                issues.problem(where, empty_why, key=sid)
                 continue
             if not findings and not impression:
                 # Published Open-I XMLs always have one of the two; keep such a study only if
@@ -392,10 +446,10 @@ class OpenIReader(CohortReader):
                     },
                 )
             )
-        if labels:
-            missing = sum(1 for st in studies if st.study_id not in labels)
-            if missing:
-                log.info("openi: %d studies have no row in labels_csv; labels blank", missing)
+        if self.labels_csv:
+            # Against every study in the files (before view and image filters): ids of another
+            # scheme would otherwise leave every label blank without a word.
+            check_label_join("openi", self._path(self.labels_csv), list(labels), list(seen))
         else:
             log.info("openi: no labels_csv: CheXpert labels are blank (Open-I ships none); "
                      "label-based audits cannot run")

@@ -1,5 +1,6 @@
 """What every real-cohort reader shares: view filter, uncertainty policy, splits, per-patient cap,
-image checks and the bad-input policy.
+image checks (and the one rule for reading pixels of any bit depth), the label-file join check and
+the bad-input policy.
 
 A reader subclasses `CohortReader`, implements `_read(issues) -> list[Study]` for its own layout,
 and gets the common options (and their validation) for free. `load()` is memoised: the datamodule
@@ -48,11 +49,23 @@ class DataError(ValueError):
 
 
 # ---- small file helpers -------------------------------------------------------------------------
+# Largest CSV field read (characters): far above any real report (MIMIC's longest is ~10k), low
+# enough that an unclosed quote fails with the row named instead of reading a whole file into memory.
+CSV_FIELD_LIMIT = 2**24
+
+
 def find_file(root: Path, name: str, required: bool = True) -> Path | None:
-    """`name` or `name.gz` under root (the official MIMIC CSVs ship gzipped; users often gunzip)."""
-    for cand in (root / name, root / f"{name}.gz"):
-        if cand.is_file():
-            return cand
+    """`name` or `name.gz` under root (the official MIMIC CSVs ship gzipped; users often gunzip).
+
+    Both present (e.g. after `gunzip -k`, or an edited copy next to the original) is refused: the
+    two may differ, and picking one silently would read whichever the code happened to prefer."""
+    plain, gz = root / name, root / f"{name}.gz"
+    found = [c for c in (plain, gz) if c.is_file()]
+    if len(found) == 2:
+        raise DataError(f"found both {plain} and {gz}; they may differ, so neither is chosen: "
+                        "remove or move the one not to be read")
+    if found:
+        return found[0]
     if required:
         raise FileNotFoundError(f"{root}: expected {name} or {name}.gz")
     return None
@@ -100,12 +113,19 @@ def read_csv_rows(
     without `issues`, raises DataError naming the file and line. `key` is a column name or a
     function of the (possibly short) row. `label_columns`: the header must name all 14 CheXpert labels.
     """
+    # csv's default field limit (131,072 characters) is below the longest real reports; raise it
+    # (process-wide, never lowered) to a bound that still stops an unclosed quote from swallowing
+    # the rest of a multi-GB file into one field.
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     with open_text(path) as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: empty file (no header row)") from None
+        except csv.Error as e:
+            raise DataError(f"{path} line 1: not a readable CSV header ({e})") from None
         if bad_utf8(*header):
             raise DataError(f"{path} line 1: header is not valid UTF-8")
         missing = [c for c in required_columns if c not in header]
@@ -115,7 +135,13 @@ def read_csv_rows(
             check_label_names(header, str(path))
         key_of = key if callable(key) else (lambda row: row.get(key)) if key else (lambda row: None)
         end = reader.line_num
-        for fields in reader:
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # e.g. a field over the limit: name the row where it starts
+                raise DataError(f"{path} line {end + 1}: {e} (an unclosed quote?)") from None
             start, end = end + 1, reader.line_num
             if not fields:  # blank line
                 continue
@@ -150,6 +176,31 @@ def check_label_names(names: Sequence[str], where: str) -> None:
         hint = f"; found similar names {near} (labels are matched by exact CheXpert name)" if near else ""
         raise DataError(f"{where}: missing label column(s)/key(s) {missing}{hint}; every CheXpert label must be "
                         "present (blank where unknown)")
+
+
+def check_label_join(cohort: str, path: Path, label_ids: Sequence[str], unit_ids: Sequence[str],
+                     unit: str = "study") -> None:
+    """A label file joins the cohort on an id: ids that match nothing blank every label silently.
+
+    None of `label_ids` among `unit_ids` (what the labels are keyed by: "study", or "image" for
+    CheXbert's path_to_image) raises DataError naming the file with a few ids from both sides (the
+    usual cause is another id scheme: "s50414267" for "50414267", another path prefix). Only some
+    matching is logged as a warning with both counts. Ids are de-identified keys, never report text."""
+    have, want = set(label_ids), set(unit_ids)
+    units = {"study": "studies"}.get(unit, unit + "s")
+    if not want:  # nothing read (every study skipped): the skip policy reports that
+        return
+    if not have & want:
+        raise DataError(
+            f"{cohort}: {path}: none of its {len(have)} label rows matches one of the {len(want)} {units} "
+            f"(label ids e.g. {sorted(have)[:3]}; {unit} ids e.g. {sorted(want)[:3]}); the ids must be written "
+            "exactly as the cohort writes them"
+        )
+    no_row, stray = len(want - have), sorted(have - want)
+    if no_row or stray:
+        log.warning("%s: %s: %d of %d %s have no label row (labels blank); %d of %d label rows match no %s%s",
+                    cohort, path.name, no_row, len(want), units, len(stray), len(have), unit,
+                    f" (e.g. {stray[:3]})" if stray else "")
 
 
 def clean(text: str | None) -> str:
@@ -208,17 +259,91 @@ def cap_studies_per_patient(studies: list[Study], cap: int | None, seed: int = 0
     return [st for i, st in enumerate(studies) if i in keep]
 
 
+# ---- pixels: one rule for every bit depth ---------------------------------------------------------
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
+# A 16-bit image whose values all stay below this would use at most 64 of the 256 grey levels once
+# scaled by 65535: 12- or 14-bit detector data in a 16-bit container that does not say so (a
+# radiograph's brightest pixels, bone and markers, sit near the top of its real range).
+UNDECLARED_LOW_BITS = 2**14
+
+
+class BitDepthError(ValueError):
+    """An image whose bit depth gives no defined 8-bit reading; `reason` is the message sans file."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.reason = reason
+
+
+def png_significant_bits(path: str) -> int | None:
+    """The grey-scale significant bits a PNG declares in its sBIT chunk (e.g. 12 for detector data
+    stored in 16 bits), or None. PIL does not read sBIT, so the chunks before IDAT are walked here."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                if kind == b"sBIT":
+                    data = f.read(length)
+                    return data[0] if data else None
+                f.seek(length + 4, 1)  # chunk data + CRC
+    except OSError:
+        return None
+
+
+def grey_uint8(im: Image.Image, source: str) -> np.ndarray:
+    """An opened image as an HxW uint8 grey-scale array, by one rule for every bit depth: a value is
+    scaled by the range of its format, v * 255 / (2**bits - 1), with bits = 8 for 8-bit images and
+    16 for 16-bit ones (or the significant bits a PNG declares in sBIT). Never a per-image min-max
+    stretch: that gave 16-bit copies of an image other values than its 8-bit copy, and made each
+    image's grey levels depend on its own darkest and brightest pixel (docs/cohorts.md, "Pixels").
+
+    Refused with BitDepthError (naming `source`): 32-bit integer and float images (no defined
+    range), values above the declared bits, and 16-bit images with every value below 2**14 and no
+    sBIT (12- or 14-bit data that would be scaled to a dark image of at most 64 grey levels)."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        a = np.asarray(im).astype(np.int64)
+        sbit = png_significant_bits(im.filename) if im.format == "PNG" and getattr(im, "filename", "") else None
+        bits = sbit if sbit and 1 <= sbit <= 16 else 16
+        top = int(a.max()) if a.size else 0
+        if top >= 2**bits:
+            raise BitDepthError(source, f"value {top} above the {bits} significant bits its PNG sBIT declares")
+        if sbit is None and top < UNDECLARED_LOW_BITS:
+            raise BitDepthError(
+                source,
+                f"16-bit image with every value below {UNDECLARED_LOW_BITS} (max {top}) and no PNG sBIT chunk: "
+                "12- or 14-bit data in a 16-bit container would read as a dark image of at most 64 grey levels. "
+                "Declare its bits (PNG sBIT) or rescale it to the full 16-bit range (e.g. 12-bit values x 16)",
+            )
+        # Integer arithmetic, rounding half up: exact (v*257 -> v for 8-bit data stored in 16 bits).
+        return ((a * 255 * 2 + (2**bits - 1)) // (2 * (2**bits - 1))).astype(np.uint8)
+    if im.mode in ("I", "F"):
+        raise BitDepthError(source, f"mode {im.mode} ({'32-bit integer' if im.mode == 'I' else 'floating-point'}) "
+                                    "image has no defined grey range; store radiographs as 8- or 16-bit")
+    return np.asarray(im.convert("L"))
+
+
 def verify_image(path: str) -> str | None:
-    """None if PIL decodes the whole file, else a short reason (no pixel data is printed).
+    """None if PIL decodes the whole file to a grey-scale array by `grey_uint8`'s rule, else a short
+    reason (no pixel data is printed).
 
     A full decode (`load()`), not PIL's `verify()`: verify only checks a JPEG's headers, so a
     truncated file would pass here and crash training mid-epoch."""
     try:
         with Image.open(path) as im:
             im.load()
+            grey_uint8(im, path)
         return None
     except FileNotFoundError:
         return "missing image file"
+    except BitDepthError as e:
+        return e.reason
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"corrupt image file ({type(e).__name__})"
 

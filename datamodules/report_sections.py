@@ -15,7 +15,9 @@ Behaves like the logic of the official MIMIC-CXR section parser (MIT-LCP/mimic-c
 Section text is returned whitespace-normalised (the 79-column wrapping joined back into lines).
 A report with no text beyond its headers (`has_text` False: MIMIC's "FINAL REPORT" banner and the
 one-line exam header block - EXAMINATION, INDICATION, TECHNIQUE, COMPARISON - do not count) is
-empty: readers treat it as an empty report.
+empty: readers treat it as an empty report. De-identification marks (MIMIC's `___`, Open-I's `XXXX`)
+and punctuation are no text either: a section or report holding only them is empty (`deid_only`
+says so), while the report itself keeps them as written.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class ParsedReport:
     last_paragraph: str = ""
     used_fallback: bool = False
     has_text: bool = False
+    deid_only: bool = False  # no text, but de-identification marks where text was (a readers' skip reason)
 
 
 def _clean(text: str) -> str:
@@ -112,6 +115,28 @@ def _clean(text: str) -> str:
 # The exam header block: one-line administrative sections. A report with text only there (and in
 # empty FINDINGS/IMPRESSION headers) says nothing about the image: it is empty.
 HEADER_BLOCK = frozenset({"examination", "indication", "technique", "comparison"})
+
+# De-identification marks: MIMIC writes "___", Open-I "XXXX" where text was removed. Neither (nor
+# the punctuation around them) is report text; text is what keeps a letter or digit without them.
+DEID_MARK = re.compile(r"_{2,}|X{3,}")
+_WORD = re.compile(r"[^\W_]")  # a letter or digit, in any script
+
+
+def has_words(text: str | None) -> bool:
+    """Whether `text` holds report text: a letter or digit once de-identification marks are removed."""
+    return bool(text) and _WORD.search(DEID_MARK.sub(" ", text)) is not None
+
+
+def section_text(text: str | None, heading: str = "") -> str:
+    """A section's text whitespace-normalised, or "" when it holds no words beyond de-identification
+    marks and its own heading repeated ("FINDINGS:" under FINDINGS, as some exports write)."""
+    body = _clean(text or "")
+    if heading:
+        body_wo = re.sub(rf"^\s*{re.escape(heading)}\s*:?", "", body, count=1, flags=re.IGNORECASE)
+        if not has_words(body_wo):
+            return ""
+    return body if has_words(body) else ""
+
 
 # MIMIC's banner line: part of the file layout, not report text.
 _BANNER = re.compile(r"^\s*FINAL REPORT\b\s*")
@@ -161,10 +186,12 @@ def parse_report(text: str) -> ParsedReport:
         out.by_name[name] = body  # last one of a name wins
     # "findings and impression" sections count as both when the separate ones are absent.
     combined = out.by_name.get("findings and impression", "")
-    out.findings = out.by_name.get("findings", "") or combined
-    out.impression = out.by_name.get("impression", "") or combined
-    content = [c for c in _content_by_paragraph(text) if c]
+    out.findings = section_text(out.by_name.get("findings", "")) or section_text(combined)
+    out.impression = section_text(out.by_name.get("impression", "")) or section_text(combined)
+    paragraphs = [c for c in _content_by_paragraph(text) if c]
+    content = [c for c in paragraphs if has_words(c)]
     out.has_text = bool(content)
+    out.deid_only = not content and any(DEID_MARK.search(c) for c in paragraphs)
     # The last paragraph that holds report text: "Lungs clear.\n\nIMPRESSION:" stands in as
     # "Lungs clear.", never as the literal header.
     out.last_paragraph = content[-1] if content else ""

@@ -540,7 +540,7 @@ def _item(i, split=None, **kw):
 def test_openi_annotation_split_names_raise_or_map(tmp_path, caplog):
     ann = _annotation(tmp_path, {"train": [_item(1, "train")], "dev": [_item(2, "dev"), _item(3, "dev")]})
     # before: "dev" was re-split by hash without a word (val studies moved into train)
-    with pytest.raises(DataError, match=r"annotation.json \[dev\]: unknown split name 'dev'.*split_map"):
+    with pytest.raises(DataError, match=r"annotation.json \[dev\]\[0\]: unknown split name 'dev'.*split_map"):
         OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load()
     mapped = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, split_map={"dev": "val"}).load())
     assert [mapped[f"CXR{i}_IM-{i}"].split for i in (1, 2, 3)] == ["train", "val", "val"]
@@ -749,3 +749,165 @@ def test_eval_dataloader_serves_chosen_items(tmp_path):
     assert len(dm.dataset("train")) == 3  # CXR1: two images, CXR2: one
     batch = next(iter(dm.eval_dataloader("train", indices=[2])))  # e.g. the probe's seeded subset
     assert batch["index"].tolist() == [2] and batch["image"].shape == (1, 1, 16, 16)
+
+
+# ---- issue 23: silent inputs that were still accepted ------------------------------------------------
+def test_label_ids_matching_no_study_are_refused(tmp_path, caplog):
+    root = make_mimic(tmp_path / "m", gz=False)
+    lab = root / "mimic-cxr-2.0.0-chexpert.csv"
+    rows = [line.split(",") for line in lab.read_text().splitlines()]
+    prefixed = [rows[0]] + [[r[0], "s" + r[1], *r[2:]] for r in rows[1:]]  # "s50414267": the directory name
+    lab.write_text("\n".join(",".join(r) for r in prefixed) + "\n")
+    # before: every label blank without a word
+    with pytest.raises(DataError, match=r"chexpert.csv: none of its 4 label rows matches one of the 5 studies "
+                                        r"\(label ids e\.g\. \['s50414267'.*study ids e\.g\. \['50414267'"):
+        MimicCXRReader(root=str(root)).load()
+    # some match: a warning with both counts (57375967 has no row; one row names no study)
+    lab.write_text("\n".join(",".join(r) for r in rows[:-1] + [[rows[-1][0], "59999999", *rows[-1][2:]]]) + "\n")
+    caplog.set_level(logging.INFO)
+    got = by_id(MimicCXRReader(root=str(root)).load())
+    assert np.isnan(got["51178377"].labels).all() and got["53189527"].labels[LABEL_INDEX["Pleural Effusion"]] == 1
+    assert ("mimic_cxr: mimic-cxr-2.0.0-chexpert.csv: 2 of 5 studies have no label row (labels blank); "
+            "1 of 4 label rows match no study (e.g. ['59999999'])") in caplog.text
+    # Open-I labels.csv keyed by another id scheme; CheXbert labels keyed by another path prefix
+    op = make_openi(tmp_path / "o")
+    (op / "labels.csv").write_text((op / "labels.csv").read_text().replace("CXR1,", "1,").replace("CXR2,", "2,"))
+    with pytest.raises(DataError, match=r"labels.csv: none of its 2 label rows matches one of the 3 studies "
+                                        r"\(label ids e\.g\. \['1', '2'\]; study ids e\.g\. \['CXR1', 'CXR10', 'CXR2'\]"):
+        OpenIReader(root=str(op), labels_csv="labels.csv", max_skip_fraction=0.5).load()
+    cxp = make_chexpert_plus(tmp_path / "c")
+    js = cxp / "chexbert_labels/impression_fixed.json"
+    js.write_text(js.read_text().replace('"path_to_image": "', '"path_to_image": "CheXpert-v1.0/'))
+    with pytest.raises(DataError, match=r"impression_fixed.json: none of its 3 label rows matches one of the 4 images "
+                                        r"\(label ids e\.g\. \['CheXpert-v1.0/train/patient00001"):
+        CheXpertPlusReader(root=str(cxp)).load()
+
+
+def test_deid_marks_only_and_heading_only_reports_are_empty(tmp_path, caplog):
+    root = make_mimic(tmp_path / "m")
+    (root / "files/p10/p10000935/s51178377.txt").write_text(
+        "                                 FINAL REPORT\n INDICATION:  ___\n\n FINDINGS:  ___.\n\n IMPRESSION:  ___, ___\n")
+    with pytest.raises(DataError, match=r"s51178377.txt: empty report \(de-identification marks only\)"):
+        MimicCXRReader(root=str(root)).load()
+    p = parse_report("FINDINGS: ___.\n\nIMPRESSION: No effusion since ___.")
+    assert p.has_text and p.findings == "" and p.impression == "No effusion since ___."
+    # Open-I XML: a section holding only XXXX or its own heading is an empty section
+    d = tmp_path / "o" / "ecgen-radiology"
+    d.mkdir(parents=True)
+    secs = {
+        1: {"COMPARISON": "XXXX, XXXX.", "INDICATION": "XXXX", "FINDINGS": "XXXX.", "IMPRESSION": "XXXX XXXX"},
+        2: {"COMPARISON": "", "INDICATION": "", "FINDINGS": "FINDINGS:", "IMPRESSION": "Impression:"},
+        3: {"COMPARISON": "XXXX", "INDICATION": "Cough", "FINDINGS": "XXXX", "IMPRESSION": "No active disease."},
+        4: {"COMPARISON": "", "INDICATION": "Chest pain", "FINDINGS": "Findings:", "IMPRESSION": ""},
+    }
+    for n, s in secs.items():
+        (d / f"{n}.xml").write_text(openi_xml(n, s, [], []))
+    caplog.set_level(logging.INFO)
+    got = by_id(OpenIReader(root=str(tmp_path / "o"), max_skip_fraction=0.9).load())
+    assert set(got) == {"CXR3"}  # before: all four kept, with "XXXX." / "FINDINGS:" as report text
+    assert got["CXR3"].findings == "" and got["CXR3"].impression == "No active disease."
+    assert got["CXR3"].report == "COMPARISON: XXXX\nINDICATION: Cough\nFINDINGS: XXXX\nIMPRESSION: No active disease."
+    assert "skipped 1 x empty report (de-identification marks only)" in caplog.text
+    assert "skipped 1 x empty report (section headers only)" in caplog.text
+    assert "skipped 1 x report without FINDINGS or IMPRESSION" in caplog.text
+    # R2Gen annotation.json and CheXpert Plus
+    ann = _annotation(tmp_path, {"train": [_item(1, "train", report="XXXX XXXX. XXXX.")]})
+    with pytest.raises(DataError, match=r"\[train\]\[0\]: empty report \(de-identification marks only\)"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, on_error="raise").load()
+    cxp = make_chexpert_plus(tmp_path / "c")
+    csv_path = cxp / "df_chexpert_plus_240401.csv"
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    col = {c: k for k, c in enumerate(rows[0])}
+    # the third image row (line 18): its report and both section columns hold only "___" marks
+    rows[3][col["report"]], rows[3][col["section_findings"]], rows[3][col["section_impression"]] = \
+        "IMPRESSION:\n___.", "___", "___."
+    write_csv(csv_path, rows[0], rows[1:])
+    with pytest.raises(DataError, match=r"csv line 18: empty report \(de-identification marks only\)"):
+        CheXpertPlusReader(root=str(cxp)).load()
+
+
+def test_chexpert_plus_report_longer_than_csv_default_field_limit(tmp_path, monkeypatch):
+    import datamodules.reader_utils as ru
+
+    root = make_chexpert_plus(tmp_path)
+    csv_path = root / "df_chexpert_plus_240401.csv"
+    long_findings = "THE LUNGS ARE CLEAR. " * 7000  # 147,000 characters > csv's default 131,072
+    csv_path.write_text(csv_path.read_text().replace("THE LUNGS ARE CLEAR.", long_findings))
+    # before: _csv.Error: field larger than field limit (131072), naming no file
+    got = by_id(CheXpertPlusReader(root=str(root)).load())
+    assert got["train/patient00001/study1"].findings == " ".join(long_findings.split())
+    # above the reader's own limit: a DataError naming the file and the row
+    monkeypatch.setattr(ru, "CSV_FIELD_LIMIT", 140_000)
+    old = ru.csv.field_size_limit(140_000)
+    try:
+        with pytest.raises(DataError, match=r"df_chexpert_plus_240401.csv line 2: .*field larger than"):
+            CheXpertPlusReader(root=str(root)).load()
+    finally:
+        ru.csv.field_size_limit(old)
+
+
+def test_csv_and_csv_gz_both_present_are_refused(tmp_path):
+    root = make_mimic(tmp_path / "m", gz=True)
+    make_mimic(tmp_path / "m", gz=False)  # e.g. gunzip -k: both copies now sit side by side
+    # before: the .csv was read silently, whatever the .gz held
+    with pytest.raises(DataError, match=r"both .*mimic-cxr-2.0.0-metadata.csv and .*mimic-cxr-2.0.0-metadata.csv.gz"):
+        MimicCXRReader(root=str(root)).load()
+    cxp = make_chexpert_plus(tmp_path / "c")
+    csv_path = cxp / "df_chexpert_plus_240401.csv"
+    (cxp / "df_chexpert_plus_240401.csv.gz").write_bytes(gzip.compress(csv_path.read_bytes()))
+    with pytest.raises(DataError, match=r"both .*df_chexpert_plus_240401.csv and .*df_chexpert_plus_240401.csv.gz"):
+        CheXpertPlusReader(root=str(cxp)).load()
+    csv_path.unlink()
+    assert len(CheXpertPlusReader(root=str(cxp)).load()) == 3
+
+
+def test_annotation_split_key_hydra_cannot_express(tmp_path):
+    # a key that is no split name (four spaces): the items' own split fields decide
+    ann = _annotation(tmp_path, {"train": [_item(1, "train")], "    ": [_item(2, "test"), _item(3, "test")]})
+    # before: "unknown split name '    '", curable only by split_map={"    ": test}, which an override cannot write
+    got = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load())
+    assert [got[f"CXR{i}_IM-{i}"].split for i in (1, 2, 3)] == ["train", "test", "test"]
+    # items without their own split under such a key: the error points at split_map_file
+    ann = _annotation(tmp_path, {"train": [_item(1)], "    ": [_item(2), _item(3)]}, "n.json")
+    with pytest.raises(DataError, match=r"n.json \[    \]\[0\]: unknown split name '    '.*split_map_file"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True).load()
+    (tmp_path / "splits.yaml").write_text('"    ": test\n')
+    (tmp_path / "splits.json").write_text(json.dumps({"    ": "test"}))
+    for f in ("splits.yaml", "splits.json"):
+        got = by_id(OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, split_map_file=f).load())
+        assert [got[f"CXR{i}_IM-{i}"].split for i in (1, 2, 3)] == ["train", "test", "test"]
+    (tmp_path / "bad.yaml").write_text('"    ": holdout\n')
+    with pytest.raises(DataError, match=r"bad.yaml: split map values must be train, val or test"):
+        OpenIReader(root=str(tmp_path), annotation_json=ann, reports_only=True, split_map_file="bad.yaml").load()
+
+
+def test_16_bit_png_reads_like_its_8_bit_equivalent(tmp_path):
+    from PIL import PngImagePlugin
+
+    from datamodules.datamodule import load_image
+
+    a8 = np.random.default_rng(0).integers(30, 200, (12, 12), dtype=np.uint8)  # not spanning 0..255
+    Image.fromarray(a8).save(tmp_path / "a8.png")
+    Image.fromarray(a8.astype(np.uint16) * 257).save(tmp_path / "a16.png")  # the same image, 16 bits: v*65535/255
+    with Image.open(tmp_path / "a16.png") as im:
+        assert im.mode == "I;16"
+    # before: the 16-bit copy was min-max stretched to 0..255, the 8-bit one not
+    np.testing.assert_array_equal(load_image(str(tmp_path / "a8.png"), "t"), a8)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "a16.png"), "t"), a8)
+    # 12-bit data declared by the PNG's sBIT chunk: scaled by 4095
+    a12 = np.random.default_rng(1).integers(0, 4096, (12, 12)).astype(np.uint16)
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([12]))
+    Image.fromarray(a12).save(tmp_path / "a12.png", pnginfo=info)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "a12.png"), "t"),
+                                  np.floor(a12 * 255.0 / 4095 + 0.5).astype(np.uint8))
+    # the same values without sBIT would be near black (<= 16 grey levels): refused, naming the file
+    Image.fromarray(a12).save(tmp_path / "undeclared.png")
+    with pytest.raises(ValueError, match=r"undeclared.png: 16-bit image with every value below 16384"):
+        load_image(str(tmp_path / "undeclared.png"), "t")
+    assert "16-bit image with every value below 16384" in (__import__("datamodules.reader_utils", fromlist=["x"])
+                                                          .verify_image(str(tmp_path / "undeclared.png")) or "")
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match=r"f.tiff: .*mode F"):
+        load_image(str(tmp_path / "f.tiff"), "t")
