@@ -232,6 +232,10 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
         meta["cohort"] = cohort
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
+    if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk (callbacks/adaptive.py)
+        from callbacks.adaptive import adaptive_section
+
+        meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
     if rq_cb is not None:  # evaluate() pops it into the result's report_quality section
         meta["report_quality"] = rq_cb.last_result["report_quality"]
     # A DP checkpoint's privacy statement (saved at training time) travels with every audit of it.
@@ -274,6 +278,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if rel_cb is None and probe_cb is None and rq_cb is None:
         raise ValueError("audit config enables none of `relinkage`, `probe`, `report_quality`")
     if cfg.get("embeddings"):
+        if audit.get("adaptive"):
+            raise ValueError("audit=adaptive needs the model (ckpt_path=... or model=hf_clip|open_clip model.path=...): "
+                             "an embeddings file holds no trunk features to fit an attack on")
         rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb)
         if rq_cb is not None:
             meta["report_quality"] = audit_report_quality_embeddings(cfg, rq_cb)
@@ -283,7 +290,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             return {}, {}
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
     res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None),
-                         report_quality=meta.pop("report_quality", None))
+                         report_quality=meta.pop("report_quality", None), adaptive=meta.pop("adaptive", None))
     out = Path(cfg.output_dir)
     R.write_bundle(res, out)
     log.info("%s", R.console_summary(res, out))

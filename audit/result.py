@@ -25,6 +25,13 @@ Shape (schema_version 1)::
                                      ...ci, "per_label"}},
                          "lexical"?: {"bleu4", "rouge_l", "rouge_l_ci", "library"},
                          "skipped"?: {part: reason}}                      # or absent (audit/report_quality.py)
+      "adaptive": {"attacks", "n_aux_requested", "aux": {source: {...}}, "audited", "seed", "trunk", "note",
+                   "rows": [{"attack" ("cosine" | "ridge" | "procrustes" | "head"), "aux" (null | "leaked" |
+                             "public"), "n_aux_requested", "n_aux", "fit": {...}, "failed"?,
+                             "relinkage": {...same format as "relinkage"...}}, ...],
+                   "best": [{"aux", "n_aux_requested", "n_aux", "key", "k", "n", "n_value", "attack", "value",
+                             "ci", "chance", "x_chance", "x_chance_ci", "baseline_value"}, ...]}
+                                                                  # or absent (audit/adaptive.py)
     }
 
 Scalar names (stable; what loggers see): ``audit/<key>/R@<K>/N=<n>``, ``.../x_chance``,
@@ -74,6 +81,7 @@ def build_result(
     settings: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
     report_quality: dict[str, Any] | None = None,
+    adaptive: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     probe = {k: v for k, v in (probe or {}).items() if k not in ("scores", "eval_labels")} or None
     res: dict[str, Any] = {
@@ -90,6 +98,8 @@ def build_result(
         res["privacy"] = dict(privacy)
     if report_quality is not None:
         res["report_quality"] = dict(report_quality)
+    if adaptive is not None:
+        res["adaptive"] = dict(adaptive)
     res = _clean(res)
     validate_result(res)
     return res
@@ -129,6 +139,14 @@ def validate_result(res: Any) -> None:
     rq = res.get("report_quality")
     if rq is not None and (not isinstance(rq, dict) or "n_queries" not in rq or "database" not in rq):
         errs.append("report_quality must be an object with n_queries and database")
+    ad = res.get("adaptive")
+    if ad is not None:
+        if not isinstance(ad, dict) or not isinstance(ad.get("rows"), list) or not isinstance(ad.get("best"), list):
+            errs.append("adaptive must be an object with rows and best lists")
+        else:
+            for i, row in enumerate(ad["rows"]):
+                if not isinstance(row, dict) or any(f not in row for f in ("attack", "aux", "n_aux", "relinkage")):
+                    errs.append(f"adaptive.rows[{i}] must have attack, aux, n_aux, relinkage")
     if errs:
         raise ValueError("invalid audit result: " + "; ".join(errs))
 
@@ -203,6 +221,8 @@ def scalars(res: dict[str, Any]) -> dict[str, float]:
         if lex:
             out["report_quality/bleu4"] = lex["bleu4"]
             out["report_quality/rouge_l"] = lex["rouge_l"]
+    for b in (res.get("adaptive") or {}).get("best", []):  # the best attack per aux source and size
+        out[f"adaptive/best/{b['aux']}@{b['n_aux_requested']}/{b['key']}/R@{b['k']}/N={b['n']}"] = b["value"]
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
@@ -251,6 +271,10 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
     rq = res.get("report_quality") or {}
     if rq.get("green_exact"):
         bits.append(f"retrieved-report GREEN-exact {rq['green_exact']['value']:.3f} ({rq['database']} reports)")
+    ab = _adaptive_best(res)
+    if ab:
+        bits.append(f"adaptive attacker (best of {', '.join(res['adaptive']['attacks'])}; {ab['aux']} aux, "
+                    f"{ab['n_aux']} studies): {_fmt(ab['value'])}% = {_fmt(ab['x_chance'], False)}× chance by {ab['attack']}")
     for name, why in (meta.get("skipped") or {}).items():
         bits.append(f"{name} skipped ({why})")
     p = res.get("privacy")
@@ -333,6 +357,8 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
             lines.append(f"| {name} | skipped: {why} | | |")
     if res.get("report_quality"):
         lines += ["", *report_quality_lines(res["report_quality"])]
+    if res.get("adaptive"):
+        lines += ["", *adaptive_lines(res["adaptive"])]
     if res.get("privacy"):
         lines += ["", *privacy_lines(res["privacy"])]
     return "\n".join(lines) + "\n"
@@ -342,6 +368,49 @@ def _ci(c: Any, pct: bool = False) -> str:
     if not c:
         return ""
     return f" [{_fmt(c[0], pct)}, {_fmt(c[1], pct)}]" if pct else f" [{c[0]:.3f}, {c[1]:.3f}]"
+
+
+def _adaptive_best(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The headline's adaptive number: image->report R@1 at N = 100 (else the full database), the
+    largest over the (aux, n_aux) groups of the best attack."""
+    best = [b for b in (res.get("adaptive") or {}).get("best", []) if b["key"] == "i2t" and b["k"] == 1]
+    rows = [b for b in best if str(b["n"]) == "100"] or [b for b in best if str(b["n"]) == "full"]
+    return max(rows, key=lambda b: b["value"]) if rows else None
+
+
+def adaptive_lines(ad: dict[str, Any]) -> list[str]:
+    """The adaptive attacker's section of report.md: image->report R@1 at N = 100 (else full) per attack,
+    auxiliary source and size, and the best attack per group (aggregate numbers only)."""
+    lines = ["## Adaptive attacker", "",
+             f"An attacker holding the released model and n auxiliary paired studies ({', '.join(ad['aux'])}; none "
+             f"shares a patient with the {ad['audited']['n_studies']} audited studies) fits each attack on them; "
+             f"trunk: {ad.get('trunk', '?')}. {ad['note']}.", "",
+             "| attack | aux | n aux studies | R@1 (%) | 95% CI | × chance | N | fit |", "|---|---|---:|---:|---|---:|---:|---|"]
+
+    def pick(recall: list[dict]) -> dict | None:
+        r1 = [r for r in recall if r["k"] == 1]
+        return next((r for r in r1 if str(r["n"]) == "100"), None) or next((r for r in r1 if str(r["n"]) == "full"), None)
+
+    for row in ad["rows"]:
+        r = pick(((row.get("relinkage") or {}).get("i2t") or {}).get("recall", []))
+        fit = row.get("fit") or {}
+        how = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fit.items()
+                        if k in ("space", "penalty", "steps_chosen", "val_mrr") and v is not None)
+        if r is None:
+            lines.append(f"| {row['attack']} | {row['aux'] or '–'} | {row['n_aux']} | failed: {row.get('failed', '–')} "
+                         f"| | | | {how} |")
+            continue
+        ci = r.get("ci")
+        lines.append(f"| {row['attack']} | {row['aux'] or '–'} | {row['n_aux']} | {_fmt(r['value'])} | "
+                     f"{'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '–'} | {_fmt(r['x_chance'], False)} | "
+                     f"{r['n_value']} | {how} |")
+    best = [b for b in ad["best"] if b["key"] == "i2t" and b["k"] == 1 and str(b["n"]) in ("100", "full")]
+    if best:
+        lines += ["", "Best attack per auxiliary set (selected on the audited split: optimistic for the attacker):", ""]
+        for b in best:
+            lines.append(f"- {b['aux']}, {b['n_aux']} studies, N = {b['n_value']}: {b['attack']} {_fmt(b['value'])}% "
+                         f"(baseline cosine {_fmt(b['baseline_value'])}%), {_fmt(b['x_chance'], False)}× chance")
+    return lines
 
 
 def report_quality_lines(rq: dict[str, Any]) -> list[str]:
