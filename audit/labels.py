@@ -1,4 +1,8 @@
-"""Pathology label groups for hard negatives: rows with identical mapped 14-label vectors."""
+"""The 14 CheXpert labels, and pathology label groups for hard negatives (rows with identical mapped
+14-label vectors).
+
+The label names live here, in the audit library, so that ``audit`` stands alone (numpy, torch, scipy);
+``datamodules.records`` re-exports them for the rest of the project."""
 
 from __future__ import annotations
 
@@ -7,7 +11,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.records import NUM_LABELS
+# The 14 CheXpert observations, in CheXpert's canonical order. Every label vector in this project
+# (and every ``labels`` array the audit takes) is indexed by this tuple; readers map their columns
+# *by name* onto it.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+NUM_LABELS = len(CHEXPERT_LABELS)
 
 # How a 14-label vector with values {1, 0, -1, NaN} is mapped before "identical label
 # vector" is decided for hard negatives.

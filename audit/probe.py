@@ -2,8 +2,8 @@
 
 Multi-label logistic regression (one independent logistic model per CheXpert label, fitted
 jointly with full-batch L-BFGS on standardised features, L2 on the weights) trained on the
-train split and scored on the evaluation split; macro AUROC over the labels with
-torchmetrics. Labels are always addressed by name (CHEXPERT_LABELS), never by position.
+train split and scored on the evaluation split; macro AUROC over the labels (the Mann-Whitney
+statistic, ties counted half, as the ROC area does). Labels are always addressed by name (CHEXPERT_LABELS), never by position.
 
 Uncertainty policy (configurable): ``uncertain`` in {"ignore" (default), "zeros", "ones"}
 for -1 and ``blank`` in {"ignore", "zeros" (default)} for NaN (blank = not mentioned = negative, as
@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_auroc
+from scipy.stats import rankdata
 
 from audit.embeddings import as_embeddings, reject_zero_rows
-from datamodules.records import CHEXPERT_LABELS
+from audit.labels import CHEXPERT_LABELS
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 BLANK_POLICIES = ("ignore", "zeros")
@@ -197,7 +197,7 @@ def linear_probe(
         if pos == 0 or neg == 0:
             skipped[name] = f"single class in test split ({pos} positive, {neg} negative)"
             continue
-        auc = float(binary_auroc(scores[v, j], tte[v, j].long()))
+        auc = auroc(scores[v, j], tte[v, j] == 1)
         per_label[name] = {"auroc": auc, "n_pos": pos, "n_neg": neg}
         used.append(j)
     if not used:
@@ -219,6 +219,20 @@ def linear_probe(
         out["scores"] = scores
         out["eval_labels"] = names
     return out
+
+
+def auroc(scores: Any, positive: Any) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive``: the Mann-Whitney
+    statistic P(score of a positive > score of a negative), ties counted half (the trapezoidal ROC
+    area, as scikit-learn's roc_auc_score and torchmetrics compute it). Both classes must be present."""
+    s = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64).reshape(-1)
+    pos = np.asarray(positive.cpu() if isinstance(positive, torch.Tensor) else positive, dtype=bool).reshape(-1)
+    n_pos = int(pos.sum())
+    n_neg = pos.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes ({n_pos} positive, {n_neg} negative)")
+    ranks = rankdata(s)  # average ranks of tied scores: a tie contributes 1/2
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _bootstrap_macro(scores, t, v, used, patient, n_boot, seed, block: int = 64) -> list[float]:

@@ -41,6 +41,8 @@ from audit.counting import TIES_POLICIES, apply_ties, rank_counts
 from audit.embeddings import EmbeddingSet, _as_long, as_embeddings, l2_normalize
 from audit.labels import LABEL_MAPPINGS, has_labels, label_groups
 from audit.recall import effective_draws, expected_recall, rank_stats, resolve_ns
+from audit.settings import config_settings
+from audit.settings import resolve as resolve_settings
 from audit.stats import bootstrap_patient_means, percentile_ci
 
 DIRECTIONS = ("i2t", "t2i")
@@ -211,14 +213,12 @@ def relinkage_audit(
 
 
 class Relinkage:
-    """``relinkage_audit`` with the settings of configs/audit/settings/relinkage.yaml, the keys given
+    """``relinkage_audit`` with the settings of audit/settings.py (RELINKAGE), the keys given
     overriding them: the audit the validation callback (callbacks.audit.RelinkageAudit) and
     evaluate.py run, without Lightning (evaluate.py's embeddings path never imports it)."""
 
     def __init__(self, **given: Any):
-        from configs import audit_settings
-
-        s = audit_settings("relinkage", given)
+        s = resolve_settings("relinkage", given)
         self.settings = {
             "ks": [int(k) for k in s["ks"]], "ns": [n if isinstance(n, str) else int(n) for n in s["ns"]],
             "directions": list(s["directions"]), "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
@@ -231,11 +231,7 @@ class Relinkage:
     @classmethod
     def from_config(cls, node: Any) -> "Relinkage":
         """From an audit config node (configs/audit/*.yaml): its callback options are not settings."""
-        from configs import audit_settings
-        from omegaconf import OmegaConf
-
-        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-        return cls(**{k: v for k, v in given.items() if k in audit_settings("relinkage")})
+        return cls(**config_settings("relinkage", node))
 
     def skipped(self, es: EmbeddingSet) -> dict[str, str]:
         """The requested variants that cannot run on ``es``, with the reason."""

@@ -53,8 +53,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from audit.labels import CHEXPERT_LABELS, NUM_LABELS
+from audit.settings import config_settings
+from audit.settings import resolve as resolve_settings
 from audit.stats import bootstrap_patient_means, percentile_ci
-from datamodules.records import CHEXPERT_LABELS, NUM_LABELS
 
 # GREEN's clinically significant error categories, as counted here, with GREEN's letter.
 ERROR_CATEGORIES = {
@@ -353,13 +355,13 @@ class ReportSet:
 
     @classmethod
     def from_studies(cls, studies: Sequence[Any], text_field: str = "report") -> "ReportSet":
-        from datamodules.datamodule import study_text
-
+        """From Study records (datamodules.records.Study, or anything with study_id, patient_id,
+        labels, extras and ``text(text_field)``)."""
         truths = [(getattr(s, "extras", None) or {}).get("attributes") for s in studies]
         return cls(
             ids=[str(s.study_id) for s in studies], patient=[str(s.patient_id) for s in studies],
             labels=np.stack([np.asarray(s.labels, np.float32) for s in studies]) if studies else None,
-            texts=[study_text(s, text_field) for s in studies],
+            texts=[s.text(text_field) for s in studies],
             truths=truths if truths and all(isinstance(t, dict) for t in truths) else None,
         )
 
@@ -645,13 +647,11 @@ def report_quality_audit(
 
 
 class ReportQuality:
-    """``report_quality_audit`` with the settings of configs/audit/settings/report_quality.yaml, the
+    """``report_quality_audit`` with the settings of audit/settings.py (REPORT_QUALITY), the
     keys given overriding them (the validation callback and evaluate.py's embeddings path)."""
 
     def __init__(self, **given: Any):
-        from configs import audit_settings
-
-        s = audit_settings("report_quality", given)
+        s = resolve_settings("report_quality", given)
         if s["database"] not in DATABASES:
             raise ValueError(f"report_quality.database must be one of {DATABASES}, got {s['database']!r}")
         if s["mode"] not in MODES:
@@ -671,11 +671,9 @@ class ReportQuality:
 
     @classmethod
     def from_config(cls, node: Any) -> "ReportQuality":
-        from configs import audit_settings
-        from omegaconf import OmegaConf
-
-        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-        return cls(**{k: v for k, v in given.items() if k in audit_settings("report_quality")})
+        """From an audit config node (a mapping such as configs/audit/report_quality.yaml's): its
+        callback options are not settings."""
+        return cls(**config_settings("report_quality", node))
 
     def audit(self, query_emb: Any, query_report: Sequence[int], queries: ReportSet, database_emb: Any,
               database: ReportSet) -> dict[str, Any]:

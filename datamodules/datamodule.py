@@ -18,26 +18,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from datamodules.reader_utils import grey_uint8
-from datamodules.records import SPLITS, Study
+from datamodules.records import SPLITS, TEXT_FIELDS, Study
 from datamodules.text import build_tokenizer
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELDS = ("report", "findings", "impression", "findings_impression")
-
 
 def study_text(study: Study, text_field: str) -> str:
-    """The report text a model sees. Falls back to the full report when a section is empty."""
-    if text_field == "report":
-        return study.report
-    if text_field == "findings":
-        return study.findings or study.report
-    if text_field == "impression":
-        return study.impression or study.report
-    if text_field == "findings_impression":
-        joined = " ".join(t for t in (study.findings, study.impression) if t)
-        return joined or study.report
-    raise ValueError(f"text_field must be one of {TEXT_FIELDS}, got {text_field!r}")
+    """The report text a model sees (``Study.text``). Falls back to the full report when a section is empty."""
+    return study.text(text_field)
 
 
 def load_image(ref: Any, where: str) -> np.ndarray:

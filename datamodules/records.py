@@ -12,31 +12,23 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-# The 14 CheXpert observations, in CheXpert's canonical order. Every label vector in this
-# project is indexed by this tuple; readers map their columns *by name* onto it.
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
-NUM_LABELS = len(CHEXPERT_LABELS)
+# The 14 CheXpert observations, in CheXpert's canonical order: defined by the audit library (which
+# stands alone), re-exported here for the rest of the project. Every label vector in this project is
+# indexed by this tuple; readers map their columns *by name* onto it.
+from audit.labels import CHEXPERT_LABELS, NUM_LABELS
+
+__all__ = ["CHEXPERT_LABELS", "NUM_LABELS", "LABEL_INDEX", "VALID_LABEL_VALUES", "SPLITS", "TEXT_FIELDS", "Study",
+           "validate_labels", "labels_from_mapping"]
+
 LABEL_INDEX = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
 
 # Label values: 1 positive, 0 negative (negated mention), -1 uncertain (hedged), NaN blank.
 VALID_LABEL_VALUES = (1.0, 0.0, -1.0)
 
 SPLITS = ("train", "val", "test")
+
+# Which report text a model sees (data.text_field); Study.text resolves it.
+TEXT_FIELDS = ("report", "findings", "impression", "findings_impression")
 
 ImageRef = Union[str, np.ndarray]
 
@@ -73,6 +65,21 @@ class Study:
             raise ValueError(
                 f"study {self.study_id!r}: {len(self.views)} views for {len(self.images)} images"
             )
+
+    def text(self, text_field: str = "report") -> str:
+        """The report text a model sees under ``text_field`` (TEXT_FIELDS). Falls back to the full
+        report when a section is empty. (The audit library reads report texts through this method,
+        so it needs no import of this module.)"""
+        if text_field == "report":
+            return self.report
+        if text_field == "findings":
+            return self.findings or self.report
+        if text_field == "impression":
+            return self.impression or self.report
+        if text_field == "findings_impression":
+            joined = " ".join(t for t in (self.findings, self.impression) if t)
+            return joined or self.report
+        raise ValueError(f"text_field must be one of {TEXT_FIELDS}, got {text_field!r}")
 
 
 def validate_labels(labels: Sequence[float] | np.ndarray, where: str) -> np.ndarray:
