@@ -307,7 +307,8 @@ def grey_uint8(im: Image.Image, source: str) -> np.ndarray:
     Refused with BitDepthError (naming `source`): 32-bit integer and float images (no defined
     range), values above the declared bits, and 16-bit images with every value below 2**14 and no
     sBIT (12- or 14-bit data that would be scaled to a dark image of at most 64 grey levels)."""
-    if im.mode in SIXTEEN_BIT_MODES:
+    # PNG grey is at most 16 bits; Pillow before 10.3 opened 16-bit PNGs as mode "I" (Pillow PR 7849).
+    if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format == "PNG"):
         a = np.asarray(im).astype(np.int64)
         sbit = png_significant_bits(im.filename) if im.format == "PNG" and getattr(im, "filename", "") else None
         bits = sbit if sbit and 1 <= sbit <= 16 else 16

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from datamodules.mimic_cxr import MimicCXRReader
 from datamodules.openi import OpenIReader, _xml_sources, parse_ecgen_xml
 from datamodules.reader_utils import DataError, apply_uncertainty, cap_studies_per_patient, hash_split
 from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
-from datamodules.report_sections import normalize_header, parse_report
+from datamodules.report_sections import normalize_header, parse_report, section_text
 
 OPENI_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "openi" / "NLMCXR_reports.tgz"
 SECRET = "Zanzibarite"  # a token planted in report text: it must never appear in errors or logs
@@ -456,11 +457,14 @@ def test_openi_r2gen_annotation(tmp_path):
 def test_openi_real_reports_from_archive(caplog):
     """All 3,955 published reports parse; section counts match NLM's (3,425 / 3,921 / 3,419)."""
     n = findings = impression = both = 0
+    emptied = Counter()  # sections of only XXXX marks, punctuation or their heading (docs/cohorts.md)
     for where, stream in _xml_sources(OPENI_ARCHIVE):
         sec = parse_ecgen_xml(stream, where)["sections"]
         f, i = bool(sec.get("FINDINGS")), bool(sec.get("IMPRESSION"))
         n, findings, impression, both = n + 1, findings + f, impression + i, both + (f and i)
+        emptied.update(k for k, v in sec.items() if v and not section_text(v, heading=k))
     assert (n, findings, impression, both) == (3955, 3425, 3921, 3419)
+    assert emptied == {"COMPARISON": 841, "INDICATION": 203}  # none in FINDINGS or IMPRESSION
     # The reader: 28 reports have no section text at all and are skipped as empty (0.7% < 1%).
     caplog.set_level(logging.INFO)
     studies = OpenIReader(root=str(OPENI_ARCHIVE.parent)).load()
@@ -886,6 +890,7 @@ def test_16_bit_png_reads_like_its_8_bit_equivalent(tmp_path):
     from PIL import PngImagePlugin
 
     from datamodules.datamodule import load_image
+    from datamodules.reader_utils import grey_uint8, verify_image
 
     a8 = np.random.default_rng(0).integers(30, 200, (12, 12), dtype=np.uint8)  # not spanning 0..255
     Image.fromarray(a8).save(tmp_path / "a8.png")
@@ -906,8 +911,12 @@ def test_16_bit_png_reads_like_its_8_bit_equivalent(tmp_path):
     Image.fromarray(a12).save(tmp_path / "undeclared.png")
     with pytest.raises(ValueError, match=r"undeclared.png: 16-bit image with every value below 16384"):
         load_image(str(tmp_path / "undeclared.png"), "t")
-    assert "16-bit image with every value below 16384" in (__import__("datamodules.reader_utils", fromlist=["x"])
-                                                          .verify_image(str(tmp_path / "undeclared.png")) or "")
+    assert "16-bit image with every value below 16384" in (verify_image(str(tmp_path / "undeclared.png")) or "")
+    with Image.open(tmp_path / "a16.png") as im:  # what Pillow < 10.3 opened 16-bit PNGs as
+        im.load()
+        as_i = im.convert("I")
+        as_i.format = "PNG"
+        np.testing.assert_array_equal(grey_uint8(as_i, "t"), a8)
     Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "f.tiff")
     with pytest.raises(ValueError, match=r"f.tiff: .*mode F"):
         load_image(str(tmp_path / "f.tiff"), "t")
