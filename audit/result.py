@@ -10,7 +10,8 @@ Shape (schema_version 1)::
         "<key>": {"direction", "variant", "n_queries", "n_candidates", "ties_policy",
                   "ties": {...}, "rank": {"mrr", "mean_rank", "median_rank", "mrr_ci"?},
                   "recall": [{"k", "n" ("100" | "full"), "n_value", "value", "ci"?,
-                              "chance", "x_chance", "x_chance_ci"?, "effective_pool_mean",
+                              "ci90"?, "chance", "x_chance", "x_chance_ci"?, "x_chance_ci90"?,
+                              "effective_pool_mean",
                               "frac_queries_pool_below_n"}, ...],
                   "clipped_n": [...], ...variant extras}
       },

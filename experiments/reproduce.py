@@ -1,37 +1,49 @@
 """Reproduction table of both papers on the synthetic cohort: one command -> RESULTS.md (+ plots).
 
-    python -m experiments.reproduce --scale tiny                 # ~3.5 min on 2 CPU cores (tests/test_reproduce.py runs it)
-    python -m experiments.reproduce --scale small --seeds 3      # 600 patients at 64 px, ~1 h per seed
-    python -m experiments.reproduce --scale full --seeds 3 --resume   # the configs' defaults, ~2.5 h per seed
-    python -m experiments.reproduce --scale paper --seeds 3 --resume --results RESULTS.md   # see below
+    python -m experiments.reproduce --scale tiny                 # ~4 min on 2 CPU cores (tests/test_reproduce.py runs it)
+    python -m experiments.reproduce --scale small --seeds 5      # 600 patients at 64 px, ~1 h per seed
+    python -m experiments.reproduce --scale full --seeds 5 --resume   # the configs' defaults, ~2.5 h per seed
+    python -m experiments.reproduce --scale paper --seeds 5 --resume --results RESULTS.md   # see below
+    python -m experiments.reproduce --scale paper --seeds 5 --render-only --results RESULTS.md  # kept seeds only
 Writes <out>/<scale>/RESULTS.md, RESULTS_claims.png, runs.json and every run under <out>/<scale>/runs/
-(--out defaults to logs/reproduce; --results puts RESULTS.md elsewhere, e.g. the repository root).
+(--out defaults to logs/reproduce; --results puts RESULTS.md elsewhere, e.g. the repository root). One
+progress line per run goes to stdout (name, seed, seconds, headline number).
 
 Scale `paper` decides the claims at the papers' pool sizes: the default training data (1,200 patients,
 128 px, the default epochs) with a MIMIC-like label structure (data.reader.label_profile=mimic) and
 4,500 extra test-only patients (~12,400 test studies: N = 100 / 1,000 / 10,000 / full are all real
-pools), the external cohort's test split enlarged the same way (1,000 extra patients). Runs resume
-one by one within a session (--resume, from <out>); across sessions a seed is the unit: when all of
-a seed's runs have finished, their audit JSONs and run records are kept in --keep (default
-experiments/results/<scale>/s<seed>/, committed), and a later `--resume` loads kept seeds instead of
-running them (their checkpoints are not needed any more). `--render-only` writes RESULTS.md from the
-kept seeds alone.
+pools), the external cohort's test split enlarged the same way (1,000 extra patients).
+
+Kept seeds (resuming across sessions): every finished run's audit JSON and record is copied to --keep
+(default experiments/results/<scale>/s<seed>/ for scale paper, committed) as soon as it finishes; the
+seed's runs.json says whether the seed is complete and under which protocol (PROTOCOL). `--resume`
+loads complete kept seeds of this protocol instead of running them and re-runs the rest (runs still in
+<out> are reused). A kept seed of an older protocol, or one with runs that were "not available" and can
+run now, is moved to <keep>/protocol<v>/ or <keep>/superseded/ (logged) and re-run: runs of different
+protocols are never mixed in one seed. Without --resume the script refuses to start when --keep holds
+any requested seed. `--render-only` writes RESULTS.md from the kept seeds alone (partial seeds flagged;
+older-protocol seeds in <keep>/protocol<v>/ only in a labelled appendix, never in a verdict).
 
 Every number comes from `train.train()` / `evaluate.evaluate()` on configs composed from configs/
 (the row names its overrides) and is read back from the audit JSON they write
 (`<run>/final_audit/audit.json`: test split, best checkpoint; evaluate.py's `audit.json`). Claims
-(issue 7):
+(issue 7; the statistics are experiments/verdict.py's, the protocol is in its docstring):
   1. re-linkage rises with clinical specialisation: generic text tower < bert_encoder < llm_encoder
      (with stage-1 adaptation). "Generic" offline = experiment=generic_text (a text tower frozen at
-     random init: its weights never see a report; see that file).
-  2. R@1 as a multiple of chance at N = 100, 1,000, 10,000 (those the test split allows) and the full DB.
-  3. the signal persists under pathology-matched hard negatives.
-  4. DP on the heads (valid loss modes) cuts R@1 at the largest N by X% while macro AUROC moves by Y
-     points; plus transfer to synthcxr_external without retraining.
-  5. style robustness when abbreviation-heavy impression-only reports join training.
-CIs: with one seed, the audit's 95% bootstrap-over-patients CI; with >= 2 seeds, a 95% t-interval
-over seeds (training randomness included); differences are paired by seed. Where a stage cannot be
-imported, its rows say "not available: <reason>"; a run that fails says "failed: <error>".
+     random init: its weights never see a report; see that file). Recipe level: paired log ratios.
+  2. R@1 as a multiple of chance at N = 100, 1,000, 10,000 (those the test split allows) and the full
+     DB. Per released model: every run's one-sided 95% bootstrap lower bound above 1.
+  3. the signal persists under pathology-matched hard negatives (per released model, as 2).
+  4. DP on the heads (valid loss modes, the paper's epsilon) cuts R@1 at N = 10,000 by X% while macro
+     AUROC moves by Y points, read twice: DP fine-tunes the trained stage-2 heads (head_init=stage2) and
+     DP trains fresh heads (head_init=fresh), each against the model before DP and against its
+     non-private control; AUROC by non-inferiority (margin verdict.AUROC_MARGIN). 4b: transfer to
+     synthcxr_external without retraining (per released model). 4c: the adaptive adversary
+     (evaluate.py audit=adaptive) against the non-private and the DP models.
+  5. style robustness when abbreviation-heavy impression-only reports join training (non-inferiority,
+     margin verdict.STYLE_MARGIN on the R@1 ratio).
+Where a stage cannot be run here, its rows say "not available: <reason>"; a run that fails says
+"failed: <error>".
 """
 
 from __future__ import annotations
@@ -42,6 +54,8 @@ import logging
 import math
 import os
 import platform
+import shutil
+import sys
 import time
 import traceback
 import warnings
@@ -50,11 +64,21 @@ from pathlib import Path
 from typing import Any
 
 from configs import ROOT  # also sets CXR_RELINK_ROOT
+from experiments import verdict as V
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 log = logging.getLogger("reproduce")
+
+# The plan's version, recorded in every kept seed's runs.json. 1: before issue #22 (DP fine-tuned the
+# stage-2 heads only; no fresh-head DP, no non-private fresh-head control, no adaptive adversary; audit
+# JSONs with two-sided 95% bootstrap intervals only). 2: issue #22's plan (this file).
+PROTOCOL = 2
+PROTOCOL_NOTE = {
+    1: "before issue #22: DP fine-tuned the stage-2 heads only, no fresh-head DP, no non-private fresh-head "
+       "control, no adaptive adversary; the audit JSONs carry two-sided 95% bootstrap intervals only",
+}
 
 # --------------------------------------------------------------------------- scales
 
@@ -87,7 +111,7 @@ KEEP_BY_DEFAULT = ("paper",)
 # bert_encoder stage-2 run measured at 4.5 min; ~11 runs per seed (LLM runs heavier). full: the default
 # `python train.py` is sized at ~10 min; ~9 stage-1/2 runs per seed plus DP and evaluations.
 RUNTIME_NOTE = {"tiny": "~3.5 min per seed (measured)", "small": "~1 h per seed (estimate)",
-                "full": "~2.5 h per seed (estimate)", "paper": "~22 min per seed (measured 2026-12-01 on 2 AMD EPYC cores, load ~2)"}
+                "full": "~2.5 h per seed (estimate)", "paper": "~22 min per seed under protocol 1 (measured 2026-12-01 on 2 AMD EPYC cores, load ~2); protocol 2 adds three DP arms, their evaluations and the adaptive adversary"}
 
 
 def _kv(key: str, value: Any) -> list[str]:
@@ -95,15 +119,16 @@ def _kv(key: str, value: Any) -> list[str]:
 
 
 def scale_overrides(scale: dict[str, Any], kind: str) -> list[str]:
-    """Hydra overrides that size a run: kind = stage2 | stage1 | dp | evaluate."""
+    """Hydra overrides that size a run: kind = stage2 | stage1 | dp | evaluate (external cohort) | audit
+    (evaluate.py on the internal cohort)."""
     s = scale
     ov = ["trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
-    if kind != "evaluate":
+    if kind not in ("evaluate", "audit"):
         ov += ["logger=csv"]
     if kind == "evaluate":
         ov = ["data=synthcxr_external", *_kv("data.reader.num_patients", s["ext_patients"])]
         ov += _kv("data.reader.test_patients", s.get("ext_test_patients"))
-    else:
+    else:  # stage1 / stage2 / dp, and "audit": evaluate.py on the internal cohort's test split
         ov += _kv("data.reader.num_patients", s["patients"]) + _kv("data.reader.test_patients", s.get("test_patients"))
     ov += _kv("data.reader.label_profile", s.get("label_profile"))
     ov += _kv("data.reader.image_size", s["image"]) + _kv("data.image_size", s["image"])
@@ -122,9 +147,10 @@ def scale_overrides(scale: dict[str, Any], kind: str) -> list[str]:
         ov += _kv("callbacks.relinkage_audit.n_boot", s["n_boot"]) + _kv("callbacks.linear_probe.n_boot", s["probe_boot"])
         ov += _kv("callbacks.linear_probe.max_train_samples", s["probe_train"])
         ov += _kv("callbacks.relinkage_audit.directions", s["directions"])
-    if kind == "evaluate":
-        ov += _kv("audit.relinkage.n_boot", s["n_boot"]) + _kv("audit.probe.n_boot", s["probe_boot"])
-        ov += _kv("audit.relinkage.directions", s["directions"]) + _kv("audit.probe.max_train_samples", s["probe_train"])
+    if kind in ("evaluate", "audit"):
+        ov += _kv("audit.relinkage.n_boot", s["n_boot"]) + _kv("audit.relinkage.directions", s["directions"])
+    if kind == "evaluate":  # audit=all's probe (the adaptive audit has none)
+        ov += _kv("audit.probe.n_boot", s["probe_boot"]) + _kv("audit.probe.max_train_samples", s["probe_train"])
     return ov
 
 
@@ -178,6 +204,30 @@ def done(run: Run) -> bool:
     return audit_json_path(run).exists() and (run.entry == "evaluate" or run.ckpt.exists())
 
 
+def headline(run: Run) -> str:
+    """The one number a progress line shows for a finished run."""
+    if run.error:
+        return run.error
+    if is_stage1(run):
+        return "text tower exported"
+    res = run.result
+    if res and res.get("adaptive") and not res.get("relinkage"):
+        return "adaptive audit written"
+    n = headline_n(res)
+    row = recall(res, n=n)
+    if not row:
+        return "no R@1 in the audit JSON"
+    eps = run.extra.get("metrics", {}).get("dp/epsilon")
+    return (f"R@1 at N={n} {100 * row['value']:.2f}% ({row['x_chance']:.2f}x chance)"
+            + (f", eps {eps:.3f}" if eps is not None else ""))
+
+
+def progress(run: Run, seed: int, how: str = "") -> None:
+    """One line per run on stdout (flushed; readable in a log file or a non-tty pipe)."""
+    print(f"[reproduce] {time.strftime('%H:%M:%S')} {run.name:<38} seed {seed}  {run.seconds:6.0f} s  "
+          f"{how}{headline(run)}", flush=True)
+
+
 def execute(run: Run, resume: bool) -> Run:
     """train()/evaluate() on the composed config; the result is the audit JSON they write."""
     from audit.result import load_result
@@ -186,6 +236,7 @@ def execute(run: Run, resume: bool) -> Run:
     if resume and done(run):
         run.result = None if is_stage1(run) else load_result(path)
         log.info("%s: reused %s", run.name, run.out)
+        run.extra["reused"] = True
         return run
     t0 = time.time()
     try:
@@ -205,18 +256,25 @@ def execute(run: Run, resume: bool) -> Run:
         elif not is_stage1(run):
             raise FileNotFoundError(f"{path} was not written")
     except Exception as e:  # noqa: BLE001 -- recorded in RESULTS.md, the other claims still run
-        run.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        run.error = f"failed: {type(e).__name__}: {e}".splitlines()[0][:300]
         log.error("%s failed:\n%s", run.name, traceback.format_exc())
     run.seconds = time.time() - t0
-    log.info("%s: %s in %.0f s", run.name, "failed" if run.error else "done", run.seconds)
     return run
 
 
+def _config_has(rel: str, dotted: str) -> bool:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(ROOT / "configs" / rel)
+    return OmegaConf.select(node, dotted, default="__missing__") != "__missing__"
+
+
 def availability() -> dict[str, str | None]:
-    """None when a stage can run, else the reason it cannot."""
+    """None when a stage can run, else the reason it cannot (its rows then say "not available: <reason>")."""
     out: dict[str, str | None] = {}
     for stage, mods, cfgs in (("llm", ("models.llm_encoder", "models.text_adapt"), ("model/llm_encoder", "experiment/text_adapt")),
-                              ("dp", ("models.dp.module", "models.dp.features"), ("experiment/dp_alignment",))):
+                              ("dp", ("models.dp.module", "models.dp.features"), ("experiment/dp_alignment",)),
+                              ("adaptive", ("audit.adaptive",), ("audit/adaptive",))):
         reason = None
         for c in cfgs:
             if not (ROOT / "configs" / f"{c}.yaml").exists():
@@ -227,6 +285,9 @@ def availability() -> dict[str, str | None]:
             except Exception as e:  # noqa: BLE001
                 reason = reason or f"import {m} failed ({type(e).__name__}: {e})"
         out[stage] = reason
+    # Fresh projection heads for stage 3 (issue #22): the config must offer model.dp.head_init.
+    out["dp_fresh"] = out["dp"] or (None if _config_has("experiment/dp_alignment.yaml", "model.dp.head_init")
+                                    else "configs/experiment/dp_alignment.yaml has no model.dp.head_init")
     return out
 
 
@@ -263,73 +324,98 @@ def headline_n(res: dict | None) -> str:
     return "100" if recall(res, n="100") else "full"
 
 
-@dataclass
-class Stat:
-    mean: float
-    lo: float
-    hi: float
-    n: int
-    how: str  # "bootstrap" (one seed) | "seeds" (t-interval over seeds)
-
-    def fmt(self, pct: bool = True, digits: int = 1) -> str:
-        f = 100.0 if pct else 1.0
-        return f"{f * self.mean:.{digits}f} [{f * self.lo:.{digits}f}, {f * self.hi:.{digits}f}]"
 
 
-NOT_SHOWN = "not shown (difference not significant)"
+def rows_of(results: list[dict | None], key: str = "i2t", n: str = "100") -> list[dict | None]:
+    return [recall(r, key, n=n) for r in results]
 
 
-def ci_verdict(signs: list[int]) -> str:
-    """+1: CI above chance, -1: CI below chance, 0: CI covers chance; for every tower/N checked."""
-    if not signs:
-        return "not available"
-    if all(x == 1 for x in signs):
-        return "holds"
-    return "contradicted" if any(x == -1 for x in signs) else "not shown (× chance CI includes 1)"
+def values(rows: list[dict | None], key: str = "value") -> list[float | None]:
+    return [None if r is None else r.get(key) for r in rows]
 
 
-def t_interval(xs: list[float]) -> tuple[float, float, float]:
-    from scipy import stats
-
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, m, m
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    h = stats.t.ppf(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
-    return m, m - h, m + h
+def x_high(rows: list[dict | None]) -> float | None:
+    """× chance's range ends at 1 / chance (R@1 = 1): N / K, or the effective pool / K."""
+    ch = [r["chance"] for r in rows if r and r.get("chance")]
+    return 1.0 / min(ch) if ch else None
 
 
-def stat(rows: list[dict | None], value: str = "value", ci: str = "ci") -> Stat | None:
-    rows = [r for r in rows if r is not None and r.get(value) is not None]
-    if not rows:
-        return None
-    if len(rows) == 1:
-        c = rows[0].get(ci) or [rows[0][value]] * 2
-        return Stat(rows[0][value], c[0], c[1], 1, "bootstrap")
-    m, lo, hi = t_interval([r[value] for r in rows])
-    return Stat(m, lo, hi, len(rows), "seeds")
+# --------------------------------------------------------------------------- formatting
 
 
-def compare(a: list[dict | None], b: list[dict | None], value: str = "value", ci: str = "ci") -> tuple[str, str]:
-    """Is b > a? Paired by seed (t-interval of b - a) with >= 2 seeds; CI overlap with one."""
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    if not pairs:
-        return "not available", "–"
-    if len(pairs) >= 2:
-        m, lo, hi = t_interval([y[value] - x[value] for x, y in pairs])
-        text = f"Δ = {100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] points (paired over {len(pairs)} seeds)"
-    else:
-        x, y = pairs[0]
-        xl, xh = x.get(ci) or [x[value]] * 2
-        yl, yh = y.get(ci) or [y[value]] * 2
-        m = y[value] - x[value]
-        lo, hi = (1.0, 1.0) if yl > xh else ((-1.0, -1.0) if yh < xl else (-1.0, 1.0))
-        text = f"Δ = {100 * m:+.2f} points (one seed: 95% bootstrap CIs {'do not ' if lo * hi > 0 else ''}overlap)"
-    verdict = "higher" if lo > 0 else ("lower" if hi < 0 else "no significant difference")
-    return verdict, text
+def _iv(o: V.OverSeeds | None, scale: float = 1.0, digits: int = 2) -> str:
+    """Centre over seeds and its interval (inside the parameter's range; see verdict.over_seeds)."""
+    if o is None:
+        return "–"
+    c = f"{scale * o.center:.{digits}f}"
+    if o.lo is None:
+        return c + " (one seed)"
+    return f"{c} [{scale * o.lo:.{digits}f}, {scale * o.hi:.{digits}f}]"
+
+
+def _run_cell(row: dict | None, key: str = "x_chance", scale: float = 1.0, digits: int = 2) -> str:
+    """One run: value and its one-sided 95% bootstrap lower bound (* = conservative 97.5% bound of an
+    older audit JSON)."""
+    if not row or row.get(key) is None:
+        return "–"
+    lb, exact = V.run_bound(row, key)
+    return f"{scale * row[key]:.{digits}f}" + ("" if lb is None else f" (≥ {scale * lb:.{digits}f}{'' if exact else '*'})")
+
+
+def ratio_text(p: V.Paired | None, what: str = "ratio") -> str:
+    if p is None:
+        return "no seed has both values"
+    per = ", ".join(f"s{s} {r:.3f}" for s, r in zip(p.seeds, p.ratios))
+    t = f"{what} {p.ratio:.3f} (geometric mean over {p.n} seed{'s' if p.n != 1 else ''}: {per})"
+    if p.lb is not None:
+        t += (f"; one-sided 95% bounds ≥ {p.lb:.3f} and ≤ {p.ub:.3f}; SD of the log ratio over seeds {p.sd:.3f}, "
+              f"so {p.n} seeds detect (80% power) a ratio beyond ×{p.mde:.3f} or below ×{1 / p.mde:.3f}")
+    if p.dropped:
+        t += f"; seeds without both values: {p.dropped}"
+    return t
+
+
+def diff_text(d: V.PairedDiff | None, scale: float = 100.0, unit: str = "points") -> str:
+    if d is None:
+        return "no seed has both values"
+    per = ", ".join(f"s{s} {scale * x:+.2f}" for s, x in zip(d.seeds, d.diffs))
+    t = f"Δ {scale * d.mean:+.2f} {unit} (mean over {d.n} seed{'s' if d.n != 1 else ''}: {per})"
+    if d.lb is not None:
+        t += (f"; one-sided 95% bounds ≥ {scale * d.lb:+.2f} and ≤ {scale * d.ub:+.2f}; SD {scale * d.sd:.2f}, "
+              f"smallest detectable shift (80% power) {scale * d.mde:.2f} {unit}")
+    return t
+
+
+def combine(*verdicts: str) -> str:
+    """A claim made of parts holds when every part holds; otherwise it takes the first part that is not
+    available, contradicted, not decided or not shown, in that order."""
+    for word in ("not available", "contradicted", "not decided", "not shown"):
+        for v in verdicts:
+            if v.startswith(word):
+                return v
+    return "holds"
 
 
 # --------------------------------------------------------------------------- the experiment plan
+
+TOWERS = (("generic", "generic text tower (frozen at random init)"), ("bert", "bert_encoder"),
+          ("llm", "llm_encoder + stage-1 adaptation"))
+# Claim 4's arms: (tag, title, head_init, loss mode, private). The stage-2 arms are stage 3 as it was
+# (DP fine-tunes the trained stage-2 heads); the fresh arms train new heads under DP (issue #22).
+DP_ARMS = (
+    ("nonprivate", "non-private, stage-2 heads", "stage2", "public_negatives", False),
+    ("dp_public_negatives", "DP public negatives, stage-2 heads", "stage2", "public_negatives", True),
+    ("dp_group_clipping", "DP group clipping, stage-2 heads", "stage2", "group_clipping", True),
+    ("nonprivate_fresh", "non-private, fresh heads (control)", "fresh", "public_negatives", False),
+    ("dp_fresh_public_negatives", "DP public negatives, fresh heads", "fresh", "public_negatives", True),
+    ("dp_fresh_group_clipping", "DP group clipping, fresh heads", "fresh", "group_clipping", True),
+)
+DP_TITLE = {t: title for t, title, *_ in DP_ARMS} | {"base": "before DP (stage 2)"}
+# The two readings of claim 4: (DP arm, its non-private control, head_init).
+READINGS = (("stage-2 heads", "dp_public_negatives", "nonprivate", "stage2"),
+            ("fresh heads", "dp_fresh_public_negatives", "nonprivate_fresh", "fresh"))
+EXTERNAL = ("base", "dp_public_negatives", "dp_group_clipping", "dp_fresh_public_negatives", "dp_fresh_group_clipping")
+ADAPTIVE = ("base", "dp_public_negatives", "dp_fresh_public_negatives")
 
 
 class Reproduction:
@@ -340,27 +426,71 @@ class Reproduction:
         self.avail = availability()
         self.runs: dict[str, Run] = {}
         self.aliases: set[str] = set()  # names that point at another run (not listed twice)
+        self.kept: dict[int, str] = {}  # seed -> "complete" | "partial" (rendered from --keep)
+        self.old: dict[tuple[int, int], Path] = {}  # (protocol, seed) -> kept folder of an older protocol
+        self.n_ran = 0  # runs executed by this invocation
 
-    def run(self, name: str, entry: str, overrides: list[str], kind: str) -> Run:
+    # ------------------------------------------------------------------ running
+
+    def run(self, name: str, entry: str, overrides: list[str], kind: str, seed: int) -> Run:
         r = Run(name, entry, overrides, scale_overrides(self.scale, kind), self.out / "runs" / name)
         self.runs[name] = execute(r, self.resume)
+        self.n_ran += 0 if r.extra.get("reused") else 1
+        progress(r, seed, "reused: " if r.extra.get("reused") else "")
+        self.keep_progress(seed)
         return r
 
-    def skip(self, name: str, why: str) -> Run:
-        r = Run(name, "train", [], [], self.out / "runs" / name, error=f"not available: {why}")
+    def skip(self, name: str, why: str, seed: int, needs: str | None = None) -> Run:
+        r = Run(name, "train", [], [], self.out / "runs" / name, error=f"not available: {why}",
+                extra={"needs": needs} if needs else {})
         self.runs[name] = r
+        progress(r, seed)
         return r
 
     # ------------------------------------------------------------------ kept seeds (resume across sessions)
 
-    def load_kept(self, s: int) -> bool:
-        """Load seed ``s`` from --keep (its runs' records and audit JSONs) if it was kept."""
+    def kept_dir(self, s: int) -> Path | None:
+        return None if self.keep is None else self.keep / f"s{s}"
+
+    def manifest(self, s: int) -> dict | None:
+        d = self.kept_dir(s)
+        if d is None or not (d / "runs.json").exists():
+            return None
+        return json.loads((d / "runs.json").read_text())
+
+    def stale(self, man: dict) -> str | None:
+        """Why a kept seed must not be rendered next to this protocol's runs (None: it may)."""
+        v = man.get("protocol", 1)
+        if v != PROTOCOL:
+            return f"kept under protocol {v} ({PROTOCOL_NOTE.get(v, 'unknown')}); this is protocol {PROTOCOL}"
+        now = [r["name"] for r in man["runs"] if (r.get("extra") or {}).get("needs")
+               and self.avail.get(r["extra"]["needs"]) is None]
+        if now:
+            return f"runs that were not available then can run now: {', '.join(now)}"
+        return None
+
+    def set_aside(self, s: int, why: str) -> None:
+        """Move a stale kept seed out of the way (never overwritten): <keep>/protocol<v>/s<s> for an older
+        protocol, <keep>/superseded/<UTC time>/s<s> otherwise."""
+        d = self.kept_dir(s)
+        v = (self.manifest(s) or {}).get("protocol", 1)
+        dest = (self.keep / f"protocol{v}" / f"s{s}") if v != PROTOCOL else \
+            (self.keep / "superseded" / time.strftime("%Y%m%dT%H%M%S", time.gmtime()) / f"s{s}")
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(d), str(dest))
+        log.warning("seed %d: the kept seed in %s is %s: moved to %s and re-run", s, d, why, dest)
+        print(f"[reproduce] seed {s}: kept seed set aside to {dest} ({why}); re-running it", flush=True)
+
+    def load_kept(self, s: int, partial: bool = False) -> bool:
+        """Load seed ``s`` from --keep if it is kept under this protocol (complete, or any with ``partial``)."""
         from audit.result import load_result
 
-        if self.keep is None or not (self.keep / f"s{s}" / "runs.json").exists():
+        man = self.manifest(s)
+        if man is None or self.stale(man) or not (man.get("complete") or partial):
             return False
-        d = self.keep / f"s{s}"
-        man = json.loads((d / "runs.json").read_text())
+        d = self.kept_dir(s)
         for rec in man["runs"]:
             r = Run(rec["name"], rec["entry"], rec["overrides"], rec["sizing"], self.out / "runs" / rec["name"],
                     error=rec["error"], seconds=rec["seconds"], extra=rec.get("extra", {}))
@@ -372,348 +502,529 @@ class Reproduction:
         for alias, target in man["aliases"].items():
             self.runs[alias] = self.runs[target]
             self.aliases.add(alias)
-        log.info("seed %d: loaded %d kept runs from %s", s, len(man["runs"]), d)
+        self.kept[s] = "complete" if man.get("complete") else "partial"
+        print(f"[reproduce] seed {s}: {len(man['runs'])} kept runs loaded from {d} ({self.kept[s]})", flush=True)
         return True
 
-    def keep_seed(self, s: int) -> None:
-        """Copy seed ``s``'s audit JSONs and run records into --keep, once every run has finished (a run
-        that failed is retried by the next --resume instead of being kept)."""
+    def find_old(self) -> None:
+        """Kept seeds of older protocols (<keep>/protocol<v>/s<n>, or <keep>/s<n> itself) for the appendix."""
+        if self.keep is None:
+            return
+        for p in sorted(self.keep.glob("protocol*/s*/runs.json")) + sorted(self.keep.glob("s*/runs.json")):
+            man = json.loads(p.read_text())
+            v = man.get("protocol", 1)
+            if v != PROTOCOL:
+                self.old[(v, int(p.parent.name[1:]))] = p.parent
+
+    def keep_progress(self, s: int, complete: bool = False) -> None:
+        """Copy seed ``s``'s finished runs (audit JSONs and records) into --keep; ``complete`` once every run
+        of the seed has finished without failing (a failed run is retried by the next --resume)."""
         if self.keep is None:
             return
         names = [n for n in self.runs if n.endswith(f"/s{s}") and n not in self.aliases]
-        failed = [n for n in names if self.runs[n].error and not self.runs[n].error.startswith("not available")]
-        if failed:
-            log.warning("seed %d not kept: %s failed", s, ", ".join(failed))
-            return
-        d = self.keep / f"s{s}"
+        d = self.kept_dir(s)
         d.mkdir(parents=True, exist_ok=True)
         recs = []
         for n in names:
             r = self.runs[n]
             rec = {"name": n, "entry": r.entry, "overrides": [o.replace(str(self.out), "<out>") for o in r.overrides],
-                   "sizing": r.sizing, "error": r.error, "seconds": round(r.seconds, 1), "extra": r.extra, "audit_json": None}
+                   "sizing": r.sizing, "error": r.error, "seconds": round(r.seconds, 1),
+                   "extra": {k: v for k, v in r.extra.items() if k not in ("reused", "kept_json")}, "audit_json": None}
             if r.result is not None:
                 rec["audit_json"] = n.replace("/", "__") + ".json"
-                # local paths (evaluate.py records its ckpt_path) as <out>, like the commands
-                (d / rec["audit_json"]).write_text(audit_json_path(r).read_text().replace(str(self.out), "<out>"))
+                if not (d / rec["audit_json"]).exists() or not r.extra.get("kept_json"):
+                    # local paths (evaluate.py records its ckpt_path) as <out>, like the commands
+                    (d / rec["audit_json"]).write_text(audit_json_path(r).read_text().replace(str(self.out), "<out>"))
             recs.append(rec)
         aliases = {a: self.runs[a].name for a in self.aliases if a.endswith(f"/s{s}")}
-        (d / "runs.json").write_text(json.dumps({"scale": self.scale_name, "runs": recs, "aliases": aliases}, indent=1))
-        log.info("seed %d kept in %s", s, d)
+        man = {"scale": self.scale_name, "protocol": PROTOCOL, "complete": complete, "runs": recs, "aliases": aliases}
+        tmp = d / "runs.json.tmp"
+        tmp.write_text(json.dumps(man, indent=1))
+        tmp.replace(d / "runs.json")
+
+    def finish_seed(self, s: int) -> None:
+        names = [n for n in self.runs if n.endswith(f"/s{s}") and n not in self.aliases]
+        failed = [n for n in names if self.runs[n].error and not self.runs[n].error.startswith("not available")]
+        if failed:
+            log.warning("seed %d not complete: %s failed (a later --resume retries it)", s, ", ".join(failed))
+        self.keep_progress(s, complete=not failed)
+        if self.keep is not None and not failed:
+            print(f"[reproduce] seed {s}: complete, kept in {self.kept_dir(s)}", flush=True)
 
     def execute_all(self) -> None:
         for s in self.seeds:
-            if self.resume and self.load_kept(s):
-                continue
-            seed = f"seed={s}"
-            self.run(f"generic/s{s}", "train", ["experiment=generic_text", seed], "stage2")
-            self.run(f"bert/s{s}", "train", ["model=bert_encoder", seed], "stage2")
-            if self.avail["llm"]:
-                self.skip(f"stage1/s{s}", self.avail["llm"])
-                self.skip(f"llm/s{s}", self.avail["llm"])
-            else:
-                st1 = self.run(f"stage1/s{s}", "train", ["experiment=text_adapt", seed], "stage1")
-                hf = st1.out / "text_tower_hf"
-                if st1.error or not hf.exists():
-                    self.skip(f"llm/s{s}", f"stage 1 failed ({st1.error or 'no text_tower_hf written'})")
+            man = self.manifest(s) if self.resume else None
+            if man is not None:
+                why = self.stale(man)
+                if why:
+                    self.set_aside(s, why)
+                elif self.load_kept(s):
+                    continue
                 else:
-                    self.run(f"llm/s{s}", "train", ["model=llm_encoder", f"model.text_tower.pretrained={hf}", seed], "stage2")
-            # claim 5: structured-only training vs abbreviation-heavy / impression-only reports joining it
-            for tower in ("llm", "bert"):
-                for arm in ("style_structured", "style_mixed_train"):
-                    name = f"{arm}/{tower}/s{s}"
-                    if tower == "llm":
-                        st1 = self.runs[f"stage1/s{s}"]
-                        if st1.error:
-                            self.skip(name, st1.error.replace("not available: ", ""))
-                            continue
-                        model = ["model=llm_encoder", f"model.text_tower.pretrained={st1.out / 'text_tower_hf'}"]
-                    else:
-                        model = ["model=bert_encoder"]
-                    self.run(name, "train", [f"experiment={arm}", *model, seed], "stage2")
-            # claim 4: DP on the heads of the most specialised stage-2 model available
-            base = self.runs[f"llm/s{s}"] if not self.runs[f"llm/s{s}"].error else self.runs[f"bert/s{s}"]
-            self.runs[f"base/s{s}"] = base
-            self.aliases.add(f"base/s{s}")
-            for tag, extra in (("nonprivate", ["model.dp.enabled=false", "model.loss.mode=public_negatives"]),
-                               ("dp_public_negatives", ["model.loss.mode=public_negatives", f"model.dp.target_epsilon={self.epsilon}"]),
-                               ("dp_group_clipping", ["model.loss.mode=group_clipping", f"model.dp.target_epsilon={self.epsilon}"])):
-                name = f"{tag}/s{s}"
-                if self.avail["dp"]:
-                    self.skip(name, self.avail["dp"])
-                elif base.error or not base.ckpt.exists():
-                    self.skip(name, f"no stage-2 checkpoint ({base.error or base.ckpt})")
-                else:
-                    self.run(name, "train", ["experiment=dp_alignment", f"model.backbone_ckpt={base.ckpt}", *extra, seed], "dp")
-            for tag in ("base", "dp_public_negatives", "dp_group_clipping"):
-                src = self.runs[f"{tag}/s{s}"]
-                name = f"external/{tag}/s{s}"
-                if src.error or not src.ckpt.exists():
-                    self.skip(name, f"no checkpoint ({src.error or src.ckpt})")
-                else:
-                    self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=all", f"seed={s}"], "evaluate")
-            self.keep_seed(s)
+                    print(f"[reproduce] seed {s}: kept partially ({len(man['runs'])} runs); completing it "
+                          f"(runs still under {self.out / 'runs'} are reused)", flush=True)
+            self.execute_seed(s)
+            self.finish_seed(s)
 
-    # ------------------------------------------------------------------ claims -> markdown
+    def execute_seed(self, s: int) -> None:
+        """One seed's runs, the LLM tower and claim 4 first (so a partial seed already answers them)."""
+        seed = f"seed={s}"
+        if self.avail["llm"]:
+            self.skip(f"stage1/s{s}", self.avail["llm"], s, "llm")
+            self.skip(f"llm/s{s}", self.avail["llm"], s, "llm")
+        else:
+            st1 = self.run(f"stage1/s{s}", "train", ["experiment=text_adapt", seed], "stage1", s)
+            hf = st1.out / "text_tower_hf"
+            if st1.error or not hf.exists():
+                self.skip(f"llm/s{s}", f"stage 1 failed ({st1.error or 'no text_tower_hf written'})", s)
+            else:
+                self.run(f"llm/s{s}", "train", ["model=llm_encoder", f"model.text_tower.pretrained={hf}", seed], "stage2", s)
+        if self.runs[f"llm/s{s}"].error:  # claim 4 needs a stage-2 model: the BERT tower's then
+            self.run(f"bert/s{s}", "train", ["model=bert_encoder", seed], "stage2", s)
+        base = self.runs[f"llm/s{s}"] if not self.runs[f"llm/s{s}"].error else self.runs[f"bert/s{s}"]
+        self.runs[f"base/s{s}"] = base
+        self.aliases.add(f"base/s{s}")
+        # claim 4: DP on the heads of that model, both head inits, and the non-private controls
+        for tag, _, head_init, mode, private in DP_ARMS:
+            name = f"{tag}/s{s}"
+            need = "dp_fresh" if head_init == "fresh" else "dp"
+            if self.avail[need]:
+                self.skip(name, self.avail[need], s, need)
+            elif base.error or not base.ckpt.exists():
+                self.skip(name, f"no stage-2 checkpoint ({base.error or base.ckpt})", s)
+            else:
+                ov = ["experiment=dp_alignment", f"model.backbone_ckpt={base.ckpt}"]
+                ov += [] if self.avail["dp_fresh"] else [f"model.dp.head_init={head_init}"]
+                ov += [f"model.loss.mode={mode}"]
+                ov += [f"model.dp.target_epsilon={self.epsilon}"] if private else ["model.dp.enabled=false"]
+                self.run(name, "train", [*ov, seed], "dp", s)
+        # 4c: the adaptive adversary against the model before DP and the DP models
+        for tag in ADAPTIVE:
+            src, name = self.runs[f"{tag}/s{s}"], f"adaptive/{tag}/s{s}"
+            if self.avail["adaptive"]:
+                self.skip(name, self.avail["adaptive"], s, "adaptive")
+            elif src.error or not src.ckpt.exists():
+                self.skip(name, f"no checkpoint ({src.error or src.ckpt})", s)
+            else:
+                self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=adaptive", seed], "audit", s)
+        # 4b: transfer to the external cohort without retraining
+        for tag in EXTERNAL:
+            src, name = self.runs[f"{tag}/s{s}"], f"external/{tag}/s{s}"
+            if src.error or not src.ckpt.exists():
+                self.skip(name, f"no checkpoint ({src.error or src.ckpt})", s)
+            else:
+                self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=all", seed], "evaluate", s)
+        # claim 1: the generic and BERT towers
+        self.run(f"generic/s{s}", "train", ["experiment=generic_text", seed], "stage2", s)
+        if f"bert/s{s}" not in self.runs:
+            self.run(f"bert/s{s}", "train", ["model=bert_encoder", seed], "stage2", s)
+        # claim 5: structured-only training vs abbreviation-heavy / impression-only reports joining it
+        for tower in ("llm", "bert"):
+            for arm in ("style_structured", "style_mixed_train"):
+                name = f"{arm}/{tower}/s{s}"
+                if tower == "llm":
+                    st1 = self.runs[f"stage1/s{s}"]
+                    if st1.error:
+                        self.skip(name, st1.error.replace("not available: ", ""), s, "llm" if self.avail["llm"] else None)
+                        continue
+                    model = ["model=llm_encoder", f"model.text_tower.pretrained={st1.out / 'text_tower_hf'}"]
+                else:
+                    model = ["model=bert_encoder"]
+                self.run(name, "train", [f"experiment={arm}", *model, seed], "stage2", s)
+
+    # ------------------------------------------------------------------ reading runs
+
+    def has(self, prefix: str) -> list[int]:
+        return [s for s in self.seeds if f"{prefix}/s{s}" in self.runs]
+
+    def results(self, prefix: str) -> list[dict | None]:
+        return [self.runs[f"{prefix}/s{s}"].result if f"{prefix}/s{s}" in self.runs else None for s in self.seeds]
+
+    def cfg_of(self, prefix: str) -> str:
+        s = next((s for s in self.seeds if f"{prefix}/s{s}" in self.runs), None)
+        if s is None:
+            return "– (not run yet)"
+        r = self.runs[f"{prefix}/s{s}"]
+        if r.error and r.error.startswith("not available"):
+            return f"– ({r.error})"
+        cmd = r.command.replace(f"seed={s}", "seed=<s>").replace(f"/s{s}/", "/s<s>/")
+        return f"`{cmd.replace(str(self.out), '<out>')}`"
+
+    def status(self, prefix: str) -> str | None:
+        errs = [self.runs[f"{prefix}/s{s}"].error for s in self.has(prefix) if self.runs[f"{prefix}/s{s}"].error]
+        if not self.has(prefix):
+            return "not run yet"
+        return errs[0] if errs else None
 
     def seed_minutes(self) -> str:
         """Summed run time of each seed (kept seeds: as recorded when they ran)."""
         return ", ".join(f"s{s} {sum(r.seconds for n, r in self.runs.items() if n.endswith(f'/s{s}') and n not in self.aliases) / 60:.0f} min"
                          for s in self.seeds)
 
-    def per_seed_note(self, key: str, prefixes: list[str]) -> list[str]:
-        """Supplementary, not the verdict: each run's own 95% bootstrap CI of × chance, lowest over N and
-        seeds. With few seeds the t-interval over seeds is wide when one seed trains worse; this says
-        whether every single run was nevertheless above chance."""
-        if len(self.seeds) < 2:
-            return []
-        out = []
-        for p in prefixes:
-            lows = [(r["x_chance_ci"][0], s, r["n"]) for s, res in zip(self.seeds, self.results(p)) if res
-                    for r in res["relinkage"].get(key, {}).get("recall", []) if r["k"] == 1 and r.get("x_chance_ci")]
-            if lows:
-                lo, s, n = min(lows)
-                out.append(f"- Per run (supplementary, not the verdict's protocol): `{p}`'s lowest 95% bootstrap lower bound "
-                           f"of × chance over {len(self.seeds)} seeds and every N: {lo:.2f} (seed {s}, N = {n}).")
-        return out
-
     def dp_n(self) -> str:
         """Claim 4's pool: N = 10,000 as in arXiv 2606.02276 where the test split reaches it, else the full DB."""
         return "10000" if any(recall(r, n="10000") for r in self.results("base")) else "full"
 
-    def dp_n_text(self) -> str:
-        return ("N = 10,000 (arXiv 2606.02276's pool)" if self.dp_n() == "10000"
-                else "the full test database (the largest N; the split does not reach N = 10,000)")
+    def seed_header(self) -> str:
+        return " | ".join(f"seed {s}" for s in self.seeds)
 
-    def results(self, prefix: str) -> list[dict | None]:
-        return [self.runs[f"{prefix}/s{s}"].result for s in self.seeds]
+    # ------------------------------------------------------------------ claims -> markdown
 
-    def cfg_of(self, prefix: str) -> str:
-        r = self.runs[f"{prefix}/s{self.seeds[0]}"]
-        if r.error and r.error.startswith("not available"):
-            return f"– ({r.error})"
-        cmd = r.command.replace(f"seed={self.seeds[0]}", "seed=<s>").replace(f"/s{self.seeds[0]}/", "/s<s>/")
-        return f"`{cmd.replace(str(self.out), '<out>')}`"
+    def _seed_rows(self, key: str, title: str, section: str, ns: list[str], lbs: list, ubs: list, where: list,
+                   collect: bool) -> list[str]:
+        """Claims 2-3: one row per seed (× chance and its one-sided 95% lower bound at every N), then the
+        geometric mean over seeds with its log-scale interval."""
+        out = []
+        res = self.results(key)
+        for s, r in zip(self.seeds, res):
+            if r is None:
+                continue
+            cells = []
+            for n_ in ns:
+                row = recall(r, section, n=n_)
+                cells.append(_run_cell(row))
+                if collect and row:
+                    lbs.append(V.run_bound(row, "x_chance", "lower")[0])
+                    ubs.append(V.run_bound(row, "x_chance", "upper")[0])
+                    where.append((key, s, n_))
+            out.append(f"| {title} | {s} | " + " | ".join(cells) + " |")
+        if sum(r is not None for r in res) > 1:
+            cells = []
+            for n_ in ns:
+                rows = rows_of(res, section, n_)
+                cells.append(_iv(V.over_seeds(values(rows, "x_chance"), 0.0, x_high(rows))))
+            out.append(f"| {title} | geometric mean | " + " | ".join(cells) + " |")
+        return out
 
-    def status(self, prefix: str) -> str | None:
-        errs = [self.runs[f"{prefix}/s{s}"].error for s in self.seeds if self.runs[f"{prefix}/s{s}"].error]
-        return errs[0] if errs else None
-
-    def render(self, seconds: float) -> tuple[str, list[tuple[str, str, str, str]]]:
-        lines: list[str] = []
+    def render(self, seconds: float, invocation: str = "") -> tuple[str, list[tuple[str, str, str, str]]]:
+        L: list[str] = []
         summary: list[tuple[str, str, str, str]] = []  # (claim, verdict, evidence, config)
-        n_seeds = len(self.seeds)
-        ci_note = ("95% bootstrap-over-patients CI of the one run" if n_seeds == 1
-                   else f"mean over {n_seeds} seeds, 95% t-interval over seeds")
+        seeds = self.seeds
+        per_run = ("each seed: the value and (≥ its one-sided 95% bootstrap-over-patients lower bound; * = the "
+                   "conservative 97.5% bound of an audit JSON without `x_chance_ci90`); geometric mean over seeds "
+                   "[90% log-scale t-interval = one-sided 95% bounds, inside the parameter's range]")
 
         # ---- claim 1
-        towers = [("generic", "generic text tower (frozen at random init)"), ("bert", "bert_encoder"),
-                  ("llm", "llm_encoder + stage-1 adaptation")]
-        lines += ["## Claim 1: re-linkage rises with clinical specialisation", "",
-                  f"Image→report R@1 on the internal test split (values in %, {ci_note}).", "",
-                  "| text tower | config | N | R@1 (%) | × chance |", "|---|---|---|---:|---:|"]
-        hn = {}
-        for key, title in towers:
-            res = self.results(key)
-            err = self.status(key)
-            n = headline_n(next((r for r in res if r), None))
-            hn[key] = n
-            st, xs = stat([recall(r, n=n) for r in res]), stat([recall(r, n=n) for r in res], "x_chance", "x_chance_ci")
-            if not st:
-                lines.append(f"| {title} | {self.cfg_of(key)} | – | {err or 'no result'} | – |")
-            else:
-                lines.append(f"| {title} | {self.cfg_of(key)} | {n} | {st.fmt()} | {xs.fmt(pct=False, digits=2)} |")
-        n = hn["bert"]
-        v1, t1 = compare([recall(r, n=n) for r in self.results("generic")], [recall(r, n=n) for r in self.results("bert")])
-        v2, t2 = compare([recall(r, n=n) for r in self.results("bert")], [recall(r, n=n) for r in self.results("llm")])
-        if "lower" in (v1, v2):
-            verdict = "contradicted"
-        elif v1 == v2 == "higher":
-            verdict = "holds"
-        elif "not available" in (v1, v2):
-            verdict = "not available"
-        else:
-            verdict = NOT_SHOWN
-        lines += ["", f"- bert_encoder vs generic: **{v1}** ({t1}).", f"- llm_encoder (+stage 1) vs bert_encoder: **{v2}** ({t2}).",
-                  f"- Verdict: **{verdict}**.", ""]
-        summary.append(("1. generic < bert_encoder < llm_encoder (+stage 1)", verdict, f"bert−generic: {t1}; llm−bert: {t2}",
+        n1 = "100" if any(recall(r, n="100") for k, _ in TOWERS for r in self.results(k)) else "full"
+        L += ["## Claim 1: re-linkage rises with clinical specialisation", "",
+              f"Image→report R@1 (%) at N = {n1} on the internal test split ({per_run}). Recipe claim: the ratio of "
+              "R@1 (= of × chance) between towers, paired by seed, one-sided 95% t-bound of the mean log ratio.", "",
+              f"| text tower | config | {self.seed_header()} | geometric mean |", "|---|---|" + "---:|" * (len(seeds) + 1)]
+        for key, title in TOWERS:
+            rows = rows_of(self.results(key), n=n1)
+            L.append(f"| {title} | {self.cfg_of(key)} | " + " | ".join(_run_cell(r, "value", 100) for r in rows)
+                     + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100)} |")
+        r1 = {k: values(rows_of(self.results(k), n=n1)) for k, _ in TOWERS}
+        p1, p2 = V.paired_log_ratio(r1["generic"], r1["bert"], seeds), V.paired_log_ratio(r1["bert"], r1["llm"], seeds)
+        v1, v2 = V.greater_verdict(p1), V.greater_verdict(p2)
+        verdict1 = combine(v1, v2)
+        L += ["", f"- bert_encoder / generic: **{v1}**: {ratio_text(p1)}.",
+              f"- llm_encoder (+stage 1) / bert_encoder: **{v2}**: {ratio_text(p2)}.", f"- Verdict: **{verdict1}**.", ""]
+        summary.append(("1. generic < bert_encoder < llm_encoder (+stage 1)", verdict1,
+                        f"R@1 ratio bert/generic {p1.ratio:.2f}, llm/bert {p2.ratio:.2f} over {p2.n} seeds" if p1 and p2 else "–",
                         f"{self.cfg_of('generic')}, {self.cfg_of('bert')}, {self.cfg_of('llm')}"))
 
         # ---- claim 2
-        lines += ["## Claim 2: R@1 as a multiple of chance across pool sizes", "",
-                  f"Image→report R@1 × chance (chance = 1/N) at every N the test split allows ({ci_note}).", ""]
         all_ns: list[str] = []
-        for key, _ in towers:
+        for key, _ in TOWERS:
             for r in self.results(key):
-                for n_ in pool_sizes(r):
-                    if n_ not in all_ns:
-                        all_ns.append(n_)
+                all_ns += [n_ for n_ in pool_sizes(r) if n_ not in all_ns]
         all_ns.sort(key=lambda x: (x == "full", int(x) if x.isdigit() else 0))
-        m_full = next((recall(r, n="full")["n_value"] for k, _ in towers for r in self.results(k) if recall(r, n="full")), None)
-        lines += ["| text tower | " + " | ".join(f"N={n_}" + (f" (M={m_full})" if n_ == "full" else "") for n_ in all_ns) + " |",
-                  "|---|" + "---:|" * len(all_ns)]
-        ok2 = []
-        for key, title in towers:
-            cells = []
-            for n_ in all_ns:
-                xs = stat([recall(r, n=n_) for r in self.results(key)], "x_chance", "x_chance_ci")
-                cells.append(xs.fmt(pct=False, digits=2) if xs else "–")
-                if xs and key != "generic":
-                    ok2.append(xs.lo > 1.0 and 1 or (-1 if xs.hi < 1.0 else 0))
-            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        m_full = next((recall(r, n="full")["n_value"] for k, _ in TOWERS for r in self.results(k) if recall(r, n="full")), None)
+        L += ["## Claim 2: R@1 as a multiple of chance across pool sizes", "",
+              f"Image→report R@1 × chance (chance = 1/N; range [0, N]) at every N the test split allows ({per_run}). "
+              "Per released model: the claim holds when every trained run's one-sided 95% lower bound is above 1 at "
+              "every N.", "",
+              "| text tower | seed | " + " | ".join(f"N={n_}" + (f" (M={m_full})" if n_ == "full" else "") for n_ in all_ns) + " |",
+              "|---|---|" + "---:|" * len(all_ns)]
+        lbs: list = []
+        ubs: list = []
+        where: list = []
+        for key, title in TOWERS:
+            L += self._seed_rows(key, title, "i2t", all_ns, lbs, ubs, where, key != "generic")
+        verdict2 = V.per_run_verdict(lbs, ubs)
+        ev2 = "–"
+        if any(x is not None for x in lbs):
+            lo, (k_, s_, n_) = min((x, w) for x, w in zip(lbs, where) if x is not None)
+            ev2 = (f"lowest one-sided 95% lower bound over {len(where)} (run, N) of the trained towers: {lo:.2f}× "
+                   f"({k_}, seed {s_}, N = {n_})")
         missing = [n_ for n_ in ("100", "1000", "10000") if n_ not in all_ns]
-        verdict2 = ci_verdict(ok2)
-        lines += ["", f"- N not reachable on this test split (pools larger than it are the full database): {missing or 'none'}.",
-                  f"- Verdict (holds: every trained tower's × chance CI above 1 at every N; contradicted: one below 1): "
-                  f"**{verdict2}**.", *self.per_seed_note("i2t", [k for k, _ in towers if k != "generic"]), ""]
-        summary.append(("2. R@1 × chance at N = 100 … full DB", verdict2, f"N evaluated: {', '.join(all_ns)}",
-                        f"{self.cfg_of('bert')}, {self.cfg_of('llm')}"))
+        L += ["", f"- N not reachable on this test split (pools larger than it are the full database): {missing or 'none'}.",
+              f"- Verdict: **{verdict2}** ({ev2}).", ""]
+        summary.append(("2. R@1 × chance at N = 100 … full DB", verdict2, ev2, f"{self.cfg_of('bert')}, {self.cfg_of('llm')}"))
 
         # ---- claim 3
-        lines += ["## Claim 3: the signal persists under pathology-matched hard negatives", "",
-                  f"Image→report R@1 with candidates restricted to reports with the same 14-label vector; chance is "
-                  f"the effective 1/pool ({ci_note}).", "",
-                  "| text tower | N | hard-neg R@1 (%) | effective chance (%) | × chance |", "|---|---|---:|---:|---:|"]
-        ok3 = []
-        for key, title in towers:
-            res = self.results(key)
-            n_ = "100" if any(recall(r, "hardneg/i2t", n="100") for r in res) else "full"
-            rows = [recall(r, "hardneg/i2t", n=n_) for r in res]
-            st, xs = stat(rows), stat(rows, "x_chance", "x_chance_ci")
-            if not st:
-                lines.append(f"| {title} | – | {self.status(key) or 'no hard-negative result'} | – | – |")
-                continue
-            chance = sum(r["chance"] for r in rows if r) / max(1, sum(1 for r in rows if r))
-            lines.append(f"| {title} | {n_} | {st.fmt()} | {100 * chance:.1f} | {xs.fmt(pct=False, digits=2)} |")
-            if key != "generic":
-                ok3.append(xs.lo > 1.0 and 1 or (-1 if xs.hi < 1.0 else 0))
-        verdict3 = ci_verdict(ok3)
-        lines += ["", "Effective pools at every N: a pool is the query's label group less its own patient, so it is "
-                  "smaller than N wherever the group is (mean over queries, averaged over seeds).", "",
-                  "| text tower | N | mean effective pool | hard-neg R@1 × effective chance |", "|---|---|---:|---:|"]
-        for key, title in towers:
-            res = self.results(key)
-            for n_ in pool_sizes(next((r for r in res if r), None), "hardneg/i2t"):
-                rows = [recall(r, "hardneg/i2t", n=n_) for r in res]
-                xs = stat(rows, "x_chance", "x_chance_ci")
-                pools = [r["effective_pool_mean"] for r in rows if r and r.get("effective_pool_mean") is not None]
-                if xs and pools:
-                    lines.append(f"| {title} | {n_} | {sum(pools) / len(pools):,.0f} | {xs.fmt(pct=False, digits=2)} |")
-        lines += ["", f"- Verdict (trained towers' hard-negative × chance CI above 1): **{verdict3}**.",
-                  *self.per_seed_note("hardneg/i2t", [k for k, _ in towers if k != "generic"]), ""]
-        summary.append(("3. signal persists under hard negatives", verdict3, "hardneg/i2t R@1 × effective chance",
+        hn_ns: list[str] = []
+        for key, _ in TOWERS:
+            for r in self.results(key):
+                hn_ns += [n_ for n_ in pool_sizes(r, "hardneg/i2t") if n_ not in hn_ns]
+        hn_ns.sort(key=lambda x: (x == "full", int(x) if x.isdigit() else 0))
+        pools = []
+        for n_ in hn_ns:
+            ps = [r["effective_pool_mean"] for k, _ in TOWERS for r in rows_of(self.results(k), "hardneg/i2t", n_) if r]
+            pools.append(f"{sum(ps) / len(ps):,.0f}" if ps else "–")
+        L += ["## Claim 3: the signal persists under pathology-matched hard negatives", "",
+              "Image→report R@1 with candidates restricted to reports with the same 14-label vector, less the query "
+              "patient's own studies; chance is the effective 1/pool (a pool is smaller than N wherever the label group "
+              f"is) ({per_run}). Per released model, as claim 2.", "",
+              "| text tower | seed | " + " | ".join(f"N={n_}" for n_ in hn_ns) + " |", "|---|---|" + "---:|" * len(hn_ns),
+              "| (mean effective pool) | | " + " | ".join(pools) + " |"]
+        lbs, ubs, where = [], [], []
+        for key, title in TOWERS:
+            L += self._seed_rows(key, title, "hardneg/i2t", hn_ns, lbs, ubs, where, key != "generic")
+        verdict3 = V.per_run_verdict(lbs, ubs)
+        ev3 = "–"
+        if any(x is not None for x in lbs):
+            lo, (k_, s_, n_) = min((x, w) for x, w in zip(lbs, where) if x is not None)
+            ev3 = f"lowest one-sided 95% lower bound of the trained towers: {lo:.2f}× effective chance ({k_}, seed {s_}, N = {n_})"
+        L += ["", f"- Verdict: **{verdict3}** ({ev3}).", ""]
+        summary.append(("3. signal persists under hard negatives", verdict3, ev3,
                         f"{self.cfg_of('bert')}, {self.cfg_of('llm')} (audit hardneg)"))
 
         # ---- claim 4
-        lines += ["## Claim 4: DP on the projection heads — re-linkage cut vs utility; external transfer", "",
-                  f"Stage 3 (experiment=dp_alignment) on the stage-2 checkpoint {self.cfg_of('base')}, target ε = {self.epsilon} "
-                  f"(valid loss modes only); before = that checkpoint's own final audit. R@1 at {self.dp_n_text()} "
-                  f"and linear-probe macro AUROC ({ci_note}).", "",
-                  f"| run | config | ε spent | R@1 at N = {self.dp_n()} (%) | cut vs before | macro AUROC (%) | Δ AUROC (points) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        before = self.results("base")
         n4 = self.dp_n()
-        b_r = stat([recall(r, n=n4) for r in before])
-        b_a = stat([probe_row(r) for r in before])
-        lines.append(f"| before DP (stage 2) | {self.cfg_of('base')} | – | {b_r.fmt() if b_r else '–'} | – | "
-                     f"{b_a.fmt() if b_a else '–'} | – |")
-        verdict4 = "not available"
-        evid4 = self.status("dp_public_negatives") or ""
-        for tag in ("nonprivate", "dp_public_negatives", "dp_group_clipping"):
-            res = self.results(tag)
+        L += ["## Claim 4: DP on the projection heads — re-linkage cut vs utility", "",
+              f"Stage 3 (experiment=dp_alignment) on the stage-2 model {self.cfg_of('base')}, target ε = {self.epsilon} "
+              "(valid loss modes only), in two readings: DP fine-tunes the trained stage-2 heads (`model.dp.head_init=stage2`, "
+              "what stage 3 did before issue #22) and DP trains fresh heads (`model.dp.head_init=fresh`), each with its "
+              f"non-private control (`model.dp.enabled=false`). R@1 (%) at N = {n4} ({per_run}).", "",
+              f"| arm | config | ε spent | {self.seed_header()} | geometric mean |", "|---|---|---:|" + "---:|" * (len(seeds) + 1)]
+        for tag in ("base", *[t for t, *_ in DP_ARMS]):
             err = self.status(tag)
+            res = self.results(tag)
             if err and not any(res):
-                lines.append(f"| {tag} | {self.cfg_of(tag)} | – | {err} | | | |")
+                L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | – | {err} |" + " |" * len(seeds))
                 continue
-            r_ = stat([recall(r, n=n4) for r in res])
-            a_ = stat([probe_row(r) for r in res])
-            eps = [self.runs[f"{tag}/s{s}"].extra.get("metrics", {}).get("dp/epsilon") for s in self.seeds]
-            eps_s = "–" if tag == "nonprivate" or not any(e is not None for e in eps) else \
-                f"{sum(e for e in eps if e is not None) / sum(1 for e in eps if e is not None):.3f}"
-            cut = (100 * (b_r.mean - r_.mean) / b_r.mean) if (b_r and r_ and b_r.mean > 0) else None
-            dA = (100 * (a_.mean - b_a.mean)) if (a_ and b_a) else None
-            lines.append(f"| {tag} | {self.cfg_of(tag)} | {eps_s} | {r_.fmt() if r_ else '–'} | "
-                         f"{'–' if cut is None else f'{cut:.1f}%'} | {a_.fmt() if a_ else '–'} | {'–' if dA is None else f'{dA:+.2f}'} |")
-            if tag == "dp_public_negatives" and r_ and b_r:
-                vr, tr = compare([recall(r, n=n4) for r in res], [recall(r, n=n4) for r in before])
-                if vr == "higher":
-                    verdict4 = "holds" if (dA is not None and dA > -1.0) else "contradicted (AUROC fell by 1 point or more)"
-                else:
-                    verdict4 = "contradicted (R@1 rose)" if vr == "lower" else NOT_SHOWN
-                evid4 = (f"R@1 cut {cut:.1f}%" if cut is not None else "R@1 before DP is 0: nothing to cut") + \
-                    f" (before − after: {tr})" + ("" if dA is None else f", AUROC {dA:+.2f} points")
-        lines += ["", f"Criterion: with public_negatives, R@1 at N = {n4} significantly lower than before DP, and macro "
-                  "AUROC down by less than 1 point. The non-private row separates the effect of noise from that of "
-                  "further head training.", f"- Verdict: **{verdict4}**" + (f" ({evid4})." if evid4 else "."), ""]
-        summary.append(("4. DP on heads cuts R@1 at largest N by X% while AUROC moves Y", verdict4, evid4,
-                        f"{self.cfg_of('dp_public_negatives')}, {self.cfg_of('dp_group_clipping')}"))
-        # external transfer
-        lines += ["**External transfer** (synthcxr_external test split, no retraining; evaluate.py):", "",
-                  "| checkpoint | config | N | R@1 (%) | × chance | macro AUROC (%) |", "|---|---|---|---:|---:|---:|"]
-        ok_t = []
-        for tag in ("base", "dp_public_negatives", "dp_group_clipping"):
+            rows = rows_of(res, n=n4)
+            eps = [self.runs[f"{tag}/s{s}"].extra.get("metrics", {}).get("dp/epsilon") for s in self.has(tag)]
+            eps = [e for e in eps if e is not None]
+            L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | {f'{sum(eps) / len(eps):.3f}' if eps else '–'} | "
+                     + " | ".join(_run_cell(r, "value", 100, 3) for r in rows)
+                     + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100, 3)} |")
+        L += ["", "Linear-probe macro AUROC (%) of the same models (each seed; mean over seeds [90% t-interval, inside [0, 100]]):", "",
+              f"| arm | {self.seed_header()} | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
+        auroc = {}
+        for tag in ("base", *[t for t, *_ in DP_ARMS]):
+            auroc[tag] = [None if r is None else (probe_row(r) or {}).get("value") for r in self.results(tag)]
+            if any(a is not None for a in auroc[tag]):
+                L.append(f"| {DP_TITLE[tag]} | " + " | ".join("–" if a is None else f"{100 * a:.2f}" for a in auroc[tag])
+                         + f" | {_iv(V.over_seeds(auroc[tag], 0.0, 1.0, log=False), 100)} |")
+        L += ["", f"Criterion per reading: the DP model's R@1 at N = {n4} below the model before DP (paired by seed, "
+              f"one-sided 95% upper bound of the ratio below 1), and macro AUROC not more than {100 * V.AUROC_MARGIN:.0f} "
+              "point below it (non-inferiority: one-sided 95% lower bound of Δ AUROC above "
+              f"−{100 * V.AUROC_MARGIN:.0f}). The DP model against its non-private control separates the effect of the "
+              "noise from that of (re)training the heads.", ""]
+        for title, dp, ctrl, hi in READINGS:
+            b, d, c = (values(rows_of(self.results(t), n=n4)) for t in ("base", dp, ctrl))
+            p_cut, p_ctrl, p_cb = (V.paired_log_ratio(b, d, seeds), V.paired_log_ratio(c, d, seeds),
+                                   V.paired_log_ratio(b, c, seeds))
+            dA = V.paired_diff(auroc["base"], auroc[dp], seeds)
+            err = self.status(dp)
+            if err and err.startswith("not available"):
+                v = err
+            else:
+                v_cut = V.lower_verdict(p_cut)
+                v_auc = V.noninferior_verdict(dA.lb, dA.ub, -V.AUROC_MARGIN, dA.n) if dA else "not available"
+                v = combine(v_cut, v_auc)
+            ev = "–"
+            if p_cut:
+                ev = f"R@1 cut {100 * (1 - p_cut.ratio):.1f}%"
+                if p_cut.ub is not None:
+                    ev += f" (one-sided 95%: at least {100 * (1 - p_cut.ub):.1f}%)"
+                if dA:
+                    ev += f", AUROC {100 * dA.mean:+.2f} points" + ("" if dA.lb is None else f" (≥ {100 * dA.lb:+.2f})")
+                ev += f", {p_cut.n} seed{'s' if p_cut.n != 1 else ''}"
+            L += [f"**Reading: {title}** (`model.dp.head_init={hi}`): **{v}**.", "",
+                  f"- {DP_TITLE[dp]} / before DP, R@1: {ratio_text(p_cut)}.",
+                  f"- {DP_TITLE[dp]} / {DP_TITLE[ctrl]}, R@1: {ratio_text(p_ctrl)}.",
+                  f"- {DP_TITLE[ctrl]} / before DP, R@1: {ratio_text(p_cb)}.",
+                  f"- Macro AUROC, {DP_TITLE[dp]} − before DP: {diff_text(dA)}.", ""]
+            summary.append((f"4{'' if hi == 'stage2' else 'f'}. DP on heads ({title}) cuts R@1 at N = {n4} while AUROC "
+                            f"drops < {100 * V.AUROC_MARGIN:.0f} point", v, ev, self.cfg_of(dp)))
+
+        # ---- 4b external transfer
+        L += ["## Claim 4b: transfer to an external cohort without retraining", "",
+              f"synthcxr_external test split, evaluate.py, R@1 × chance at the headline N ({per_run}); per released "
+              "model for the stage-2 model (every seed's lower bound above 1).", "",
+              f"| checkpoint | config | N | {self.seed_header()} | geometric mean | macro AUROC (%) |",
+              "|---|---|---|" + "---:|" * (len(seeds) + 2)]
+        lbs, ubs = [], []
+        for tag in EXTERNAL:
             res = self.results(f"external/{tag}")
             err = self.status(f"external/{tag}")
             if err and not any(res):
-                lines.append(f"| {tag} | {self.cfg_of(f'external/{tag}')} | – | {err} | | |")
+                L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(f'external/{tag}')} | – | {err} |" + " |" * (len(seeds) + 1))
                 continue
             n_ = headline_n(next((r for r in res if r), None))
-            r_ = stat([recall(r, n=n_) for r in res])
-            x_ = stat([recall(r, n=n_) for r in res], "x_chance", "x_chance_ci")
-            a_ = stat([probe_row(r) for r in res])
-            lines.append(f"| {tag} | {self.cfg_of(f'external/{tag}')} | {n_} | {r_.fmt() if r_ else '–'} | "
-                         f"{x_.fmt(pct=False, digits=2) if x_ else '–'} | {a_.fmt() if a_ else '–'} |")
-            if tag == "base" and x_:
-                ok_t.append(x_.lo > 1.0 and 1 or (-1 if x_.hi < 1.0 else 0))
-        verdict_t = ci_verdict(ok_t)
-        lines += ["", f"- Transfer verdict (the stage-2 model links external pairs above chance without retraining): "
-                  f"**{verdict_t}**.", ""]
-        summary.append(("4b. transfer to synthcxr_external without retraining", verdict_t, "external R@1 × chance",
-                        self.cfg_of("external/base")))
+            rows = rows_of(res, n=n_)
+            a = [None if r is None else (probe_row(r) or {}).get("value") for r in res]
+            L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(f'external/{tag}')} | {n_} | " + " | ".join(_run_cell(r) for r in rows)
+                     + f" | {_iv(V.over_seeds(values(rows, 'x_chance'), 0.0, x_high(rows)))} | "
+                     f"{_iv(V.over_seeds(a, 0.0, 1.0, log=False), 100)} |")
+            if tag == "base":
+                lbs = [V.run_bound(r, "x_chance", "lower")[0] for r in rows if r]
+                ubs = [V.run_bound(r, "x_chance", "upper")[0] for r in rows if r]
+        verdict_t = V.per_run_verdict(lbs, ubs)
+        ev_t = f"lowest one-sided 95% lower bound {min(x for x in lbs if x is not None):.2f}× over {len(lbs)} seeds" \
+            if any(x is not None for x in lbs) else "–"
+        L += ["", f"- Verdict (the stage-2 model links external pairs above chance without retraining): **{verdict_t}** ({ev_t}).", ""]
+        summary.append(("4b. transfer to synthcxr_external without retraining", verdict_t, ev_t, self.cfg_of("external/base")))
+
+        # ---- 4c adaptive adversary
+        L += self.render_adaptive(summary)
 
         # ---- claim 5
-        lines += ["## Claim 5: style robustness when abbreviation-heavy, impression-only reports join training", "",
-                  "Same structured val/test reports in both arms (train_style_mix touches only the training split); "
-                  f"image→report R@1 on the structured test reports ({ci_note}).", "",
-                  "| text tower | structured-only training | + abbreviated / impression-only | difference |", "|---|---|---|---|"]
-        verdict5, evid5 = "not available", ""
+        L += ["## Claim 5: style robustness when abbreviation-heavy, impression-only reports join training", "",
+              "Same structured val/test reports in both arms (train_style_mix touches only the training split); "
+              f"image→report R@1 (%) on the structured test reports ({per_run}).", "",
+              f"| text tower | training reports | {self.seed_header()} | geometric mean |", "|---|---|" + "---:|" * (len(seeds) + 1)]
+        verdict5, ev5, notes = "not available", "–", []
         for tower, title in (("llm", "llm_encoder + stage 1"), ("bert", "bert_encoder")):
             a_res, b_res = self.results(f"style_structured/{tower}"), self.results(f"style_mixed_train/{tower}")
             err = self.status(f"style_structured/{tower}") or self.status(f"style_mixed_train/{tower}")
             if err and not (any(a_res) and any(b_res)):
-                lines.append(f"| {title} | {err} | | |")
+                L.append(f"| {title} | {err} |" + " |" * (len(seeds) + 1))
+                if tower == "llm":
+                    verdict5 = err if err.startswith("not available") else "not available"
                 continue
             n_ = headline_n(next((r for r in a_res if r), None))
-            sa, sb = stat([recall(r, n=n_) for r in a_res]), stat([recall(r, n=n_) for r in b_res])
-            if not (sa and sb):
-                lines.append(f"| {title} | {err or 'no result'} | | |")
-                continue
-            v, t = compare([recall(r, n=n_) for r in a_res], [recall(r, n=n_) for r in b_res])
-            lines.append(f"| {title} (N={n_}) | {sa.fmt()} | {sb.fmt()} | {v}: {t} |")
+            for arm, res in (("structured only", a_res), ("+ abbreviated / impression-only", b_res)):
+                rows = rows_of(res, n=n_)
+                L.append(f"| {title} (N={n_}) | {arm} | " + " | ".join(_run_cell(r, "value", 100) for r in rows)
+                         + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100)} |")
+            p = V.paired_log_ratio(values(rows_of(a_res, n=n_)), values(rows_of(b_res, n=n_)), seeds)
+            v = V.noninferior_verdict(p.lb, p.ub, V.STYLE_MARGIN, p.n) if p else "not available"
+            notes.append(f"- {title}, mixed / structured-only training, R@1: **{v}**: {ratio_text(p)}.")
             if tower == "llm":
-                verdict5 = "contradicted" if v == "lower" else ("not available" if v == "not available" else "holds (no significant drop)")
-                evid5 = f"llm: {v} ({t})"
-        lines += ["", "Criterion: the LLM tower's R@1 on structured test reports does not drop significantly when the "
-                  "other styles join training.", f"- Verdict: **{verdict5}**.", ""]
-        summary.append(("5. LLM tower robust to abbreviated / impression-only training reports", verdict5, evid5,
+                verdict5 = v
+                ev5 = f"llm R@1 ratio {p.ratio:.3f}" + ("" if p.lb is None else f" (≥ {p.lb:.3f})") + f" over {p.n} seeds" if p else "–"
+        L += ["", *notes, "", f"Criterion: the LLM tower's R@1 on structured test reports with the other styles in training "
+              f"is at least {V.STYLE_MARGIN:.2f}× that of structured-only training (non-inferiority, one-sided 95% lower "
+              "bound of the paired ratio).", f"- Verdict: **{verdict5}**.", ""]
+        summary.append(("5. LLM tower robust to abbreviated / impression-only training reports", verdict5, ev5,
                         f"{self.cfg_of('style_structured/llm')}, {self.cfg_of('style_mixed_train/llm')}"))
 
+        L += self.render_old()
+        return "\n".join(self.render_head(seconds, invocation, summary) + L), summary
+
+    def adaptive_row(self, res: dict | None, n: str) -> dict | None:
+        """The adaptive adversary's R@1 row at N (its audit JSON's re-linkage section)."""
+        return recall(res, "i2t", n=n)
+
+    def render_adaptive(self, summary: list) -> list[str]:
+        n4 = self.dp_n()
+        L = ["## Claim 4c: does head-only DP still cut re-linkage against an adaptive adversary?", "",
+             "`python evaluate.py audit=adaptive ckpt_path=...` on the model before DP and on the DP models (both head "
+             f"inits): the attacker's image→report R@1 (%) at N = {n4} on the internal test split (each seed; ≥ its "
+             "one-sided 95% bootstrap lower bound).", "",
+             f"| model attacked | config | {self.seed_header()} | geometric mean |", "|---|---|" + "---:|" * (len(self.seeds) + 1)]
+        for tag in ADAPTIVE:
+            res = self.results(f"adaptive/{tag}")
+            err = self.status(f"adaptive/{tag}")
+            if err and not any(res):
+                L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(f'adaptive/{tag}')} | {err} |" + " |" * len(self.seeds))
+                continue
+            rows = [self.adaptive_row(r, n4) for r in res]
+            L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(f'adaptive/{tag}')} | " + " | ".join(_run_cell(r, "value", 100, 3) for r in rows)
+                     + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100, 3)} |")
+        base = values([self.adaptive_row(r, n4) for r in self.results("adaptive/base")])
+        verdicts = []
+        for title, dp, _, hi in READINGS:
+            err = self.status(f"adaptive/{dp}")
+            p = V.paired_log_ratio(base, values([self.adaptive_row(r, n4) for r in self.results(f"adaptive/{dp}")]), self.seeds)
+            v = err if (err and err.startswith("not available")) else V.lower_verdict(p)
+            verdicts.append((title, hi, v, p))
+            L.append(f"- {DP_TITLE[dp]} / before DP, attacker's R@1: **{v}**: {ratio_text(p)}.")
+        L += ["", "Criterion: as claim 4's cut (paired by seed, one-sided 95% upper bound of the ratio below 1).", ""]
+        for title, hi, v, p in verdicts:
+            ev = "–" if not p else f"attacker's R@1 ratio DP/before {p.ratio:.3f}" + ("" if p.ub is None else f" (≤ {p.ub:.3f})") + f", {p.n} seeds"
+            summary.append((f"4c{'' if hi == 'stage2' else 'f'}. DP ({title}) still cuts R@1 against the adaptive adversary",
+                            v, ev, self.cfg_of(f"adaptive/{dict((r[3], r[1]) for r in READINGS)[hi]}")))
+        return L
+
+    def render_head(self, seconds: float, invocation: str, summary: list) -> list[str]:
+        loaded = {s: st for s, st in self.kept.items() if s in self.seeds}
+        n_kept = sum(1 for n, r in self.runs.items() if n not in self.aliases and r.extra.get("kept_json"))
+        kept_txt = (f"rendered {n_kept} kept runs of seeds {sorted(loaded)} from "
+                    f"`{self._rel(self.keep)}` ({', '.join(f's{s} {st}' for s, st in sorted(loaded.items()))}; their "
+                    "run times are those recorded when they ran)" if loaded else "rendered no kept runs")
+        partial = [s for s, st in loaded.items() if st == "partial"]
         head = [
             "# Reproduction on the synthetic cohort", "",
-            f"`python -m experiments.reproduce --scale {self.scale_name} --seeds {len(self.seeds)}` — seeds {self.seeds}, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()} ({os.cpu_count()} CPUs), "
-            f"this invocation {seconds / 60:.1f} min; runs per seed: {self.seed_minutes()} "
-            f"(expected: {RUNTIME_NOTE[self.scale_name]}).", "",
+            f"`python -m experiments.reproduce {invocation}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{platform.node()} ({os.cpu_count()} CPUs). This invocation: {seconds / 60:.1f} min wall, {self.n_ran} runs "
+            f"executed, {kept_txt}. Seeds in the tables: {self.seeds} (protocol {PROTOCOL}); run time per seed: "
+            f"{self.seed_minutes()} (expected: {RUNTIME_NOTE[self.scale_name]}).", "",
+        ]
+        if partial:
+            head += [f"**Partial seeds {partial}**: their runs are still being made (kept one by one as they finish); "
+                     "rows without a value say `–` or \"not run yet\".", ""]
+        if self.old:
+            head += [f"Seeds kept under older protocols ({', '.join(f'protocol {v} s{s}' for v, s in sorted(self.old))}) "
+                     "are **not** in any table or verdict above the appendix: their runs lack this protocol's arms. They "
+                     "are listed, labelled, in the appendix.", ""]
+        head += [
             f"Scale `{self.scale_name}` adds these overrides to every stage-2 run: "
             f"`{' '.join(scale_overrides(self.scale, 'stage2')) or '(none)'}` (stage 1, DP and evaluate.py runs get the "
             "matching data sizes). Each row's config is the command that made it, plus these. A claim that does not "
             "hold here is reported as such; the cohort was not tuned to make any claim hold. "
             + SCALE_CAVEAT.get(self.scale_name, SCALE_CAVEAT["tiny"]), "",
+            "## Verdict protocol (fixed before the runs; experiments/verdict.py)", "",
+            "- **Per released model** (claims 2, 3, 4b): every trained run's one-sided 95% lower bound of R@1 × chance "
+            "(5th percentile of the patient bootstrap, `x_chance_ci90[0]` in its audit JSON) must exceed 1; a run whose "
+            "one-sided 95% upper bound is below 1 contradicts the claim.",
+            f"- **Recipe level and A > B** (claims 1, 4, 4c): log(× chance) (a ratio of R@1 at one N), paired by seed, "
+            f"one-sided {100 * (1 - V.ALPHA):.0f}% t-bounds of the mean log ratio, back-transformed; at least "
+            f"{V.MIN_SEEDS} seeds for a verdict (fewer: \"not decided\", every seed still shown); each comparison states "
+            f"the smallest ratio its seeds detect with {100 * V.POWER:.0f}% power given the observed SD over seeds.",
+            f"- **No-drop claims** by non-inferiority (one side of a TOST) with margins fixed in advance: claim 4's macro "
+            f"AUROC may fall by less than {100 * V.AUROC_MARGIN:.0f} point (one-sided 95% lower bound of Δ above "
+            f"−{100 * V.AUROC_MARGIN:.0f}); claim 5's R@1 ratio must stay above {V.STYLE_MARGIN:.2f}.",
+            "- Intervals stay in the parameter's range: R@1 in [0, 100]%, × chance in [0, N/K], AUROC in [0, 100]%; "
+            "over-seed intervals of positive quantities are log-scale t-intervals, back-transformed.", "",
             "## Summary", "", "| claim | holds here? | evidence | config |", "|---|---|---|---|",
         ]
         head += [f"| {c} | **{v}** | {e} | {cfg} |" for c, v, e, cfg in summary]
-        head += [""]
-        return "\n".join(head + lines), summary
+        return head + [""]
+
+    @staticmethod
+    def _rel(p: Path | None) -> str:
+        if p is None:
+            return "–"
+        p = p.resolve()
+        return str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
+
+    def render_old(self) -> list[str]:
+        """Appendix: seeds kept under older protocols, per run, labelled; never in a verdict."""
+        if not self.old:
+            return []
+        from audit.result import load_result
+
+        L = ["## Appendix: seeds kept under an older protocol (not in any verdict above)", ""]
+        for v in sorted({v for v, _ in self.old}):
+            L += [f"Protocol {v}: {PROTOCOL_NOTE.get(v, 'unknown')}. Each run: R@1 × chance (≥ its bootstrap lower bound; "
+                  "* = the 2.5th percentile, a conservative one-sided 97.5% bound, as these JSONs carry no 5th "
+                  "percentile). Per released model these runs are still evidence for claims 2–3.", "",
+                  "| protocol | seed | run | i2t N=100 | i2t N=1000 | i2t N=10000 | i2t N=full | hard-neg N=100 | "
+                  "DP-arm R@1 (%) at N=10000 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            for (v_, s), d in sorted(self.old.items()):
+                if v_ != v:
+                    continue
+                man = json.loads((d / "runs.json").read_text())
+                for rec in man["runs"]:
+                    if not rec.get("audit_json") or rec["name"].startswith(("external/", "style_")):
+                        continue
+                    res = load_result(d / rec["audit_json"])
+                    tag = rec["name"].rsplit("/", 1)[0]
+                    if tag in ("generic", "bert", "llm"):
+                        cells = [_run_cell(recall(res, n=n_)) for n_ in ("100", "1000", "10000", "full")]
+                        cells += [_run_cell(recall(res, "hardneg/i2t", n="100")), "–"]
+                    else:
+                        cells = ["–"] * 5 + [_run_cell(recall(res, n="10000"), "value", 100, 3)]
+                    L.append(f"| {v} | {s} | {tag} | " + " | ".join(cells) + " |")
+            L.append("")
+        L += [f"Kept in `{self._rel(self.keep)}/protocol<v>/`.", ""]
+        return L
 
     def plot(self, path: Path) -> None:
         import matplotlib
@@ -721,61 +1032,69 @@ class Reproduction:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        ax = axes[0]
-        for i, (key, title) in enumerate((("generic", "generic"), ("bert", "bert_encoder"), ("llm", "llm + stage 1"))):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        ax = axes[0]  # claims 1-2: × chance on a log axis, each seed a point, the geometric mean a line
+        for i, (key, title) in enumerate(TOWERS):
             res = self.results(key)
             ns = pool_sizes(next((r for r in res if r), None))
-            pts = [(recall(next(r for r in res if r), n=n)["n_value"], stat([recall(r, n=n) for r in res], "x_chance", "x_chance_ci"))
-                   for n in ns]
-            if pts:
-                xs = [p[0] for p in pts]
-                ax.errorbar(xs, [p[1].mean for p in pts], yerr=[[p[1].mean - p[1].lo for p in pts], [p[1].hi - p[1].mean for p in pts]],
-                            marker="o", capsize=3, label=title, color=f"C{i}")
+            xs, gm = [], []
+            for n_ in ns:
+                rows = [r for r in rows_of(res, n=n_) if r]
+                if not rows:
+                    continue
+                nv = rows[0]["n_value"]
+                ax.scatter([nv * (1 + 0.04 * (i - 1))] * len(rows), [r["x_chance"] for r in rows], s=14, color=f"C{i}", alpha=0.7)
+                o = V.over_seeds([r["x_chance"] for r in rows], 0.0, x_high(rows))
+                xs.append(nv * (1 + 0.04 * (i - 1)))
+                gm.append(o.center)
+            if xs:
+                ax.plot(xs, gm, color=f"C{i}", label=f"{title} (geometric mean; dots: seeds)")
         ax.axhline(1.0, color="k", ls="--", lw=1, label="chance")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("candidate pool N (largest = full test DB)")
-        ax.set_ylabel("image→report R@1 × chance")
+        ax.set_ylabel("image→report R@1 × chance (log)")
         ax.set_title("claims 1–2", fontsize=10)
-        ax.legend(fontsize=8)
-        ax = axes[1]
-        labels, r1, auc = [], [], []
-        for tag, title in (("base", "before DP"), ("nonprivate", "non-private"), ("dp_public_negatives", "DP public-neg"),
-                           ("dp_group_clipping", "DP group-clip")):
-            res = self.results(tag)
-            s_r = stat([recall(r, n=self.dp_n()) for r in res])
-            s_a = stat([probe_row(r) for r in res])
-            if s_r and s_a:
-                labels.append(title)
-                r1.append(s_r)
-                auc.append(s_a)
-        if labels:
-            x = range(len(labels))
-            ax.bar([i - 0.2 for i in x], [100 * s.mean for s in r1], 0.4, yerr=[[100 * (s.mean - s.lo) for s in r1], [100 * (s.hi - s.mean) for s in r1]],
-                   capsize=3, label=f"R@1 at N = {self.dp_n()} (%)")
-            ax2 = ax.twinx()
-            ax2.bar([i + 0.2 for i in x], [100 * s.mean for s in auc], 0.4, color="C1", yerr=[[100 * (s.mean - s.lo) for s in auc], [100 * (s.hi - s.mean) for s in auc]],
-                    capsize=3, label="macro AUROC (%)")
-            ax2.set_ylabel("macro AUROC (%)")
-            ax.set_xticks(list(x), labels, fontsize=8)
-            ax.set_ylabel(f"R@1 at N = {self.dp_n()} (%)")
-            ax.legend(loc="upper left", fontsize=8)
-            ax2.legend(loc="upper right", fontsize=8)
-        ax.set_title(f"claim 4 (ε = {self.epsilon})", fontsize=10)
+        ax.legend(fontsize=7)
+        n4 = self.dp_n()
+        tags = [t for t in ("base", *[t for t, *_ in DP_ARMS]) if any(self.results(t))]
+        short = {"base": "before", "nonprivate": "np\nstage2", "dp_public_negatives": "DP pn\nstage2",
+                 "dp_group_clipping": "DP gc\nstage2", "nonprivate_fresh": "np\nfresh", "dp_fresh_public_negatives": "DP pn\nfresh",
+                 "dp_fresh_group_clipping": "DP gc\nfresh"}
+        for ax, what in ((axes[1], "recall"), (axes[2], "auroc")):
+            for x, tag in enumerate(tags):
+                res = self.results(tag)
+                if what == "recall":
+                    ys = [r["value"] * 100 for r in rows_of(res, n=n4) if r and r["value"] > 0]
+                    o = V.over_seeds(ys, 0.0, 100.0)
+                else:
+                    ys = [100 * probe_row(r)["value"] for r in res if probe_row(r)]
+                    o = V.over_seeds(ys, 0.0, 100.0, log=False)
+                if ys:
+                    ax.scatter([x] * len(ys), ys, s=14, color="C0" if what == "recall" else "C1", alpha=0.7)
+                    ax.plot([x - 0.25, x + 0.25], [o.center] * 2, color="k", lw=1.5)
+            ax.set_xticks(range(len(tags)), [short[t] for t in tags], fontsize=7)
+        if tags:
+            axes[1].set_yscale("log")
+        axes[1].set_ylabel(f"R@1 at N = {n4} (%, log; dots: seeds, bar: geometric mean)")
+        axes[1].set_title(f"claim 4 (ε = {self.epsilon}): re-linkage", fontsize=10)
+        axes[2].set_ylabel("macro AUROC (%) (dots: seeds, bar: mean)")  # the axis spans the data, not 0
+        axes[2].set_title("claim 4: utility", fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 1 for tiny, 3 otherwise")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 1 for tiny, 5 otherwise")
     ap.add_argument("--epsilon", type=float, default=0.34, help="target epsilon of the DP rows (arXiv 2606.02276's 0.34)")
     ap.add_argument("--out", default=str(ROOT / "logs" / "reproduce"), help="runs go to <out>/<scale>/runs/")
     ap.add_argument("--results", default=None, help="RESULTS.md path (default <out>/<scale>/RESULTS.md)")
-    ap.add_argument("--resume", action="store_true", help="reuse runs whose audit JSON already exists")
-    ap.add_argument("--keep", default=None, help="keep finished seeds here (default: experiments/results/<scale> "
+    ap.add_argument("--resume", action="store_true", help="load complete kept seeds, reuse finished runs in <out>, run the rest")
+    ap.add_argument("--keep", default=None, help="keep finished runs here, per seed (default: experiments/results/<scale> "
                     f"for {', '.join(KEEP_BY_DEFAULT)}; 'none' to keep nothing)")
     ap.add_argument("--render-only", action="store_true", help="write RESULTS.md from the kept seeds, run nothing")
     ap.add_argument("--threads", type=int, default=None)
@@ -788,19 +1107,29 @@ def main(argv: list[str] | None = None) -> Path:
         import torch
 
         torch.set_num_threads(args.threads)
-    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.scale == "tiny" else 3)))
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.scale == "tiny" else 5)))
     out = Path(args.out) / args.scale
     t0 = time.time()
     keep = args.keep or (str(ROOT / "experiments" / "results" / args.scale) if args.scale in KEEP_BY_DEFAULT else None)
     keep = None if keep in (None, "none") else Path(keep)
     rep = Reproduction(args.scale, seeds, out, args.resume, args.epsilon, keep)
     if args.render_only:
-        rep.seeds = [s for s in seeds if rep.load_kept(s)]
-        if not rep.seeds:
+        rep.seeds = [s for s in seeds if rep.load_kept(s, partial=True)]
+        rep.find_old()
+        if not rep.seeds and not rep.old:
             raise SystemExit(f"--render-only: no kept seed among {seeds} in {keep}")
+        if not rep.seeds:
+            rep.seeds = []
     else:
+        held = [s for s in seeds if rep.manifest(s) is not None]
+        if held and not args.resume:
+            raise SystemExit(
+                f"{keep} already keeps seeds {held} (their runs.json). Refusing to overwrite kept results: pass --resume "
+                "to load them (complete seeds of this protocol) and run only what is missing, --render-only to render "
+                "them, or --keep <another folder> / --keep none.")
         rep.execute_all()
-    md, _ = rep.render(time.time() - t0)
+        rep.find_old()
+    md, _ = rep.render(time.time() - t0, " ".join(argv))
     results = Path(args.results) if args.results else out / "RESULTS.md"
     results.parent.mkdir(parents=True, exist_ok=True)
     plot = results.with_name(results.stem + "_claims.png")
@@ -817,7 +1146,7 @@ def main(argv: list[str] | None = None) -> Path:
     results.write_text(md)
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
-    print(md)
+    print(f"[reproduce] wrote {results} ({(time.time() - t0) / 60:.1f} min)", flush=True)
     return results
 
 
