@@ -25,6 +25,7 @@ The probe trains on a seeded random subset of at most max_train_samples train ro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -39,6 +40,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
+from configs import cli  # noqa: E402
 from callbacks.console import quiet_known_warnings  # noqa: E402
 from audit import result as R  # noqa: E402
 from audit.embeddings import EmbeddingSet, as_embeddings, check_ids, check_labels_array, reject_zero_rows  # noqa: E402
@@ -120,25 +122,37 @@ def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_
     return {k: v[idx] for k, v in tr.items()}, None
 
 
-def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict, dict | None, dict]:
-    """The audits on a file of precomputed embeddings, with the callbacks' settings. Everything is
-    validated before any audit is computed."""
-    data = load_embeddings(cfg.embeddings)
+def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb, data: dict[str, np.ndarray] | None = None
+                     ) -> tuple[dict, dict | None, dict]:
+    """The audits on a file of precomputed embeddings (or on ``data``, its arrays: an existing model's,
+    audit_model_embeddings), with the callbacks' settings. Everything is validated before any audit is
+    computed."""
+    data = load_embeddings(cfg.embeddings) if data is None else data
     split = cfg.get("split")
     mask = None
     if "split" in data:
         mask = data["split"].astype(str) == str(split)
         if not mask.any():
-            raise ValueError(f"embeddings file has no rows with split == {split!r} "
-                             f"(splits present: {sorted(set(data['split'].astype(str)))})")
+            from audit.embeddings import close_names
+
+            present = sorted(set(data["split"].astype(str)))
+            close = close_names(str(split), present)
+            raise ValueError(f"embeddings file {cfg.embeddings} has no rows with split == {split!r} (splits present: "
+                             f"{present})" + (f"; did you mean split={close[0]}?" if close else ""))
     else:
         # No split array: every row is audited; say so instead of calling it `split`.
         log.info("embeddings file has no `split` array: auditing all %d rows (meta split='all')",
                  len(data["image_emb"]))
         split = "all"
     ev = _rows(data, mask)
+    # Errors name the file's row numbers, not the positions within the audited split.
     es = EmbeddingSet.from_items(ev["image_emb"], ev["report_emb"], ev["study_id"], ev["patient_id"],
-                                 ev.get("labels"), ev.get("report_text_hash"))
+                                 ev.get("labels"), ev.get("report_text_hash"),
+                                 rows=None if mask is None else np.flatnonzero(mask))
+    if any(cb.settings["n_boot"] for cb in (rel_cb, probe_cb) if cb is not None) and np.unique(ev["patient_id"]).size < 2:
+        raise ValueError(f"embeddings file {cfg.embeddings}: every audited row has patient_id "
+                         f"{ev['patient_id'][0].item()!r}; the bootstrap over patients would resample one cluster and "
+                         "its 95% CIs collapse to a point: give real patient ids (or n_boot=0: no intervals)")
     meta: dict[str, Any] = {"source": "embeddings", "embeddings": str(cfg.embeddings), "split": split,
                             "n_items": int(len(ev["image_emb"]))}
     train_rows = None
@@ -203,10 +217,76 @@ def prepared_datamodule(cfg: DictConfig, module):
     return dm
 
 
+def runs_trainer(cfg: DictConfig) -> bool:
+    """Whether the audit runs Trainer.test with the audits as callbacks (a checkpoint; an existing model
+    under audits that need the model itself, or with cache_embeddings=false), or the audit library alone
+    on embeddings (a file, or an existing model's, cached): then Lightning is never imported."""
+    if cfg.get("embeddings"):
+        return False
+    if cfg.get("ckpt_path") or not cfg.get("cache_embeddings", True):
+        return True
+    return bool(cfg.audit.get("adaptive") or cfg.audit.get("report_quality"))
+
+
+def _device(cfg: DictConfig):
+    import torch
+
+    gpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu")) in ("gpu", "cuda", "auto")
+    return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+
+
+def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | None, dict | None, dict]:
+    """An existing model (model.path) audited by the library on its embeddings, read from the cache
+    (models/embedding_cache.py: per model files, model config, cohort, split and rows) or encoded once
+    and stored: a second audit of the same model, or the ladder, encodes nothing and loads no model."""
+    from audit.probe import subsample_rows
+    from models.embedding_cache import cached_rows, encode_split
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    selections: list[tuple[str, str]] = [(str(cfg.split), "all")]
+    subsample: dict[str, tuple[int, int]] = {}
+    if probe_cb is not None:  # the probe's training rows: the seeded subsample LinearProbe would encode
+        ps = probe_cb.settings
+        rows = f"subsample {ps['max_train_samples']} seed {ps['seed']}"
+        subsample[rows] = (ps["max_train_samples"], ps["seed"])
+        selections.append((ps["train_split"], rows))
+
+    def encode(missing: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        module = load_audited_module(cfg)
+        device = _device(cfg)
+        module.to(device).eval()
+        dm = prepared_datamodule(cfg, module)
+        out = {}
+        for split, rows in missing:
+            idx = None if rows == "all" else subsample_rows(len(dm.eval_dataloader(split).dataset), *subsample[rows])
+            out[(split, rows)] = encode_split(module, dm, split, device, idx)
+            log.info("encoded %d %s rows of %s", len(out[(split, rows)]["image_emb"]), split, model_cfg["path"])
+        return out
+
+    data, info = cached_rows(cfg.paths.cache_dir, model_cfg, OmegaConf.to_container(cfg.data, resolve=True),
+                             selections, encode)
+    rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb, data=data)
+    meta.pop("embeddings", None)
+    path = Path(str(model_cfg["path"]))
+    meta.update({"source": "model", "model": f"{model_cfg['family']}:{path.name}", "model_path": str(path),
+                 "split": cfg.split, "embeddings_cache": {"files": info["cache"], "encoded": info["encoded"]}})
+    cohort = OmegaConf.select(cfg, "data.reader.cohort")
+    if cohort is not None:
+        meta["cohort"] = cohort
+    # A model released by the DP stage carries its privacy record beside its weights (as
+    # models.external.ExternalDualEncoder reads it): it travels with every audit of it.
+    record = path / "dp_record.json"
+    if path.is_dir() and record.is_file():
+        meta["privacy"] = json.loads(record.read_text())
+    return rel, probe, meta
+
+
 def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dict | None, dict | None, dict]:
     """Trainer.test of the checkpoint's (or existing model's) module on `split` of the `data=` cohort,
-    audits as callbacks."""
-    import lightning as L
+    audits as callbacks; an existing model whose audits need no Trainer: audit_model_embeddings."""
+    if not runs_trainer(cfg):
+        return audit_model_embeddings(cfg, rel_cb, probe_cb)
+    import lightning as L  # only here, where a Trainer runs (seconds of start-up)
 
     module = load_audited_module(cfg)
     dm = prepared_datamodule(cfg, module)
@@ -253,23 +333,37 @@ def audit_report_quality_embeddings(cfg: DictConfig, rq) -> dict:
                                 OmegaConf.select(cfg, "data.text_field", default="report"))
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """Exactly one thing to audit, and it exists; otherwise a UsageError (the CLI: one line, exit status 2)."""
+    given = {"ckpt_path": cfg.get("ckpt_path"), "embeddings": cfg.get("embeddings"), "model.path": external_model_path(cfg)}
+    named = {k: v for k, v in given.items() if (v is not None if k == "model.path" else bool(v))}
+    if len(named) != 1:
+        raise cli.UsageError("give exactly one of ckpt_path=<model checkpoint>, model=hf_clip|open_clip "
+                             "model.path=<folder> or embeddings=<file.npz>" + (f" (given: {', '.join(named)})" if named else ""))
+    ((key, value),) = named.items()
+    if not Path(str(value)).exists():
+        raise cli.UsageError(f"{key}={value}: no such {'folder' if key == 'model.path' else 'file'}")
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     quiet_known_warnings()
-    given = [bool(cfg.get("ckpt_path")), bool(cfg.get("embeddings")), external_model_path(cfg) is not None]
-    if sum(given) != 1:
-        raise ValueError("give exactly one of ckpt_path=<model checkpoint>, model=hf_clip|open_clip "
-                         "model.path=<folder> or embeddings=<file.npz>")
+    check_inputs(cfg)
     audit = cfg.audit
-    # The re-linkage audit of an embeddings file is the audit library alone: no Lightning, whose import
-    # costs seconds of start-up, and nothing drawn at random outside the audit's seeded bootstrap.
-    library = cfg.get("embeddings") and not audit.get("probe")
+    # Embeddings (a file, or an existing model's, cached) are audited by the audit library alone: no
+    # Lightning, whose import costs seconds of start-up, and nothing drawn at random outside the audits'
+    # seeded bootstrap and probe subsample. A Trainer runs only for a checkpoint (runs_trainer).
+    library = not runs_trainer(cfg)
     if not library:
         import lightning as L
 
         L.seed_everything(cfg.seed, workers=True)
     rel_cb = ((Relinkage.from_config if library else instantiate)(audit.relinkage)
               if audit.get("relinkage") else None)
-    probe_cb = instantiate(audit.probe) if audit.get("probe") else None
+    probe_cb = None
+    if audit.get("probe"):
+        from audit.probe import Probe
+
+        probe_cb = (Probe.from_config if library else instantiate)(audit.probe)
     rq_cb = None
     if audit.get("report_quality"):
         from audit.report_quality import ReportQuality
@@ -299,8 +393,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with cli.usage_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "evaluate.yaml")  # usage mistakes: one clear message naming the valid choices, exit status 2

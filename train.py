@@ -24,6 +24,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
+from configs import cli  # noqa: E402
 from callbacks.console import quiet_known_warnings  # noqa: E402
 from callbacks.seed import EpochSeed  # noqa: E402
 
@@ -175,10 +176,13 @@ def attach_to_wandb(loggers: list, out: Path) -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     quiet_known_warnings()
     if str(OmegaConf.select(cfg, "model._target_", default="")).startswith("models.external."):
-        raise ValueError(
+        raise cli.UsageError(
             "model=hf_clip|open_clip is an existing model, not one train.py trains: audit it with "
             "`python evaluate.py model=<it> model.path=...`, or train its own heads with DP with "
             "`python train.py experiment=dp_alignment model.external.path=...`")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise cli.UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (a run keeps its own in "
+                         "<run>/checkpoints/last.ckpt)")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     if cfg.get("ckpt_path"):
@@ -219,10 +223,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    with cli.usage_errors():
+        metrics, _ = train(cfg)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "train.yaml")  # usage mistakes: one clear message naming the valid choices, exit status 2

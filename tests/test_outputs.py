@@ -143,3 +143,38 @@ def test_second_cli_run_into_a_used_folder_is_refused_before_writing(tmp_path) -
     assert p.returncode != 0 and "already holds another run" in p.stderr
     assert sorted(x.name for x in run.iterdir()) == ["train.log"]  # nothing written, nothing overwritten
     assert (run / "train.log").read_text() == "first run\n"
+
+
+def test_config_mistakes_are_explained_with_the_valid_choices() -> None:
+    from configs.cli import explain
+
+    assert "Did you mean model?" in explain("train.yaml", ["modle=bert_encoder"])
+    said = explain("train.yaml", ["data.root=/data/cohort"])  # a real cohort's key, the synthetic cohort chosen
+    assert "data=synthcxr option has no such key" in said
+    assert all(f"data={c}" in said for c in ("mimic_cxr", "chexpert_plus", "openi"))
+    assert "Did you mean bert_encoder" in explain("train.yaml", ["model=bert_encodr"])
+    assert "Did you mean trainer.max_epochs?" in explain("train.yaml", ["trainer.max_epocs=2"])
+    assert "Did you mean hardneg?" in explain("evaluate.yaml", ["audit=hardnegs"])
+    assert explain("train.yaml", ["data=mimic_cxr", "data.root=/x", "seed=3"]) is None  # nothing wrong
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train.py", "modle=llm_encoder"], "'modle' is neither a config group nor a key of train.yaml. Did you mean model?"),
+    (["evaluate.py"], "give exactly one of ckpt_path="),
+    (["evaluate.py", "embeddings=/nonexistent/e.npz"], "embeddings=/nonexistent/e.npz: no such file"),
+])
+def test_cli_usage_mistakes_end_in_one_clear_line_and_exit_status_2(argv, says, tmp_path) -> None:
+    p = subprocess.run([sys.executable, *argv, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "HYDRA_FULL_ERROR" not in p.stderr and "Error executing job" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and says in last
+
+
+def test_train_refuses_a_missing_checkpoint_before_any_work(compose_train) -> None:
+    from configs.cli import UsageError
+    from train import train
+
+    with pytest.raises(UsageError, match="ckpt_path=/nonexistent/last.ckpt: no such checkpoint file"):
+        train(compose_train("ckpt_path=/nonexistent/last.ckpt"))
