@@ -20,8 +20,16 @@ from audit.labels import NUM_LABELS
 VALIDATION_KEYS = ("image_emb", "report_emb", "labels", "study_idx", "patient_idx", "index")
 
 
-def as_embeddings(x: Any, name: str) -> torch.Tensor:
-    """A finite, non-empty float32 [n, d] tensor, or a ValueError naming ``name``."""
+def _named(idx: np.ndarray | Sequence[int], rows: np.ndarray | None) -> list[int]:
+    """Row positions as the caller's row numbers (an embeddings file's own rows when ``rows`` maps
+    them; an audited split is a subset of the file, and its 5th row is not the file's)."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    return (idx if rows is None else np.asarray(rows).reshape(-1)[idx]).tolist()
+
+
+def as_embeddings(x: Any, name: str, rows: np.ndarray | None = None) -> torch.Tensor:
+    """A finite, non-empty float32 [n, d] tensor, or a ValueError naming ``name`` (and the rows,
+    numbered by ``rows`` when given)."""
     if isinstance(x, torch.Tensor):
         t = x
     else:
@@ -39,65 +47,93 @@ def as_embeddings(x: Any, name: str) -> torch.Tensor:
         t = t.double()
     bad = ~torch.isfinite(t).all(dim=1)
     if bad.any():
-        rows = bad.nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{name} has NaN/inf values in {int(bad.sum())} rows (first rows: {rows})")
+        first = _named(bad.nonzero().flatten()[:5].numpy(), rows)
+        raise ValueError(f"{name} has NaN/inf values in {int(bad.sum())} rows (first rows: {first})")
     if t.dtype == torch.float32:
         return t
     f = t.float()
     big = ~torch.isfinite(f).all(dim=1)  # finite in float64, beyond float32's range (|x| > 3.4e38)
     if big.any():
-        rows = big.nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{name} has values beyond float32's range in {int(big.sum())} rows (first rows: {rows}); "
+        first = _named(big.nonzero().flatten()[:5].numpy(), rows)
+        raise ValueError(f"{name} has values beyond float32's range in {int(big.sum())} rows (first rows: {first}); "
                          "rescale them")
     return f
 
 
-def _row_scale(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Each row's largest |value|, [n, 1]; a row of zeros raises (it has no direction)."""
-    scale = x.abs().amax(dim=1, keepdim=True)
-    zero = scale.flatten() == 0
+def reject_zero_rows(x: torch.Tensor, name: str) -> None:
+    """Raise naming the all-zero rows of ``x`` (the probe rejects what re-linkage rejects)."""
+    zero = (x == 0).all(dim=1)
     if zero.any():
         rows = zero.nonzero().flatten()[:5].tolist()
         raise ValueError(f"{name} has {int(zero.sum())} all-zero rows (cannot be normalised): first rows {rows}")
-    return scale
 
 
-def reject_zero_rows(x: torch.Tensor, name: str) -> None:
-    """Raise naming the all-zero rows of ``x`` (the probe rejects what re-linkage rejects)."""
-    _row_scale(x, name)
+# Below this float32 norm a row's smaller components square to subnormals or zero, so its plain
+# float32 norm loses digits (at 1e-10 the components it loses are < 1e-9 of the row: nothing visible).
+_SMALL_NORM = 1e-10
 
 
 def l2_normalize(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Rows scaled to unit L2 norm, scale-safely: each row is first divided by its largest |value|,
-    so 1e20 (whose square overflows float32) and 1e-25 (whose square underflows to 0) normalise like
-    any other scale instead of becoming zeros or "all-zero" rows."""
-    y = x / _row_scale(x, name)
-    return y / y.norm(dim=1, keepdim=True)
+    """Rows scaled to unit L2 norm: exactly the plain ``x / x.norm()`` wherever that is accurate, so
+    exact ties between rows survive (prescaling every row by its largest |value| rounds them away:
+    749 -> 740 ties on a lattice). Only rows whose norm overflows (|x| ~ 1e20: the square is inf) or
+    underflows (|x| ~ 1e-25: the square is 0) are first scaled by a power of two (exact) to a largest
+    |value| in [0.5, 1): such a row normalises bit for bit as the same row at an ordinary scale would.
+    An all-zero row raises (it has no direction)."""
+    norm = x.norm(dim=1, keepdim=True)
+    risky = (~torch.isfinite(norm) | (norm < _SMALL_NORM)).flatten()
+    out = x / norm
+    if risky.any():
+        idx = risky.nonzero().flatten()
+        peak = x[idx].abs().amax(dim=1, keepdim=True)
+        zero = (peak == 0).flatten()
+        if zero.any():
+            rows = idx[zero][:5].tolist()
+            raise ValueError(f"{name} has {int(zero.sum())} all-zero rows (cannot be normalised): first rows {rows}")
+        y = torch.ldexp(x[idx], -torch.frexp(peak).exponent)
+        out[idx] = y / y.norm(dim=1, keepdim=True)
+    return out
 
 
-def check_ids(x: Any, name: str, n: int) -> np.ndarray:
-    """Study/patient ids: integers or strings, one per row, none blank (NaN, "")."""
+# float32 holds every integer exactly only up to 2**24: MIMIC-CXR's patient ids (~10-20 million) and
+# study ids (~50-60 million) round onto each other there (177 patients become 96).
+_FLOAT_ID = ("ids must be integers or strings: float ids collide once past the float's exact-integer range "
+             "(float32: 2**24 = 16,777,216; MIMIC-CXR's ids are beyond it) and NaN ids merge; write them from "
+             "the source as int64 or strings (converting the float array back cannot undo a collision)")
+
+
+def check_ids(x: Any, name: str, n: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Study/patient ids: integers or strings, one per row, none blank ("") or padded with spaces.
+    Float ids are refused whatever their values (a float32 id may already have collided). Rows are
+    named by ``rows`` (an embeddings file's row numbers) when given."""
     arr = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
-    if arr.dtype.kind not in "iuUSf":
+    if arr.dtype.kind == "f":
+        raise ValueError(f"{name} has dtype {arr.dtype}: {_FLOAT_ID}")
+    if arr.dtype.kind not in "iuUS":
         raise ValueError(f"{name} has dtype {arr.dtype}; expected integers or fixed-width strings "
                          "(an .npz stores no pickled objects)")
     arr = arr.reshape(-1)
     if arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} entries but image_emb has {n} rows")
-    if arr.dtype.kind == "f":
-        blank = np.isnan(arr)
-    elif arr.dtype.kind in "US":
-        blank = np.char.strip(arr) == ("" if arr.dtype.kind == "U" else b"")
-    else:
-        blank = np.zeros(n, bool)
-    if blank.any():
-        rows = np.flatnonzero(blank)
-        # np.unique would merge every NaN id into one study (or patient): refuse instead.
-        raise ValueError(f"{name} is blank (NaN or empty) in {rows.size} rows (first rows: {rows[:5].tolist()})")
+    if arr.dtype.kind in "US":
+        stripped = np.char.strip(arr)
+        blank = stripped == ("" if arr.dtype.kind == "U" else b"")
+        if blank.any():
+            idx = np.flatnonzero(blank)
+            # np.unique would merge every blank id into one study (or patient): refuse instead.
+            raise ValueError(f"{name} is blank (empty) in {idx.size} rows (first rows: {_named(idx[:5], rows)})")
+        padded = stripped != arr
+        if padded.any():
+            # "s1 " and "s1" would be two studies (or patients): more candidates, a lower recall. Stripping
+            # would silently change which rows are one study, so the file is refused instead.
+            idx = np.flatnonzero(padded)
+            raise ValueError(f"{name} has leading/trailing whitespace in {idx.size} rows (first rows: "
+                             f"{_named(idx[:5], rows)}, e.g. {arr[idx[0]].item()!r}): an id with and without "
+                             "spaces would count as two; write the ids without it")
     return arr
 
 
-def check_labels_array(x: Any, name: str, n: int) -> np.ndarray:
+def check_labels_array(x: Any, name: str, n: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Labels [n, 14] of numbers in {1, 0, -1, NaN}, or a ValueError naming ``name`` and the rows."""
     arr = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
     if arr.dtype.kind not in "fiub":
@@ -107,10 +143,22 @@ def check_labels_array(x: Any, name: str, n: int) -> np.ndarray:
         raise ValueError(f"{name} must have shape [{n}, {NUM_LABELS}], got {lab.shape}")
     bad = ~(np.isnan(lab) | np.isin(lab, (1.0, 0.0, -1.0))).all(axis=1)
     if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(f"{name} has values other than 1, 0, -1, NaN in {rows.size} rows "
-                         f"(first rows: {rows[:5].tolist()})")
+        idx = np.flatnonzero(bad)
+        raise ValueError(f"{name} has values other than 1, 0, -1, NaN in {idx.size} rows "
+                         f"(first rows: {_named(idx[:5], rows)})")
     return lab
+
+
+def close_names(wanted: str, present: Sequence[str]) -> list[str]:
+    """The names in ``present`` that ``wanted`` was probably meant to be ('Train' for 'train',
+    'tset' for 'test'): case-insensitive matches first, then difflib's close matches."""
+    import difflib
+
+    present = sorted(set(map(str, present)))
+    same_case = [p for p in present if p.lower() == wanted.lower() and p != wanted]
+    lower = {p.lower(): p for p in present}
+    close = [lower[c] for c in difflib.get_close_matches(wanted.lower(), list(lower), n=3, cutoff=0.6)]
+    return list(dict.fromkeys(same_case + [c for c in close if c != wanted]))
 
 
 def _as_long(x: Any, name: str, n: int) -> torch.Tensor:
@@ -174,20 +222,25 @@ class EmbeddingSet:
         patient_key: Any,
         labels: Any = None,
         text_hash: Sequence[str] | None = None,
+        rows: np.ndarray | None = None,
     ) -> "EmbeddingSet":
         """Build from per-item rows (one row per image; its study's report embedding,
         labels, ids repeated). Rows of one study are collapsed by ``study_key``; they must
         agree (labels and hash exactly, report embeddings up to float noise) or this raises
-        naming the row. Blank ids (NaN, "") and object/string dtypes where numbers belong raise."""
-        img = as_embeddings(image_emb, "image_emb")
-        rep = as_embeddings(report_emb, "report_emb")
+        naming the row. Blank, float or space-padded ids, object/string dtypes where numbers belong,
+        and a row repeated exactly (same study, identical image embedding) raise. ``rows``: the row
+        numbers errors name (an embeddings file's own, when these rows are its audited split)."""
+        img = as_embeddings(image_emb, "image_emb", rows)
+        rep = as_embeddings(report_emb, "report_emb", rows)
         n = img.shape[0]
+        if rows is not None and len(rows) != n:
+            raise ValueError(f"rows has {len(rows)} entries but image_emb has {n} rows")
         if rep.shape[0] != n:
             raise ValueError(f"report_emb has {rep.shape[0]} rows but image_emb has {n} (one row per image item)")
         if rep.shape[1] != img.shape[1]:
             raise ValueError(f"image_emb dim {img.shape[1]} != report_emb dim {rep.shape[1]}")
-        skeys = check_ids(study_key, "study_id", n)
-        pkeys = check_ids(patient_key, "patient_id", n)
+        skeys = check_ids(study_key, "study_id", n, rows)
+        pkeys = check_ids(patient_key, "patient_id", n, rows)
         uniq, first, inv = np.unique(skeys, return_index=True, return_inverse=True)
         inv = inv.reshape(-1)
         order = np.argsort(first)  # studies in order of first appearance
@@ -202,18 +255,20 @@ class EmbeddingSet:
         other = np.flatnonzero(p_codes_items != p_codes_items[first_of_row])
         if other.size:
             r = int(other[0])
-            raise ValueError(f"a study_id appears with more than one patient_id: study_id {skeys[r].item()!r} row {r} "
-                             f"has patient_id {pkeys[r].item()!r}, row {int(first_of_row[r])} "
-                             f"{pkeys[first_of_row[r]].item()!r}")
+            f = int(first_of_row[r])
+            raise ValueError(f"a study_id appears with more than one patient_id: study_id {skeys[r].item()!r} row "
+                             f"{_named([r], rows)[0]} has patient_id {pkeys[r].item()!r}, row {_named([f], rows)[0]} "
+                             f"{pkeys[f].item()!r}")
         study_patient = torch.as_tensor(p_codes_items[first_rows], dtype=torch.long)
+        _refuse_repeated_rows(img, inv, skeys, rows)
         # Rows of one study repeat its report: a row that disagrees would otherwise be dropped
         # silently (first row wins), so refuse, naming it.
-        _same_within_study(skeys, first_of_row, "report_emb", _report_conflicts(rep, first_of_row))
+        _same_within_study(skeys, first_of_row, "report_emb", _report_conflicts(rep, first_of_row), rows)
         study_labels = None
         if labels is not None:
-            lab = check_labels_array(labels, "labels", n)
+            lab = check_labels_array(labels, "labels", n, rows)
             same = ((lab == lab[first_of_row]) | (np.isnan(lab) & np.isnan(lab[first_of_row]))).all(axis=1)
-            _same_within_study(skeys, first_of_row, "labels", ~same)
+            _same_within_study(skeys, first_of_row, "labels", ~same, rows)
             study_labels = lab[first_rows]
         hashes = None
         if text_hash is not None:
@@ -223,10 +278,36 @@ class EmbeddingSet:
             th = np.asarray([str(h) for h in th_arr])
             if len(th) != n:
                 raise ValueError(f"report_text_hash has {len(th)} entries but image_emb has {n} rows")
-            _same_within_study(skeys, first_of_row, "report_text_hash", th != th[first_of_row])
+            _same_within_study(skeys, first_of_row, "report_text_hash", th != th[first_of_row], rows)
             hashes = [str(th[i]) for i in first_rows]
         del uniq
         return cls(img, rep[torch.as_tensor(first_rows)], item_study, study_patient, study_labels, hashes)
+
+
+def _refuse_repeated_rows(img: torch.Tensor, study: np.ndarray, skeys: np.ndarray, rows: np.ndarray | None) -> None:
+    """Raise when a row repeats an earlier one exactly: the same study and an identical image
+    embedding (rows appended twice: every repeated image would be a second query). Candidates are
+    rows of one study with equal random projections (one pass over the embeddings), confirmed equal
+    element by element."""
+    n = img.shape[0]
+    if n < 2:
+        return
+    x = img.numpy()
+    proj = x.astype(np.float64) @ np.random.default_rng(0).standard_normal(x.shape[1])
+    order = np.lexsort((proj, study))
+    same = (study[order[1:]] == study[order[:-1]]) & (proj[order[1:]] == proj[order[:-1]])
+    pairs = [(int(a), int(b)) for a, b in zip(order[:-1][same], order[1:][same]) if np.array_equal(x[a], x[b])]
+    if not pairs:
+        return
+    # each repeat named against the first row of its identical group
+    first: dict[int, int] = {}
+    for a, b in pairs:
+        first[max(a, b)] = min(first.get(a, a), first.get(b, b), a, b)
+    later = sorted(first)
+    r, f = later[0], first[later[0]]
+    raise ValueError(f"{len(later)} rows repeat an earlier row exactly (same study_id, identical image embedding), "
+                     f"first row {_named([r], rows)[0]} = row {_named([f], rows)[0]} (study_id {skeys[r].item()!r}): "
+                     "were rows appended twice? Each image is one query; a repeat would count it twice")
 
 
 # Unit report vectors of one study's rows may differ by float noise (batches, bf16 autocast: ~1e-2 at
@@ -245,18 +326,20 @@ def _report_conflicts(rep: torch.Tensor, first_of_row: np.ndarray) -> np.ndarray
         x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
-    rows, refs = torch.as_tensor(later), torch.as_tensor(first_of_row[later])
-    out[later] = ((unit(rep[rows]) - unit(rep[refs])).norm(dim=1) > REPORT_CONFLICT_DISTANCE).numpy()
+    idx, refs = torch.as_tensor(later), torch.as_tensor(first_of_row[later])
+    out[later] = ((unit(rep[idx]) - unit(rep[refs])).norm(dim=1) > REPORT_CONFLICT_DISTANCE).numpy()
     return out
 
 
-def _same_within_study(skeys: np.ndarray, first_of_row: np.ndarray, what: str, differs: np.ndarray) -> None:
+def _same_within_study(skeys: np.ndarray, first_of_row: np.ndarray, what: str, differs: np.ndarray,
+                       rows: np.ndarray | None = None) -> None:
     if differs.any():
-        rows = np.flatnonzero(differs)
-        r = int(rows[0])
+        idx = np.flatnonzero(differs)
+        r = int(idx[0])
         raise ValueError(
-            f"{rows.size} rows have {what} different from their study's first row: study_id {skeys[r].item()!r} "
-            f"row {r} vs row {int(first_of_row[r])} (rows of one study must repeat its report, labels and hash)"
+            f"{idx.size} rows have {what} different from their study's first row: study_id {skeys[r].item()!r} "
+            f"row {_named([r], rows)[0]} vs row {_named([int(first_of_row[r])], rows)[0]} (rows of one study must "
+            "repeat its report, labels and hash)"
         )
 
 

@@ -48,6 +48,41 @@ from audit.stats import bootstrap_patient_means, percentile_ci
 
 DIRECTIONS = ("i2t", "t2i")
 
+# Degenerate embeddings come from a broken pipeline, not from a model (a folder without its tokenizer
+# files encodes every report the same), and audit to about chance: a headline read as "no risk". They
+# are refused unless allow_degenerate, and then flagged in every section. Degenerate means either:
+# * collapsed: every image (or every report) row is the same unit vector, up to this L2 distance;
+COLLAPSE_DISTANCE = 1e-4
+# * tied: more than this fraction of image->report queries have their true report tied with at least
+#   one other report (of another text, when report hashes are given). Identical report texts tie
+#   legitimately (templated normal reports): 25-32% of queries in the paper-scale synthetic test
+#   split, 20% in the external one (docs/audit.md).
+TIED_QUERY_FRACTION = 0.5
+
+
+class DegenerateEmbeddingsError(ValueError):
+    """The embeddings are collapsed or tied beyond TIED_QUERY_FRACTION (see above)."""
+
+
+def _collapsed(x: torch.Tensor, name: str) -> str | None:
+    """Why ``x``'s rows are one vector (unit-normalised here, whatever the caller did), or None."""
+    if x.shape[0] < 2:
+        return None
+    u = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
+    spread = float((u - u[0]).norm(dim=1).max())
+    if spread > COLLAPSE_DISTANCE:
+        return None
+    return (f"all {x.shape[0]} {name} rows are one vector (largest distance between unit rows {spread:.1e} "
+            f"<= {COLLAPSE_DISTANCE:g})")
+
+
+def _refuse_degenerate(reasons: list[str]) -> None:
+    raise DegenerateEmbeddingsError(
+        "re-linkage audit refused, degenerate embeddings: " + "; ".join(reasons) + ". These come from a broken "
+        "pipeline (e.g. a model folder without its tokenizer files encodes every report the same) and audit to "
+        "about chance, which reads as 'no re-linkage risk'. Fix the inputs; to audit them anyway, with the result "
+        "flagged degenerate, pass allow_degenerate=True (audit.relinkage.allow_degenerate=true).")
+
 
 def _section(
     above: torch.Tensor,
@@ -139,9 +174,12 @@ def relinkage_audit(
     normalize: bool = True,
     device: str | torch.device | None = None,
     fused: bool | str = "auto",
+    allow_degenerate: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """All requested re-linkage variants as JSON-able sections keyed
-    "i2t", "t2i", "hardneg/i2t", "dedup/i2t"."""
+    "i2t", "t2i", "hardneg/i2t", "dedup/i2t". Degenerate embeddings (COLLAPSE_DISTANCE,
+    TIED_QUERY_FRACTION) raise DegenerateEmbeddingsError; with ``allow_degenerate`` they are audited
+    and every section carries ``"degenerate": [reasons]``."""
     if ties not in TIES_POLICIES:
         raise ValueError(f"unknown ties policy {ties!r}; expected one of {TIES_POLICIES}")
     for d in directions:
@@ -153,6 +191,9 @@ def relinkage_audit(
     rep = as_embeddings(es.report_emb, "report_emb")
     if img.shape[1] != rep.shape[1]:
         raise ValueError(f"image_emb dim {img.shape[1]} != report_emb dim {rep.shape[1]}")
+    degenerate = [why for why in (_collapsed(img, "image_emb"), _collapsed(rep, "report_emb")) if why]
+    if degenerate and not allow_degenerate:
+        _refuse_degenerate(degenerate)  # before the similarities are computed
     if normalize:
         img, rep = l2_normalize(img, "image_emb"), l2_normalize(rep, "report_emb")
     if device is not None:
@@ -163,6 +204,10 @@ def relinkage_audit(
     if n_st < 2:
         raise ValueError(f"re-linkage needs at least 2 studies (candidates), got {n_st}")
     item_patient = study_patient[item_study]
+    if n_boot > 0 and int(torch.unique(item_patient).numel()) < 2:
+        raise ValueError(f"the {n_items} queries all belong to one patient (is patient_id constant?): the bootstrap "
+                         "over patients would resample one cluster and its 95% CI collapse to a point; give real "
+                         "patient ids, or n_boot=0 for point estimates without intervals")
     common = dict(ks=list(ks), ns=list(ns), ties_policy=ties, n_boot=n_boot, seed=seed)
     # One pass over the image x report similarities counts every direction: i2t from the rows,
     # t2i from the columns, hard negatives and dedup from the same rows under their masks.
@@ -186,6 +231,13 @@ def relinkage_audit(
         if int(t2i_pop.max()) < 1:
             raise ValueError("report->image needs images of at least 2 studies")
     r = rank_counts(img, rep, item_study, chunk_size=chunk_size, hardneg=hn, subset=sub, reverse=t2i, fused=fused)
+    # With report hashes (dedup), a tie with a report of the same text is no sign of a broken pipeline.
+    tied = float(((r["sub_ties"] if dedup else r["ties"]) > 0).to(torch.float64).mean())
+    if tied > TIED_QUERY_FRACTION:
+        degenerate.append(f"{100 * tied:.1f}% of image->report queries have their true report tied with another "
+                          f"report{' of another text' if dedup else ''} (more than {100 * TIED_QUERY_FRACTION:.0f}%)")
+        if not allow_degenerate:
+            _refuse_degenerate(degenerate)
     out: dict[str, dict[str, Any]] = {}
     if "i2t" in directions:
         pop = torch.full((n_items,), n_st - 1, dtype=torch.long)
@@ -215,6 +267,9 @@ def relinkage_audit(
         sec.update({"direction": "i2t", "variant": "dedup", "dedup": True,
                     "n_unique_reports": int(uniq.size), "n_studies": n_st})
         out["dedup/i2t"] = sec
+    if degenerate:  # allowed: every section says so (the headline, report.md and audit.json show it)
+        for sec in out.values():
+            sec["degenerate"] = list(degenerate)
     return out
 
 
@@ -229,6 +284,7 @@ class Relinkage:
             "ks": [int(k) for k in s["ks"]], "ns": [n if isinstance(n, str) else int(n) for n in s["ns"]],
             "directions": list(s["directions"]), "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
             "dedup": bool(s["dedup"]), "ties": s["ties"], "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
+            "allow_degenerate": bool(s["allow_degenerate"]),
         }
         self.chunk_size = s["chunk_size"]
         self.device = s["device"]

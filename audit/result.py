@@ -252,6 +252,12 @@ def _row(res: dict[str, Any], key: str, k: int = 1) -> dict[str, Any] | None:
     return next((r for r in rows if r["n"] == "100"), None) or next((r for r in rows if r["n"] == "full"), None)
 
 
+def degenerate_reasons(res: dict[str, Any]) -> list[str]:
+    """Why the audited embeddings are degenerate (audit.relinkage: refused unless allow_degenerate,
+    then flagged in every section), or []."""
+    return list(dict.fromkeys(why for sec in (res.get("relinkage") or {}).values() for why in sec.get("degenerate") or []))
+
+
 def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str:
     """The one-paragraph summary a run prints: R@1 × chance, hard negatives × chance, probe AUROC,
     the DP verdict, and where the full results are."""
@@ -272,7 +278,7 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
     rq = res.get("report_quality") or {}
     if rq.get("green_exact"):
         bits.append(f"retrieved-report GREEN-exact {rq['green_exact']['value']:.3f} ({rq['database']} reports)")
-    ab = _adaptive_best(res)
+    ab = adaptive_best(res, 100) or adaptive_best(res, "full")  # image->report R@1, best over attacks and aux sets
     if ab:
         bits.append(f"adaptive attacker (best of {', '.join(res['adaptive']['attacks'])}; {ab['aux']} aux, "
                     f"{ab['n_aux']} studies): {_fmt(ab['value'])}% = {_fmt(ab['x_chance'], False)}× chance by {ab['attack']}")
@@ -285,6 +291,10 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
         bits.append(f"DP epsilon {eps:.3g}, delta {p.get('delta'):.2g}: {verdict}" if eps is not None
                     else "DP: epsilon not computed")
     text = f"Audit ({describe(meta)}): " + "; ".join(bits) + "."
+    degenerate = degenerate_reasons(res)
+    if degenerate:  # before any number: these do not measure the model
+        text = ("DEGENERATE EMBEDDINGS, audited on request (allow_degenerate): " + "; ".join(degenerate)
+                + ". The numbers below reflect the broken inputs, not the model's re-linkage risk. " + text)
     if where is not None:
         text += f" Full results: {os.fspath(where)}/ (audit.json, report.md, recall_vs_n.png)."
     return text
@@ -303,6 +313,8 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
     meta = res.get("meta", {})
     head = describe(meta)
     lines.append("## Re-linkage audit" + (f" ({head})" if head else ""))
+    for why in degenerate_reasons(res):
+        lines += ["", f"**Degenerate embeddings** (audited with allow_degenerate): {why}."]
     rl = res.get("relinkage", {})
     if rl:
         lines += [
@@ -371,11 +383,15 @@ def _ci(c: Any, pct: bool = False) -> str:
     return f" [{_fmt(c[0], pct)}, {_fmt(c[1], pct)}]" if pct else f" [{c[0]:.3f}, {c[1]:.3f}]"
 
 
-def _adaptive_best(res: dict[str, Any]) -> dict[str, Any] | None:
-    """The headline's adaptive number: image->report R@1 at N = 100 (else the full database), the
-    largest over the (aux, n_aux) groups of the best attack."""
-    best = [b for b in (res.get("adaptive") or {}).get("best", []) if b["key"] == "i2t" and b["k"] == 1]
-    rows = [b for b in best if str(b["n"]) == "100"] or [b for b in best if str(b["n"]) == "full"]
+def adaptive_best(res: dict[str, Any], n: int | str = 100, k: int = 1, key: str = "i2t", aux: str | None = None,
+                  n_aux: int | str | None = None) -> dict[str, Any] | None:
+    """The adaptive attacker's best row (``res["adaptive"]["best"]``: the largest Recall over the attacks, the
+    baseline cosine included) at Recall@k, pool N = n (100 or "full"), re-linkage section ``key``: of one
+    auxiliary group (``aux`` "leaked" | "public", ``n_aux`` the requested size, e.g. 1000 or "all") or, left
+    None, the largest over the groups. None when the result has no such row."""
+    rows = [b for b in (res.get("adaptive") or {}).get("best", []) if b["key"] == key and b["k"] == k
+            and str(b["n"]) == str(n) and (aux is None or b["aux"] == aux)
+            and (n_aux is None or str(b["n_aux_requested"]) == str(n_aux))]
     return max(rows, key=lambda b: b["value"]) if rows else None
 
 

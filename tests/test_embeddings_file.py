@@ -81,18 +81,79 @@ def test_report_rows_of_a_study_may_differ_by_float_noise(rows):
 
 # ---- ids ---------------------------------------------------------------------------------------------
 def test_blank_ids_raise_naming_rows(rows):
-    sid = rows["study_id"].astype(np.float64)
-    sid[[3, 41]] = np.nan  # before: np.unique merged the NaN rows into one study
-    with pytest.raises(ValueError, match=r"study_id is blank \(NaN or empty\) in 2 rows \(first rows: \[3, 41\]\)"):
-        _es(rows, study_id=sid)
-    pid = rows["patient_id"].astype(np.float64)
-    pid[7] = np.nan  # before: all NaN patients were one "patient"
-    with pytest.raises(ValueError, match=r"patient_id is blank .* in 1 rows \(first rows: \[7\]\)"):
-        _es(rows, patient_id=pid)
     s = rows["study_id"].astype(str)
-    s[0] = " "
-    with pytest.raises(ValueError, match=r"study_id is blank .*first rows: \[0\]"):
+    s[[3, 41]] = ""  # np.unique would merge the blank rows into one study
+    with pytest.raises(ValueError, match=r"study_id is blank \(empty\) in 2 rows \(first rows: \[3, 41\]\)"):
         _es(rows, study_id=s)
+    s[[3, 41]] = " "
+    with pytest.raises(ValueError, match=r"study_id is blank .*first rows: \[3, 41\]"):
+        _es(rows, study_id=s)
+
+
+def test_float_ids_are_refused(rows):
+    # MIMIC-CXR-scale ids saved as float32 collide: float32 holds integers exactly only up to 2**24.
+    pid = np.arange(17_000_000, 17_000_177)
+    assert np.unique(pid.astype(np.float32)).size < 177  # the collision itself (independent of the audit)
+    n = len(rows["study_id"])
+    for name, key in (("patient_id", "patient_id"), ("study_id", "study_id")):
+        ids = (rows[key] + 17_000_000).astype(np.float32)  # before: accepted, ids merged
+        with pytest.raises(ValueError, match=rf"{name} has dtype float32: ids must be integers or strings"):
+            _es(rows, **{key: ids})
+    nan = rows["study_id"].astype(np.float64)
+    nan[3] = np.nan  # NaN ids (blank) are float ids too
+    with pytest.raises(ValueError, match="study_id has dtype float64: ids must be integers"):
+        _es(rows, study_id=nan)
+    assert n == 60
+
+
+def test_ids_with_surrounding_spaces_are_refused(rows):
+    sid = np.array([f"s{v}" for v in rows["study_id"]])
+    sid[[45, 50]] = [sid[45] + " ", " " + sid[50]]  # before: "s1 " and "s1" were two studies (more candidates)
+    with pytest.raises(ValueError, match=r"study_id has leading/trailing whitespace in 2 rows \(first rows: \[45, 50\], "
+                                         r"e.g. 's\d+ '\)"):
+        _es(rows, study_id=sid)
+    pid = np.array([f"p{v}" for v in rows["patient_id"]])
+    pid[7] = pid[7] + "\t"
+    with pytest.raises(ValueError, match=r"patient_id has leading/trailing whitespace in 1 rows \(first rows: \[7\]"):
+        _es(rows, patient_id=pid)
+
+
+def test_rows_appended_twice_are_refused_naming_rows(rows):
+    d = _cat(rows, {k: v[:5] for k, v in rows.items()})  # the first 5 rows again, at rows 60..64
+    # before: accepted, 65 queries (5 images counted twice)
+    with pytest.raises(ValueError, match=r"5 rows repeat an earlier row exactly .* first row 60 = row 0 \(study_id 0\)"):
+        _es(d)
+    # a second view of a study with its own image is no repeat
+    assert _es(rows).n_items == 60
+
+
+def test_errors_name_the_files_rows_not_the_splits(tmp_path):
+    tr, te = _train_test()
+    data = _cat(tr, te)  # 90 train rows first: test row 5 is the file's row 95
+    data["image_emb"] = data["image_emb"].copy()
+    data["image_emb"][95, 2] = np.nan
+    with pytest.raises(ValueError, match=r"image_emb has NaN/inf values in 1 rows \(first rows: \[95\]\)"):
+        _evaluate(tmp_path, data, "audit=standard", "audit.relinkage.n_boot=0")
+    data = _cat(tr, te, {k: v[90:91] for k, v in _cat(tr, te).items()})  # test row 90 appended at row 150
+    with pytest.raises(ValueError, match=r"first row 150 = row 90"):
+        _evaluate(tmp_path, data, "audit=standard", "audit.relinkage.n_boot=0")
+
+
+def test_split_name_suggests_close_matches(tmp_path):
+    data = dict(_rows(), split=np.array(["Test"] * 60))
+    # before: "no rows with split == 'test' (splits present: ['Test'])", no suggestion
+    with pytest.raises(ValueError, match=r"no rows with split == 'test' .*did you mean split=Test\?"):
+        _evaluate(tmp_path, data, "audit=standard", "audit.relinkage.n_boot=0")
+
+
+def test_one_patient_is_refused_when_bootstrapping(rows, tmp_path):
+    one = dict(rows, patient_id=np.zeros_like(rows["patient_id"]))
+    # before: a 95% CI that is a point (one cluster resampled)
+    with pytest.raises(ValueError, match="all belong to one patient .*n_boot=0"):
+        relinkage_audit(_es(one), ks=[1], ns=["full"], n_boot=50)
+    assert relinkage_audit(_es(one), ks=[1], ns=["full"], n_boot=0)["i2t"]["recall"][0]["value"] > 0
+    with pytest.raises(ValueError, match="every audited row has patient_id 0"):
+        _evaluate(tmp_path, one, "audit=standard", "audit.relinkage.n_boot=20")
 
 
 def test_object_ids_and_string_labels_name_the_key(rows, tmp_path):
@@ -118,14 +179,42 @@ def test_object_ids_and_string_labels_name_the_key(rows, tmp_path):
 def test_l2_normalize_is_scale_safe():
     x = torch.tensor(np.random.default_rng(0).normal(size=(6, 5)), dtype=torch.float32)
     ref = x.double() / x.double().norm(dim=1, keepdim=True)  # independent: float64, no scaling
-    for scale in (1.0, 1e20, 1e-25, 2.0**66):
+    for scale in (1.0, 1e20, 1e-25, 1e-30, 2.0**66):
         got = l2_normalize(x * scale, "x")
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)
     # a power-of-two scale is exact in float: the normalised rows are bit-identical
     assert torch.equal(l2_normalize(x * 2.0**66, "x"), l2_normalize(x, "x"))
+    assert torch.equal(l2_normalize(x * 2.0**-90, "x"), l2_normalize(x, "x"))
     with pytest.raises(ValueError, match=r"1 all-zero rows .* first rows \[2\]"):
         l2_normalize(torch.cat([x[:2], torch.zeros(1, 5)]), "x")
+
+
+def test_l2_normalize_is_plain_division_on_ordinary_rows():
+    rng = np.random.default_rng(1)
+    for x in (torch.tensor(rng.normal(size=(500, 64)), dtype=torch.float32),
+              torch.tensor(rng.integers(-3, 4, (500, 8)), dtype=torch.float32) + 0.0):
+        x = x[(x != 0).any(1)]
+        # before: every row was first divided by its largest |value| (rounding): 100% of rows differed
+        assert torch.equal(l2_normalize(x, "x"), x / x.norm(dim=1, keepdim=True))
+    # a scale-safe row among ordinary ones leaves the ordinary rows untouched
+    mixed = torch.cat([x[:3], x[3:4] * 1e20, x[4:6]])
+    assert torch.equal(l2_normalize(mixed, "x")[[0, 1, 2, 4, 5]], (x / x.norm(dim=1, keepdim=True))[[0, 1, 2, 4, 5]])
+
+
+def test_exact_ties_on_a_lattice_survive_normalisation():
+    rng = np.random.default_rng(0)  # a lattice of small integers: many exact ties between candidates
+    rep = torch.tensor(rng.integers(-3, 4, (300, 8)), dtype=torch.float32)
+    img = rep + torch.tensor(rng.integers(-3, 4, (300, 8)), dtype=torch.float32)
+    keep = (rep != 0).any(1) & (img != 0).any(1)
+    rep, img = rep[keep], img[keep]
+    ids = torch.arange(len(rep))
+    es = EmbeddingSet(img, rep, ids, ids)
+    got = relinkage_audit(es, ks=[1], ns=["full"], directions=["i2t"], n_boot=0)["i2t"]["ties"]["total_ties"]
+    # reference: the same audit on plainly normalised rows (x / ||x||, float32)
+    plain = EmbeddingSet(img / img.norm(dim=1, keepdim=True), rep / rep.norm(dim=1, keepdim=True), ids, ids)
+    ref = relinkage_audit(plain, ks=[1], ns=["full"], directions=["i2t"], n_boot=0, normalize=False)["i2t"]
+    assert ref["ties"]["total_ties"] > 0 and got == ref["ties"]["total_ties"]  # before: 9 vs 8
 
 
 def test_relinkage_results_do_not_depend_on_scale(rows):
