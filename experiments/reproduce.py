@@ -211,9 +211,12 @@ def headline(run: Run) -> str:
     if is_stage1(run):
         return "text tower exported"
     res = run.result
-    if res and res.get("adaptive") and not res.get("relinkage"):
-        return "adaptive audit written"
     n = headline_n(res)
+    if res and res.get("adaptive"):
+        best = [(r["value"], a) for a in ADAPTIVE_ATTACKS if (r := Reproduction.adaptive_row(res, a, n))]
+        if best:
+            v, a = max(best)
+            return f"strongest attack {a}: R@1 at N={n} {100 * v:.2f}%"
     row = recall(res, n=n)
     if not row:
         return "no R@1 in the audit JSON"
@@ -415,7 +418,13 @@ DP_TITLE = {t: title for t, title, *_ in DP_ARMS} | {"base": "before DP (stage 2
 READINGS = (("stage-2 heads", "dp_public_negatives", "nonprivate", "stage2"),
             ("fresh heads", "dp_fresh_public_negatives", "nonprivate_fresh", "fresh"))
 EXTERNAL = ("base", "dp_public_negatives", "dp_group_clipping", "dp_fresh_public_negatives", "dp_fresh_group_clipping")
+# 4c: the models attacked, the attacks read (each on its own), and the attacker's auxiliary data: every
+# study pair of the training split ("leaked", distribution-matched: the strongest set configs/audit/adaptive
+# offers; one set keeps the audit to 4 re-linkage passes per model).
 ADAPTIVE = ("base", "dp_public_negatives", "dp_fresh_public_negatives")
+ADAPTIVE_ATTACKS = ("cosine", "ridge", "procrustes", "head")
+ADAPTIVE_AUX = ("leaked", "all")
+ADAPTIVE_OVERRIDES = ("audit.adaptive.aux=[leaked]", "audit.adaptive.n_aux=[all]")
 
 
 class Reproduction:
@@ -606,7 +615,7 @@ class Reproduction:
             elif src.error or not src.ckpt.exists():
                 self.skip(name, f"no checkpoint ({src.error or src.ckpt})", s)
             else:
-                self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=adaptive", seed], "audit", s)
+                self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=adaptive", *ADAPTIVE_OVERRIDES, seed], "audit", s)
         # 4b: transfer to the external cohort without retraining
         for tag in EXTERNAL:
             src, name = self.runs[f"{tag}/s{s}"], f"external/{tag}/s{s}"
@@ -907,40 +916,58 @@ class Reproduction:
         L += self.render_old()
         return "\n".join(self.render_head(seconds, invocation, summary) + L), summary
 
-    def adaptive_row(self, res: dict | None, n: str) -> dict | None:
-        """The adaptive adversary's R@1 row at N (its audit JSON's re-linkage section)."""
-        return recall(res, "i2t", n=n)
+    @staticmethod
+    def adaptive_row(res: dict | None, attack: str, n: str) -> dict | None:
+        """The adaptive audit's R@1 row at N for one pre-specified attack (ADAPTIVE_AUX's auxiliary set;
+        the baseline cosine has none). Not its "best" row: that maximum is selected on the audited split."""
+        for row in ((res or {}).get("adaptive") or {}).get("rows", []):
+            if row["attack"] == attack and (attack == "cosine" or (row["aux"], str(row["n_aux_requested"])) == ADAPTIVE_AUX):
+                return recall({"relinkage": row.get("relinkage") or {}}, "i2t", n=n)
+        return None
 
     def render_adaptive(self, summary: list) -> list[str]:
         n4 = self.dp_n()
         L = ["## Claim 4c: does head-only DP still cut re-linkage against an adaptive adversary?", "",
-             "`python evaluate.py audit=adaptive ckpt_path=...` on the model before DP and on the DP models (both head "
-             f"inits): the attacker's image→report R@1 (%) at N = {n4} on the internal test split (each seed; ≥ its "
-             "one-sided 95% bootstrap lower bound).", "",
-             f"| model attacked | config | {self.seed_header()} | geometric mean |", "|---|---|" + "---:|" * (len(self.seeds) + 1)]
+             f"`python evaluate.py audit=adaptive {' '.join(ADAPTIVE_OVERRIDES)} ckpt_path=...` (audit/adaptive.py) on the "
+             "model before DP and on the DP models (both head inits): an attacker who holds the released model and "
+             f"every {ADAPTIVE_AUX[0]} training-split study pair fits each attack on the frozen trunk features; its "
+             f"image→report R@1 (%) at N = {n4} on the internal test split, each seed (≥ its one-sided 95% bootstrap "
+             "lower bound). Each attack is reported on its own (the audit's `best` row is a maximum selected on the "
+             "audited split and is not used).", "",
+             f"| model attacked | attack | {self.seed_header()} | geometric mean |", "|---|---|" + "---:|" * (len(self.seeds) + 1)]
         for tag in ADAPTIVE:
             res = self.results(f"adaptive/{tag}")
             err = self.status(f"adaptive/{tag}")
             if err and not any(res):
-                L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(f'adaptive/{tag}')} | {err} |" + " |" * len(self.seeds))
+                L.append(f"| {DP_TITLE[tag]} | {err} |" + " |" * (len(self.seeds) + 1))
                 continue
-            rows = [self.adaptive_row(r, n4) for r in res]
-            L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(f'adaptive/{tag}')} | " + " | ".join(_run_cell(r, "value", 100, 3) for r in rows)
-                     + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100, 3)} |")
-        base = values([self.adaptive_row(r, n4) for r in self.results("adaptive/base")])
-        verdicts = []
+            for attack in ADAPTIVE_ATTACKS:
+                rows = [self.adaptive_row(r, attack, n4) for r in res]
+                L.append(f"| {DP_TITLE[tag]} | {attack} | " + " | ".join(_run_cell(r, "value", 100, 3) for r in rows)
+                         + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100, 3)} |")
+        L += ["", f"Criterion (per reading): for every attack, the attacker's R@1 at N = {n4} on the DP model is below that "
+              "on the model before DP (paired by seed, one-sided 95% upper bound of the ratio below 1; requiring every "
+              "attack is an intersection-union test, valid at 5% without correction); contradicted when some attack's "
+              "one-sided 95% lower bound is above 1.", ""]
         for title, dp, _, hi in READINGS:
-            err = self.status(f"adaptive/{dp}")
-            p = V.paired_log_ratio(base, values([self.adaptive_row(r, n4) for r in self.results(f"adaptive/{dp}")]), self.seeds)
-            v = err if (err and err.startswith("not available")) else V.lower_verdict(p)
-            verdicts.append((title, hi, v, p))
-            L.append(f"- {DP_TITLE[dp]} / before DP, attacker's R@1: **{v}**: {ratio_text(p)}.")
-        L += ["", "Criterion: as claim 4's cut (paired by seed, one-sided 95% upper bound of the ratio below 1).", ""]
-        for title, hi, v, p in verdicts:
-            ev = "–" if not p else f"attacker's R@1 ratio DP/before {p.ratio:.3f}" + ("" if p.ub is None else f" (≤ {p.ub:.3f})") + f", {p.n} seeds"
+            err = self.status(f"adaptive/{dp}") or self.status("adaptive/base")
+            parts, worst = [], None
+            for attack in ADAPTIVE_ATTACKS:
+                p = V.paired_log_ratio(values([self.adaptive_row(r, attack, n4) for r in self.results("adaptive/base")]),
+                                       values([self.adaptive_row(r, attack, n4) for r in self.results(f"adaptive/{dp}")]),
+                                       self.seeds)
+                v = V.lower_verdict(p)
+                parts.append(v)
+                L.append(f"- {title}, {attack}: DP / before, attacker's R@1: **{v}**: {ratio_text(p)}.")
+                if p and (worst is None or p.ratio > worst[1].ratio):
+                    worst = (attack, p)
+            v = err if (err and err.startswith("not available")) else combine(*parts)
+            ev = "–" if worst is None else (f"least cut: {worst[0]}, attacker's R@1 ratio DP/before {worst[1].ratio:.3f}"
+                                            + ("" if worst[1].ub is None else f" (≤ {worst[1].ub:.3f})") + f", {worst[1].n} seeds")
+            L.append(f"- **Reading: {title}** (`model.dp.head_init={hi}`): **{v}**.")
             summary.append((f"4c{'' if hi == 'stage2' else 'f'}. DP ({title}) still cuts R@1 against the adaptive adversary",
-                            v, ev, self.cfg_of(f"adaptive/{dict((r[3], r[1]) for r in READINGS)[hi]}")))
-        return L
+                            v, ev, self.cfg_of(f"adaptive/{dp}")))
+        return L + [""]
 
     def render_head(self, seconds: float, invocation: str, summary: list) -> list[str]:
         loaded = {s: st for s, st in self.kept.items() if s in self.seeds}

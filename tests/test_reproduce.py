@@ -36,7 +36,8 @@ def planned(scale: str) -> list[tuple[str, list[str]]]:
         *[("train", ["experiment=dp_alignment", f"model.backbone_ckpt={ckpt}", f"model.dp.head_init={hi}",
                      "model.dp.enabled=false", *sz["dp"]]) for hi in heads],
         ("evaluate", [f"ckpt_path={ckpt}", "audit=all", *sz["evaluate"]]),
-        *([("evaluate", [f"ckpt_path={ckpt}", "audit=adaptive", *sz["audit"]])] if avail["adaptive"] is None else []),
+        *([("evaluate", [f"ckpt_path={ckpt}", "audit=adaptive", *rp.ADAPTIVE_OVERRIDES, *sz["audit"]])]
+          if avail["adaptive"] is None else []),
     ]
 
 
@@ -194,8 +195,11 @@ def _row(n: str, n_value: int, recall_: float, chance: float, spread: float = 0.
 
 def _result(r100: float, r_full: float, auroc: float) -> dict:
     ns = [("100", 100, r100, 0.01), ("full", 12000, r_full, 1 / 12000)]
-    return {"relinkage": {"i2t": {"recall": [_row(*x) for x in ns]},
-                          "hardneg/i2t": {"recall": [_row(n, v, r, min(1.0, c * 1.5)) for n, v, r, c in ns]}},
+    rel = {"i2t": {"recall": [_row(*x) for x in ns]},
+           "hardneg/i2t": {"recall": [_row(n, v, r, min(1.0, c * 1.5)) for n, v, r, c in ns]}}
+    attacks = [{"attack": "cosine", "aux": None, "n_aux_requested": 0, "relinkage": rel}]
+    attacks += [{"attack": a, "aux": "leaked", "n_aux_requested": "all", "relinkage": rel} for a in ("ridge", "procrustes", "head")]
+    return {"relinkage": rel, "adaptive": {"rows": attacks},
             "probe": {"macro_auroc": auroc, "macro_auroc_ci": [auroc - 0.01, auroc + 0.01]}}
 
 
