@@ -356,6 +356,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not library:
         import lightning as L
 
+        quiet_known_warnings()  # again: Lightning's own log handlers exist only once it is imported
         L.seed_everything(cfg.seed, workers=True)
     rel_cb = ((Relinkage.from_config if library else instantiate)(audit.relinkage)
               if audit.get("relinkage") else None)

@@ -16,7 +16,7 @@ Filtered (message start -> why it is harmless in this project):
   in eval mode on purpose (models/dual_tower.py, models/dp/module.py: no dropout in a fixed feature map).
 - Lightning "`isinstance(treespec, LeafSpec)` is deprecated": internal to Lightning's pytree use
   with this torch release; nothing to act on in user code.
-- Lightning's "Tip: ... litlogger" advertisement (an info message, not a warning).
+- Lightning's "Tip: ... litlogger" / "litmodels" advertisements (info messages, not warnings).
 
 Everything else is left visible. Common ones that remain and mean something: "The number of training
 batches (n) is smaller than the logging interval" (tiny debug runs: set trainer.log_every_n_steps),
@@ -26,6 +26,7 @@ batches (n) is smaller than the logging interval" (tiny debug runs: set trainer.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 KNOWN_HARMLESS = (
@@ -39,11 +40,31 @@ KNOWN_HARMLESS = (
 
 class _DropTip(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        msg = record.getMessage()
+        return not ("Tip:" in msg and ("litlogger" in msg or "litmodels" in msg))
+
+
+def route_lightning_logs() -> None:
+    """Lightning's log lines once, through the run's own handlers. On import Lightning gives the
+    `lightning` logger a console handler of its own (and, when nothing has configured logging yet, as in
+    train.py, also lightning.pytorch / lightning.fabric, which then stop propagating). Under Hydra's
+    logging every Lightning line was printed twice (its "INFO: ..." copy and ours) or, in train.py,
+    never reached <run>/<task>.log. Once the root logger has handlers, Lightning's own ones are removed
+    and its loggers propagate to them. Idempotent; a no-op until Lightning is imported."""
+    if "lightning" not in sys.modules or not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's plain console handlers, nothing else
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def quiet_known_warnings() -> None:
-    """Install the filters above (idempotent); train.py and evaluate.py call it at start-up."""
+    """Install the filters above (idempotent) and route Lightning's log lines (route_lightning_logs);
+    train.py and evaluate.py call it at start-up (evaluate.py again once it has imported Lightning)."""
+    route_lightning_logs()
     for pattern in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
     # Lightning routes rank_zero_warn through the `warnings` module (covered above) and its

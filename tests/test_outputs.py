@@ -178,3 +178,29 @@ def test_train_refuses_a_missing_checkpoint_before_any_work(compose_train) -> No
 
     with pytest.raises(UsageError, match="ckpt_path=/nonexistent/last.ckpt: no such checkpoint file"):
         train(compose_train("ckpt_path=/nonexistent/last.ckpt"))
+
+
+def test_lightning_lines_print_once_through_the_run_handlers() -> None:
+    """Lightning adds its own console handler; under Hydra's logging every Lightning line printed twice."""
+    import io
+    import logging
+
+    import lightning
+
+    root, lit = logging.getLogger(), logging.getLogger("lightning")
+    ours, theirs = io.StringIO(), io.StringIO()
+    run_handler = logging.StreamHandler(ours)
+    lightning._console.setStream(theirs)  # Lightning's handler, as after `import lightning` under Hydra
+    saved = (list(lit.handlers), lit.propagate, root.level)
+    lit.addHandler(lightning._console)
+    root.addHandler(run_handler)
+    root.setLevel(logging.INFO)
+    try:
+        quiet_known_warnings()
+        logging.getLogger("lightning.fabric.utilities.seed").info("Seed set to 7")
+    finally:
+        root.removeHandler(run_handler)
+        root.setLevel(saved[2])
+        lit.handlers[:] = saved[0]
+        lit.propagate = saved[1]
+    assert (ours.getvalue() + theirs.getvalue()).count("Seed set to 7") == 1 and "Seed set to 7" in ours.getvalue()
