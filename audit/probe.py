@@ -22,6 +22,8 @@ from scipy.stats import rankdata
 
 from audit.embeddings import as_embeddings, reject_zero_rows
 from audit.labels import CHEXPERT_LABELS
+from audit.settings import config_settings
+from audit.settings import resolve as resolve_settings
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 BLANK_POLICIES = ("ignore", "zeros")
@@ -272,3 +274,36 @@ def _bootstrap_macro(scores, t, v, used, patient, n_boot, seed, block: int = 64)
     reps = sums[counts > 0] / counts[counts > 0]
     lo, hi = np.quantile(reps, [0.025, 0.975])
     return [float(lo), float(hi)]
+
+
+class Probe:
+    """``linear_probe`` with the settings of audit/settings.py (PROBE), the keys given overriding them:
+    the probe evaluate.py runs on embeddings without Lightning (callbacks.audit.LinearProbe runs it
+    during training, encoding the training images itself)."""
+
+    def __init__(self, **given: Any):
+        s = resolve_settings("probe", given)
+        self.settings = {
+            "train_split": str(s["train_split"]),
+            "eval_labels": list(s["eval_labels"]) if s["eval_labels"] is not None else None,
+            "uncertain": s["uncertain"], "blank": s["blank"], "l2": float(s["l2"]), "max_iter": int(s["max_iter"]),
+            "max_train_samples": int(s["max_train_samples"]), "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
+        }
+
+    @classmethod
+    def from_config(cls, node: Any) -> "Probe":
+        """From an audit config node (configs/audit/probe.yaml's ``probe``): its callback options are not settings."""
+        return cls(**config_settings("probe", node))
+
+    def skip_reason(self, train_y: Any, test_y: Any) -> str | None:
+        s = self.settings
+        return probe_skip_reason(train_y, test_y, eval_labels=s["eval_labels"], uncertain=s["uncertain"], blank=s["blank"])
+
+    def probe(self, train_x: Any, train_y: Any, test_x: Any, test_y: Any, test_patient: Any) -> dict[str, Any]:
+        """linear_probe with these settings, on a seeded random subset of at most ``max_train_samples``
+        training rows (all of them when fewer)."""
+        s = self.settings
+        idx = subsample_rows(len(train_x), s["max_train_samples"], s["seed"])
+        return linear_probe(train_x[idx], train_y[idx], test_x, test_y, eval_labels=s["eval_labels"],
+                            uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"], max_iter=s["max_iter"],
+                            test_patient=test_patient, n_boot=s["n_boot"], seed=s["seed"])

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 import configs  # noqa: F401  (sets CXR_RELINK_ROOT)
+from models.embedding_cache import encode_split  # the one encoding of a split's rows (evaluate.py's cache too)
 
 log = logging.getLogger("export_embeddings")
 
@@ -32,31 +33,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-@torch.inference_mode()
-def encode_split(module, dm, split: str, device: torch.device) -> dict[str, np.ndarray]:
-    """The rows of one split, in dataset order (the order the audit callbacks sort by)."""
-    from callbacks.audit import report_hashes
-
-    studies = dm.studies(split)
-    hashes = report_hashes(studies, dm.text_field)
-    img, rep, lab, st = [], [], [], []
-    for batch in dm.eval_dataloader(split):
-        img.append(module.encode_images(batch["image"].to(device)).float().cpu())
-        rep.append(module.encode_reports(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
-        lab.append(torch.as_tensor(batch["labels"]).float())
-        st.append(batch["study_idx"])
-    s = torch.cat(st).numpy()
-    return {
-        "image_emb": torch.cat(img).numpy(),
-        "report_emb": torch.cat(rep).numpy(),
-        "study_id": np.array([str(studies[i].study_id) for i in s]),
-        "patient_id": np.array([str(studies[i].patient_id) for i in s]),
-        "labels": torch.cat(lab).numpy(),
-        "report_text_hash": np.array([hashes[i] for i in s]),
-        "split": np.array([split] * len(s)),
-    }
 
 
 def export_embeddings(cfg: DictConfig) -> Path:
