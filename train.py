@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 from configs import cli  # noqa: E402
 from callbacks.console import quiet_known_warnings  # noqa: E402
+from callbacks.progress import EpochLine  # noqa: E402
 from callbacks.seed import EpochSeed  # noqa: E402
 
 log = logging.getLogger("train")
@@ -197,7 +198,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.setup("fit")  # builds the tokenizer the text tower is sized by (unless resuming)
     model = instantiate(cfg.model, tokenizer=datamodule.tokenizer)
     # Each epoch's randomness from (seed, epoch): a run resumed at an epoch boundary replays it.
-    callbacks = [EpochSeed(cfg.seed), *instantiate_group(cfg.get("callbacks"))]
+    # ... and one log line per epoch where no progress bar is seen (a log file, nohup, Slurm).
+    watch = [cfg.get("optimized_metric"), "probe/macro_auroc", "dp/epsilon"]
+    callbacks = [EpochSeed(cfg.seed), EpochLine(watch), *instantiate_group(cfg.get("callbacks"))]
     continue_wandb_run(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -85,6 +85,12 @@ def test_default_run_learns_and_audits(compose_train, capsys, caplog) -> None:
     rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
     losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    # Not a terminal here: one progress line per epoch with the losses, val metrics and the epoch time.
+    lines = [r.getMessage() for r in caplog.records if r.name == "train.progress"]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert f"train/loss {losses[-1]:.4f}" in lines[-1] and "val/loss " in lines[-1] and lines[-1].endswith(" s)")
+    assert all("val/i2t_acc " in line for line in lines)
+    assert f"probe/macro_auroc {metrics['probe/macro_auroc']:.4f}" in lines[-1]  # a watched metric, where it exists
 
 
 def test_resume_keeps_the_checkpoint_tokenizer(compose_train, tmp_path) -> None:
