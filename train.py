@@ -45,6 +45,27 @@ def count_parameters(module) -> dict[str, int]:
     return {"model/params_total": total, "model/params_trainable": trainable, "model/params_frozen": total - trainable}
 
 
+def describe_llm_tower(model) -> str | None:
+    """Which LLM the run trains (models/llm_encoder.py), in one line: by default it is no released LLM
+    but a tiny Llama-style decoder built from the config and trained from scratch (docs/llm_tower.md)."""
+    tower = next((m for m in model.modules() if type(m).__name__ == "BidirectionalLLMEncoder"), None)
+    if tower is None:
+        return None
+    c = tower.base_model.config
+    arch = f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}"
+    counts = tower.parameter_counts()
+    if not tower.pretrained:
+        return (f"LLM text tower: a tiny {arch} decoder built from the config, randomly initialised and trained "
+                f"from scratch in full ({counts['total']:,} parameters; no pretrained weights, no LoRA). For a "
+                "real LLM: model.text_tower.pretrained=/local/dir (a local Hugging Face decoder checkpoint or a "
+                "stage-1 output; LoRA then switches on) - docs/llm_tower.md")
+    lora = tower.lora_settings
+    how = (f"LoRA r={lora['r']} alpha={lora['alpha']} dropout={lora['dropout']} on {lora['target_modules']}"
+           if tower.use_lora else "full finetune (use_lora=false)")
+    return (f"LLM text tower: {tower.pretrained} ({arch}), {how}: {counts['trainable']:,} of "
+            f"{counts['total']:,} parameters trained")
+
+
 def log_run_config(cfg: DictConfig, model, loggers: list) -> None:
     """Log the resolved config under `cfg/` (W&B sweeps lock their swept keys in the run config,
     so our own copy lives under a prefix that cannot collide) and the parameter counts."""
@@ -197,6 +218,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             datamodule.tokenizer = tokenizer_from_state(extras["tokenizer"])
     datamodule.setup("fit")  # builds the tokenizer the text tower is sized by (unless resuming)
     model = instantiate(cfg.model, tokenizer=datamodule.tokenizer)
+    if (llm := describe_llm_tower(model)) is not None:
+        log.info("%s", llm)
     # Each epoch's randomness from (seed, epoch): a run resumed at an epoch boundary replays it.
     # ... and one log line per epoch where no progress bar is seen (a log file, nohup, Slurm).
     watch = [cfg.get("optimized_metric"), "probe/macro_auroc", "dp/epsilon"]

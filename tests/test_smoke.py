@@ -107,8 +107,15 @@ def test_resume_keeps_the_checkpoint_tokenizer(compose_train, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("option", options("model"))
-def test_model_options(compose_train, option) -> None:
-    run_option(compose_train, "model", option)
+def test_model_options(compose_train, option, caplog) -> None:
+    with caplog.at_level("INFO", logger="train"):
+        run_option(compose_train, "model", option)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LLM text tower:")]
+    if option == "llm_encoder":  # the default LLM is no released model: the run says so, and how to use one
+        assert len(said) == 1 and "tiny llama, 2 layers, hidden 128" in said[0] and "no LoRA" in said[0]
+        assert "model.text_tower.pretrained=" in said[0]
+    else:
+        assert not said
 
 
 @pytest.mark.parametrize("option", options("data"))
