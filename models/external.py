@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +35,116 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("hf", "open_clip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# ---- trust guards: a model that loads is not yet a model that is audited correctly ------------------
+# Each check below refuses a folder that transformers / open_clip would load and run silently, giving
+# embeddings that are not the model's (an empty tokenizer: every report the same, "0.00x chance").
+
+# The files one of which holds a Hugging Face tokenizer's vocabulary. Without any, AutoTokenizer
+# builds an empty tokenizer from the model's config (a CLIPTokenizer of 2 tokens).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+# A text embedding table may be padded past the tokenizer to a multiple of 64 (by fewer than 128 rows).
+_VOCAB_PAD = 64
+_PROBE_TEXT = "No acute cardiopulmonary process."
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (torch.jit.save): a zip whose record holds constants.pkl and code/."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 1)[-1] == "constants.pkl" or n.split("/", 1)[-1].startswith("code/")
+                   for n in z.namelist())
+
+
+def torchscript_conversion(path: Path) -> str:
+    """The one-line command that turns a TorchScript CLIP release into a plain state dict."""
+    out = path.with_name(path.stem + "_state_dict.pt")
+    # OpenAI's archives carry three int "weights" open_clip does not take; an archive that open_clip
+    # scripted itself carries its (recomputed, non-persistent) attention mask.
+    return (f"python -c \"import torch; m = torch.jit.load('{path}', map_location='cpu'); torch.save({{k: v for k, v "
+            f"in m.state_dict().items() if k not in ('input_resolution', 'context_length', 'vocab_size', "
+            f"'attn_mask')}}, '{out}')\"")
+
+
+def local_model_path(path: str, family: str) -> Path:
+    """``model.path`` as an existing local path, or an error that says what is wrong with it."""
+    p = Path(path)
+    if not p.exists():
+        what = "folder" if family == "hf" else "folder or checkpoint file"
+        raise FileNotFoundError(f"model.path {p} does not exist (the model's local {what}; nothing is downloaded)")
+    if p.is_file() and _is_torchscript(p):
+        # Loading TorchScript runs the archive's code; weights_only loading refuses it. Converting is the
+        # user's informed step, once, for a file they trust (the official OpenAI CLIP releases are such).
+        raise ValueError(
+            f"model.path {p} is a TorchScript archive (as OpenAI's CLIP releases are): loading one runs its code, "
+            f"which the audit does not do. If you trust the file, convert it once to a plain state dict:\n  "
+            f"{torchscript_conversion(p)}\nthen audit that file with model=open_clip model.arch=<its open_clip "
+            "architecture, e.g. ViT-B-32-quickgelu for ViT-B-32.pt> (docs/audit.md, existing models)")
+    return p
+
+
+def _base_class_name(name: str) -> str:
+    for suffix in ("Fast", "Pil"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def check_image_processor(path: Path, config: Any, processor: Any) -> None:
+    """The processor saved beside the model is one its model type uses, and makes the pixel size
+    and channels the vision tower was built for (a SigLIP processor in a CLIP folder runs, with
+    SigLIP's normalisation: images off by 0.12)."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    if names:
+        allowed = {_base_class_name(n) for n in (names.values() if isinstance(names, dict) else
+                                                 names if isinstance(names, (tuple, list)) else [names]) if n}
+        got = type(processor).__name__
+        if _base_class_name(got) not in allowed:
+            raise ValueError(f"{path}/preprocessor_config.json is a {got}, but a {config.model_type} model's processor "
+                             f"is {sorted(allowed)}: it is another model's (its resize and normalisation are not this "
+                             "model's); copy the model's own preprocessor_config.json")
+    vision = getattr(config, "vision_config", None)
+    size = getattr(vision, "image_size", None)
+    if size is None:
+        return
+    want = (int(getattr(vision, "num_channels", 3)), *((size, size) if isinstance(size, int) else tuple(size)))
+    got_shape = tuple(processor(images=Image.new("RGB", (50, 40)), return_tensors="pt")["pixel_values"].shape[1:])
+    if got_shape != want:
+        raise ValueError(f"{path}: the image processor makes pixel tensors {list(got_shape)} but the vision tower takes "
+                         f"{list(want)} (vision_config.image_size {size}): preprocessor_config.json does not match the model")
+
+
+def check_tokenizer(path: Path, config: Any, tokenizer: Any, context_length: int) -> None:
+    """The tokenizer saved beside the model is the model's: as many tokens as its text embedding
+    table (up to padding to a multiple of 64), and for CLIP the special tokens its text tower pools
+    at (the end-of-text id, which it finds in the input ids) and starts from."""
+    text = getattr(config, "text_config", config)
+    vocab = getattr(text, "vocab_size", None)
+    n_tok = len(tokenizer)
+    if vocab is not None and not (n_tok == vocab or (n_tok < vocab and vocab % _VOCAB_PAD == 0
+                                                      and vocab - n_tok < 2 * _VOCAB_PAD)):
+        raise ValueError(f"{path}: the tokenizer has {n_tok} tokens but the model's text embedding table has {vocab} "
+                         "rows: the tokenizer files are not this model's; copy the model's own")
+    if config.model_type != "clip":
+        return
+    enc = tokenizer([_PROBE_TEXT], padding="max_length", truncation=True, max_length=context_length,
+                    return_attention_mask=True)
+    ids = [i for i, m in zip(enc["input_ids"][0], enc["attention_mask"][0]) if m]
+    eos, bos = getattr(text, "eos_token_id", None), getattr(text, "bos_token_id", None)
+    if eos == 2:  # configs before transformers PR #24773: CLIP pools at the largest id (its end-of-text)
+        ok, expect = ids.index(max(ids)) == len(ids) - 1, "its largest id last"
+    else:
+        ok, expect = eos in ids, f"end-of-text id {eos}"
+    if not ok:
+        raise ValueError(f"{path}: the tokenizer's rows end {ids[-3:]}, but this CLIP text tower pools at its "
+                         f"{expect} (text_config): the tokenizer is not this model's, and every report would be "
+                         "read from the wrong token")
+    if bos is not None and ids[0] != bos:
+        raise ValueError(f"{path}: the tokenizer's rows start with id {ids[0]}, but the model's text_config.bos_token_id "
+                         f"is {bos}: the tokenizer is not this model's")
 
 
 def to_rgb(image: Any) -> Image.Image:
@@ -137,15 +248,31 @@ class HFBackend(_Backend):
     def __init__(self, path: str, context_length: int | None = None, dtype: torch.dtype | None = None) -> None:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+        p = local_model_path(path, "hf")
+        if not p.is_dir():
+            raise ValueError(f"model.path {p} is a file: model=hf_clip takes a Hugging Face model folder (config.json, "
+                             "weights, tokenizer files, preprocessor_config.json); for a checkpoint file use "
+                             "model=open_clip model.arch=...")
+        missing = [f for f in ("config.json", "preprocessor_config.json") if not (p / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"model.path {p} lacks {missing}: a Hugging Face model folder holds them beside the "
+                                    "weights (for an open_clip folder use model=open_clip)")
+        if not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model.path {p} has no tokenizer files (one of {list(TOKENIZER_FILES)}): "
+                                    "transformers would build an empty tokenizer and every report would embed the "
+                                    "same; copy the model's own tokenizer files into the folder")
         kw = dict(local_files_only=True, trust_remote_code=False)
         self.model = AutoModel.from_pretrained(path, dtype=dtype or "auto", **kw).eval()  # "auto": as saved
         for fn in ("get_image_features", "get_text_features"):
             if not hasattr(self.model, fn):
                 raise ValueError(f"{path}: {type(self.model).__name__} has no {fn}; model=hf_clip needs a dual "
                                  "encoder (CLIPModel, SiglipModel, ...)")
-        self.preprocess = HFImageProcessor(AutoImageProcessor.from_pretrained(path, **kw))
+        processor = AutoImageProcessor.from_pretrained(path, **kw)
+        check_image_processor(p, self.model.config, processor)
+        self.preprocess = HFImageProcessor(processor)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         self.context_length = int(context_length or self._context_length())
+        check_tokenizer(p, self.model.config, self.tokenizer, self.context_length)
         self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.padding_side = self.tokenizer.padding_side
         # SigLIP's tokenizer returns no attention mask and its model is fed none (it was trained on
@@ -190,9 +317,7 @@ class OpenCLIPBackend(_Backend):
             import open_clip
         except ImportError as e:
             raise ImportError("model=open_clip needs open-clip-torch (pip install -r requirements.txt)") from e
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"model.path {p} does not exist")
+        p = local_model_path(path, "open_clip")
         kw: dict[str, Any] = dict(image_mean=image_mean, image_std=image_std, weights_only=True, load_weights=True)
         if p.is_dir():
             if arch is not None:

@@ -39,9 +39,11 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("hf")
     tok = train_wordpiece(TEXTS * 10, vocab_size=120, min_frequency=1)
-    tok.model_max_length = 16
+    # 64 tokens: at 16, this 107-token vocabulary reads only a report's first few words, and 54% of the
+    # cohort's queries tie with another report: refused as degenerate (audit/relinkage.py), rightly so.
+    tok.model_max_length = 64
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16)
+                num_attention_heads=2, max_position_embeddings=64)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                   patch_size=8)
     torch.manual_seed(0)
@@ -178,7 +180,7 @@ def test_hf_embeddings_equal_library(hf_models, name):
     images = _images()
     module = _external("hf", path=hf_models[name])
     ref_img, ref_txt = _hf_reference(hf_models[name], images, TEXTS)
-    assert module.backend.context_length == 16
+    assert module.backend.context_length == 64
     assert module.backend.use_mask == (name == "clip")
     torch.testing.assert_close(module.embed_images(images), ref_img, atol=1e-5, rtol=0)
     torch.testing.assert_close(module.embed_reports(TEXTS), ref_txt, atol=1e-5, rtol=0)
@@ -319,3 +321,86 @@ def test_ladder_three_families_and_a_checkpoint(hf_models, oc_models, project_ck
     assert Path(res["paths"]["plot"]).stat().st_size > 10_000
     with pytest.raises(ValueError, match="distinct"):
         main(["--out", str(tmp_path / "l2"), "--model", "a: embeddings=x.npz", "--model", "a: embeddings=y.npz"])
+
+
+# ------------------------------------------------------------- trust guards (issue 23): refuse, say why
+# Each folder below loads and runs in transformers / open_clip, with embeddings that are not the model's.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    import shutil
+
+    dst.mkdir()
+    for f in Path(src).iterdir():
+        if f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_missing_model_path_says_so(tmp_path):
+    for family in ("hf", "open_clip"):  # before (hf): "Repo id must be in the form 'repo_name'..."
+        with pytest.raises(FileNotFoundError, match=r"model.path \S*nowhere does not exist"):
+            _external(family, path=tmp_path / "nowhere")
+
+
+def test_hf_folder_without_tokenizer_files_is_refused(hf_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = _copy(hf_models["clip"], tmp_path / "clip", skip=HF_TOKENIZER_FILES)
+    # What the library does with such a folder, silently: a tokenizer of a couple of special tokens.
+    assert len(AutoTokenizer.from_pretrained(folder)) < 5
+    with pytest.raises(FileNotFoundError, match="no tokenizer files .*every report would embed the same"):
+        _external("hf", path=folder)
+
+
+def test_hf_tokenizer_of_another_model_is_refused(hf_models, tmp_path):
+    from datamodules.text import train_wordpiece
+
+    n_model = json.loads((hf_models["clip"] / "config.json").read_text())["text_config"]["vocab_size"]
+    folder = _copy(hf_models["clip"], tmp_path / "clip", skip=HF_TOKENIZER_FILES)
+    other = train_wordpiece(["an entirely different corpus of hospital words"] * 10, vocab_size=90, min_frequency=1)
+    assert len(other) != n_model
+    other.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"tokenizer has {len(other)} tokens but .* embedding table has {n_model} rows"):
+        _external("hf", path=folder)
+    # Same size, but the text tower pools at another end-of-text id than the tokenizer writes: before,
+    # every report was read from position 0.
+    folder2 = _copy(hf_models["clip"], tmp_path / "clip_eos")
+    cfg = json.loads((folder2 / "config.json").read_text())
+    cfg["text_config"]["eos_token_id"] = 4  # [MASK], never at the end of a row
+    (folder2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"pools at its end-of-text id 4"):
+        _external("hf", path=folder2)
+
+
+def test_hf_image_processor_of_another_model_is_refused(hf_models, tmp_path):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    folder = _copy(hf_models["clip"], tmp_path / "clip", skip=("preprocessor_config.json",))
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)  # right size, wrong normalisation
+    with pytest.raises(ValueError, match=r"preprocessor_config.json is a SiglipImageProcessor.*clip"):
+        _external("hf", path=folder)
+    folder2 = _copy(hf_models["clip"], tmp_path / "clip24", skip=("preprocessor_config.json",))
+    CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(folder2)
+    with pytest.raises(ValueError, match=r"pixel tensors \[3, 24, 24\] but the vision tower takes \[3, 32, 32\]"):
+        _external("hf", path=folder2)
+
+
+def test_torchscript_release_is_refused_with_a_conversion_that_works(oc_models, tmp_path):
+    import open_clip
+
+    spec = oc_models["arch"]
+    open_clip.add_model_config(spec["arch"])
+    model, _, _ = open_clip.create_model_and_transforms(Path(spec["arch"]).stem, pretrained=spec["path"])
+    ts = tmp_path / "ViT-tiny.pt"  # OpenAI's releases are TorchScript archives like this one
+    torch.jit.save(torch.jit.script(model.eval()), ts)
+    with pytest.raises(ValueError, match="TorchScript archive") as err:  # before: torch's weights_only RuntimeError
+        _external("open_clip", path=ts, arch=spec["arch"])
+    command = next(line.strip() for line in str(err.value).splitlines() if line.strip().startswith("python -c"))
+    exec(command[len('python -c "'):-1], {})  # the printed one-liner, run as the user would
+    converted = tmp_path / "ViT-tiny_state_dict.pt"
+    module = _external("open_clip", path=converted, arch=spec["arch"])
+    ref_img, ref_txt = _oc_reference(spec, _images(2), TEXTS)
+    torch.testing.assert_close(module.embed_images(_images(2)), ref_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(module.embed_reports(TEXTS), ref_txt, atol=1e-5, rtol=0)
