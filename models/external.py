@@ -137,7 +137,7 @@ def check_tokenizer(path: Path, config: Any, tokenizer: Any, context_length: int
     if eos == 2:  # configs before transformers PR #24773: CLIP pools at the largest id (its end-of-text)
         ok, expect = ids.index(max(ids)) == len(ids) - 1, "its largest id last"
     else:
-        ok, expect = eos in ids, f"end-of-text id {eos}"
+        ok, expect = ids[-1] == eos and ids.index(eos) == len(ids) - 1, f"end-of-text id {eos}"
     if not ok:
         raise ValueError(f"{path}: the tokenizer's rows end {ids[-3:]}, but this CLIP text tower pools at its "
                          f"{expect} (text_config): the tokenizer is not this model's, and every report would be "
