@@ -7,7 +7,7 @@ writes them).
 The work is `evaluate(cfg)`, which tests call with a composed config; `main()` is the Hydra
 entry point. Writes `audit.json` (audit/result.py schema), `recall_vs_n.png` and
 `report.md` into the output directory and prints the table (aggregate numbers only). The audit
-settings come from configs/audit/ (defaults: configs/audit/settings/, shared with the callbacks).
+settings come from configs/audit/ (defaults: audit/settings.py, shared with the callbacks).
 
 embeddings=path.npz holds one row per image item:
   image_emb [I, D], report_emb [I, D] (the row's study report; rows of a study are collapsed),

@@ -1,4 +1,4 @@
-"""The audit settings' defaults: the one source of them.
+"""The audit library's settings' defaults (re-linkage, probe, report quality): the one source of them.
 
 Plain values only. The Hydra configs compose these very dicts (``configs/__init__.py`` registers
 each as the config ``audit/settings/<name>`` in Hydra's ConfigStore: the training callbacks'

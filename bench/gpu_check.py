@@ -10,7 +10,7 @@
    `--dual-budget-s` runs out). Reports tokens/s, samples/s, MFU and HFU against the GPU's dense bf16
    peak, and peak memory.
 2. The re-linkage audit (audit.relinkage.relinkage_audit: i2t + hard negatives, the settings of
-   configs/audit/settings/relinkage.yaml) on M random unit vectors in D dimensions held on the device,
+   audit/settings.py) on M random unit vectors in D dimensions held on the device,
    vs the bare chunked GEMM with the same chunk (bench.bench_audit.bare_gemm), both synchronised.
 3. A DP epoch (models.dp.module.DPAlignmentModule, public_negatives, ε = 3) on cached features of
    the dual tower's shapes (bench.bench_dp.features), and the same epoch without DP.

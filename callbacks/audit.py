@@ -16,7 +16,7 @@ the plot goes to W&B (key ``audit/recall_vs_n``) when a WandbLogger is attached.
 one bundle (audit.result.write_bundle). Audits that need labels (hard negatives, the probe) are skipped
 with one logged reason when the split has none (e.g. Open-I without a labels file), recorded in
 ``meta["skipped"]``. Report text never leaves memory: dedup uses hashes. The audit settings and their
-defaults live in configs/audit/settings/ (configs.audit_settings), shared with evaluate.py and bench/.
+defaults live in audit/settings.py (configs.audit_settings), shared with evaluate.py and bench/.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ class _CollectingCallback(Callback):
 class RelinkageAudit(_CollectingCallback):
     """Cross-modal re-linkage audit (Recall@K at N, exact), as a validation/test callback.
 
-    ``settings``: any key of configs/audit/settings/relinkage.yaml (ks, ns, directions, hardneg,
+    ``settings``: any key of audit/settings.py RELINKAGE (ks, ns, directions, hardneg,
     label_mapping, dedup, ties, n_boot, seed, chunk_size, device, fused); that file's values fill in
     the rest. ns: pool sizes, integers and/or "full"; integers >= the number of candidates in the
     split are clipped (the full database covers them; the result lists them in ``clipped_n``). Logs
@@ -314,7 +314,7 @@ class RelinkageAudit(_CollectingCallback):
 class LinearProbe(_CollectingCallback):
     """Linear probe of the frozen image embeddings: ``train_split`` -> evaluation split.
 
-    ``settings``: any key of configs/audit/settings/probe.yaml (eval_labels, uncertain, blank, l2,
+    ``settings``: any key of audit/settings.py PROBE (eval_labels, uncertain, blank, l2,
     max_iter, max_train_samples, train_split, n_boot, seed); that file's values fill in the rest.
     The evaluation embeddings are the validation/test outputs; the probe's training embeddings come
     from ``datamodule.eval_dataloader(train_split, indices)`` encoded with ``pl_module.encode_images``:
@@ -398,7 +398,7 @@ class ReportQualityAudit(_CollectingCallback):
     report it retrieves is scored against its own: GREEN-exact error counts (synthetic cohort), CheXpert
     label F1 and BLEU-4 / ROUGE-L (docs/report_quality.md).
 
-    ``settings``: any key of configs/audit/settings/report_quality.yaml (database, mode, k, lexical,
+    ``settings``: any key of audit/settings.py REPORT_QUALITY (database, mode, k, lexical,
     n_boot, seed). With ``database="train"`` (default) the training split's reports are encoded with
     ``pl_module.encode_reports`` on rank 0 at every audited epoch (one text pass over the split);
     ``database="self"`` retrieves from the evaluation split's own reports. Logs

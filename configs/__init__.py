@@ -33,9 +33,14 @@ def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config
 
 
 def audit_settings(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The defaults of the ``name`` audit ("relinkage" | "probe") from configs/audit/settings/,
-    updated with ``given``; a key the settings file does not define is a TypeError, as an unknown
-    keyword argument would be."""
+    """The defaults of the ``name`` audit updated with ``given``; a key the defaults do not define is a
+    TypeError, as an unknown keyword argument would be. The audit library's own audits ("relinkage",
+    "probe", "report_quality") keep their defaults in audit/settings.py; the others (e.g. "adaptive")
+    in configs/audit/settings/<name>.yaml."""
+    from audit import settings as library
+
+    if name in library.SETTINGS:
+        return library.resolve(name, given)
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "audit" / "settings" / f"{name}.yaml"))
@@ -43,3 +48,21 @@ def audit_settings(name: str, given: dict[str, Any] | None = None) -> dict[str, 
     if unknown:
         raise TypeError(f"unknown {name} audit settings {unknown}; known: {sorted(settings)}")
     return {**settings, **(given or {})}
+
+
+def _register_audit_settings() -> None:
+    """The audit library's settings (audit/settings.py) as the Hydra configs audit/settings/<name>, which
+    configs/audit/*.yaml and configs/callbacks/audits.yaml compose: one source for the library, the
+    callbacks and the command lines. Registered when this package is imported, as every entry point does
+    before Hydra composes."""
+    try:
+        from hydra.core.config_store import ConfigStore
+    except ImportError:  # `pip install .` without the [train] extra: the audit library alone, no Hydra
+        return
+    from audit.settings import SETTINGS, defaults
+
+    for name in SETTINGS:
+        ConfigStore.instance().store(group="audit/settings", name=name, node=defaults(name))
+
+
+_register_audit_settings()

@@ -60,6 +60,9 @@ class _Study:
     def __init__(self, i):
         self.report = f"report text {i % 20}"  # studies i and i+20 share a text
 
+    def text(self, text_field="report"):  # as datamodules.records.Study.text
+        return self.report
+
 
 class FakeDataModule(L.LightningDataModule):
     def __init__(self):
