@@ -124,6 +124,57 @@ def test_every_suggestion_lands_in_the_composed_config(name, tmp_path) -> None:
         assert sweep["metric"]["name"] in (cfg.optimized_metric, "probe/macro_auroc")
 
 
+# Swept model keys that act in training, not in the built model: each lands in the composed config
+# (above) and is used by configure_optimizers.
+TRAINING_TIME = ("model.optimizer.", "model.scheduler.")
+# Sweeps whose model cannot be built from the embedded default alone, and where their keys are checked.
+NOT_BUILT = {"dp_alignment": "needs a stage-2 checkpoint; its keys act in DP training "
+                             "(test_dp_sweep_point_trains_in_process)"}
+
+
+def _two_values(spec: dict) -> list:
+    if "values" in spec:
+        return list(spec["values"])[:2]
+    if "min" in spec and spec["min"] != spec["max"]:
+        return [spec["min"], spec["max"]]
+    return []
+
+
+def _built_state(cfg: DictConfig, tokenizer) -> dict:
+    import torch
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    return {k: v.detach().clone() for k, v in instantiate(cfg.model, tokenizer=tokenizer).state_dict().items()}
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_swept_model_key_changes_the_built_model(name, tmp_path) -> None:
+    """A swept key that changes nothing wastes the sweep (LoRA settings on a tower that has no LoRA):
+    the model is built at two values of each swept model key, same seed, and must differ."""
+    import torch
+    from hydra.utils import instantiate
+
+    if name in NOT_BUILT:
+        pytest.skip(NOT_BUILT[name])
+    sweep = load_sweep(SWEEP_DIR / f"{name}.yaml")
+    base = {k: v["value"] for k, v in sweep["parameters"].items() if "value" in v}
+    cfg = compose_overrides(hydra_overrides(sweep, agent_command(sweep, base)) + TINY, tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    swept = [k for k, v in sweep["parameters"].items() if k.startswith("model.") and not k.startswith(TRAINING_TIME)
+             and _two_values(v)]
+    assert swept, "no swept model key to check"
+    for key in swept:
+        states = []
+        for value in _two_values(sweep["parameters"][key]):
+            argv = agent_command(sweep, {**base, key: value})
+            states.append(_built_state(compose_overrides(hydra_overrides(sweep, argv) + TINY, tmp_path), dm.tokenizer))
+        a, b = states
+        same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+        assert not same, f"{key}: the model built at {_two_values(sweep['parameters'][key])} is the same"
+
+
 # --------------------------------------------------------------------------- equality with the engine
 
 
