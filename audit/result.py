@@ -483,8 +483,12 @@ def privacy_lines(p: dict[str, Any]) -> list[str]:
         f"- guarantee: **{verdict}**",
         f"- epsilon spent {eps:.4g} (target {p.get('target_epsilon')}), delta {p.get('delta'):.3g}, "
         f"accountant {acc.get('mechanism')}" if eps is not None else "- epsilon: not computed",
-        f"- loss mode {p.get('loss_mode')}, privacy unit {p.get('privacy_unit')} (N = {p.get('n_train_units')}), "
-        f"adjacency {p.get('adjacency')}",
+        f"- loss mode {p.get('loss_mode')}, privacy unit {p.get('privacy_unit')} ("
+        + (f"N = {p['n_train_units']}" if p.get("n_train_units") is not None else
+           f"N <= {p.get('n_train_units_upper')}, exact N withheld") + f"), adjacency {p.get('adjacency')}",
+        *([f"- per patient: epsilon {pp['epsilon']:.4g}, delta {pp['delta']:.3g} ({pp['basis']}, k = {pp['k']})"]
+          if (pp := p.get("per_patient")) else []),
+        *([f"- heads trained from: {(p.get('head_init') or {}).get('mode')}"] if p.get("head_init") else []),
         f"- noise multiplier sigma {p.get('noise_multiplier'):.4g}, sample rate q {p.get('sample_rate'):.4g}, "
         f"steps {steps} (planned {p.get('steps_planned')}), clipping norm C {p.get('max_grad_norm')}, "
         f"sensitivity {p.get('sensitivity')}",

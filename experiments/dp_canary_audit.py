@@ -155,7 +155,7 @@ def clipped_release(module, img, txt, bank, mode: str, summed: bool = True) -> t
 def release_directions(ckpt, cfg, feats, public, canaries, mode: str, ref_size: int, seed: int) -> torch.Tensor:
     """d_i = release(R + canary i) - release(R) at theta_0, for a fixed reference batch R of real units."""
     module = DPAlignmentModule(backbone_ckpt=ckpt, loss={**OmegaConf.to_container(cfg.model.loss), "mode": mode},
-                               dp=OmegaConf.to_container(cfg.model.dp), optimizer=OmegaConf.to_container(cfg.model.optimizer))
+                               dp=OmegaConf.to_container(cfg.model.dp, resolve=True), optimizer=OmegaConf.to_container(cfg.model.optimizer))
     tr = feats["train"]
     g = torch.Generator().manual_seed(seed)
     ref = torch.randperm(tr["text"].shape[0], generator=g)[:ref_size]
@@ -246,8 +246,9 @@ def main() -> None:
     dm.setup("fit")
     feats = {k: v for k, v in dm.features.items() if k != "public"}
     public = dm.public
-    stage2_heads = DPAlignmentModule(backbone_ckpt=args.ckpt)
-    theta0 = flat_params(stage2_heads)  # the stage-2 heads every run starts from
+    # The heads every run starts from (model.dp.head_init: fresh from the public head_init_seed, or stage 2's).
+    stage2_heads = DPAlignmentModule(backbone_ckpt=args.ckpt, dp=OmegaConf.to_container(cfg.model.dp, resolve=True))
+    theta0 = flat_params(stage2_heads)
     rows = []
     for mode in args.modes.split(","):
         kinds = ("random", "hub") if mode == "in_batch" else ("random",)
@@ -267,7 +268,7 @@ def main() -> None:
                 state = module.dp_state()
                 rows.append({"mode": mode, "canaries": kind, "target_epsilon": float(eps), "epsilon_spent": state["epsilon_spent"],
                              "guarantee_valid": state["guarantee_valid"], "sigma": state["noise_multiplier"], "q": state["sample_rate"],
-                             "delta": state["delta"], "n_units": state["n_train_units"], "audit": res, "seconds": time.time() - t})
+                             "delta": state["delta"], "n_units": module.n_train_units, "audit": res, "seconds": time.time() - t})
                 log.info("%s/%s eps=%s: lower bound %.3f (%s, k=%d, v=%d/%d) in %.0f s", mode, kind, eps, res["epsilon_lower_bound"],
                          res["best"]["scores"], res["best"]["k_pos"], res["best"]["v"], res["best"]["r"], time.time() - t)
     replay = []

@@ -495,7 +495,8 @@ def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckp
     priv = audit["privacy"]
     assert priv["guarantee_valid"] and priv["invalid_reasons"] == [] and priv["privacy_unit"] == "study"
     assert priv["noise_multiplier"] > 0 and 0 < priv["sample_rate"] <= 1 and priv["steps_planned"] == 2 * round(1 / priv["sample_rate"])
-    assert priv["accountant"]["mechanism"] == "rdp" and priv["delta"] < 1 / priv["n_train_units"]
+    assert priv["accountant"]["mechanism"] == "rdp" and priv["n_train_units"] is None  # withheld (n_public=false)
+    assert priv["delta"] == pytest.approx(1 / (10 * priv["n_train_units_upper"])) and priv["head_init"]["mode"] == "fresh"
     assert audit["settings"]["probe"]["train_split"] == "public"  # the probe never fits on the DP units
     assert not any("LinearProbe" in item for item in priv["outside_guarantee"])
     report = (Path(cfg.paths.output_dir) / "final_audit" / "report.md").read_text()
@@ -566,3 +567,143 @@ def test_progress_bar_epsilon_is_current_at_each_validation(tmp_path) -> None:
     for shown, now, _ in seen:
         assert shown == pytest.approx(now, rel=1e-6)
     assert seen[0][0] < seen[1][0] < seen[2][0] <= 2.0 + 1e-9
+
+
+# --------------------------------------------------------------------------- which heads are trained (issue 22)
+
+
+def test_head_init_stage2_copies_the_backbone_heads_and_fresh_reinitialises_them(stage2_ckpt) -> None:
+    """stage2: the DP run starts from the stage-2 heads. fresh: from the heads a fresh ProjectionHead of
+    the same shape draws under torch.manual_seed(head_init_seed) (image head first), whatever the global
+    RNG was, and the record says which."""
+    from models.checkpoint import load_module
+    from models.heads import ProjectionHead
+
+    bb = load_module(stage2_ckpt)
+    old = DPAlignmentModule(backbone_ckpt=str(stage2_ckpt), dp={"head_init": "stage2"})
+    for ours, theirs in ((old.image_head, bb.image_head), (old.text_head, bb.text_head)):
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert old.dp_state()["head_init"]["mode"] == "stage2"
+
+    torch.manual_seed(123)  # the init must not depend on the global stream
+    new = DPAlignmentModule(backbone_ckpt=str(stage2_ckpt), dp={"head_init": "fresh", "head_init_seed": 7})
+    torch.manual_seed(7)
+    ref_i = ProjectionHead(bb.image_head.in_dim, bb.image_head.out_dim, kind=bb.image_head.kind)
+    ref_t = ProjectionHead(bb.text_head.in_dim, bb.text_head.out_dim, kind=bb.text_head.kind)
+    for ours, ref, stage2 in ((new.image_head, ref_i, bb.image_head), (new.text_head, ref_t, bb.text_head)):
+        for k, v in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+            assert not torch.equal(ours.state_dict()[k], stage2.state_dict()[k]), k
+    rec = new.dp_state()["head_init"]
+    assert rec["mode"] == "fresh" and rec["seed"] == 7 and rec["initial_heads_sha256"] != old.dp_state()["head_init"]["initial_heads_sha256"]
+    with pytest.raises(ValueError, match="head_init"):
+        DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, dp={"head_init": "stage2"})
+
+
+def test_fresh_head_non_private_control_runs_without_noise() -> None:
+    """model.dp.enabled=false with head_init=fresh: the same schedule without clipping or noise -- no
+    accountant, and two runs with the same seed release the same heads (a DP run's secret noise differs)."""
+    feats, pub = synthetic_features()
+
+    def control():
+        L.seed_everything(0, verbose=False)
+        m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, loss={"bank_size": 64},
+                              dp={"enabled": False, "head_init": "fresh", "head_init_seed": 3})
+        start = released(m).clone()
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(m, datamodule=InMemoryFeatureDataModule(feats, pub, batch_size=48))
+        return m, start, trainer
+
+    a, start, trainer = control()
+    b, _, _ = control()
+    assert a.accountant is None and a.noise_multiplier is None and not a.dp_state()["enabled"]
+    assert a.dp_state()["head_init"]["mode"] == "fresh" and "train/loss" in trainer.callback_metrics
+    assert torch.equal(released(a), released(b)) and not torch.equal(released(a), start)
+
+
+# --------------------------------------------------------------------------- what the record releases (issue 23)
+
+
+@pytest.fixture(scope="module")
+def dp_run_230():
+    """One DP epoch on N = 230 study units (2 studies per patient; B = 48 -> 5 steps), with the metric
+    keys logged during training."""
+    feats, pub = synthetic_features(n_train=230)
+    logged = set()
+
+    class Keys(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            logged.update(trainer.callback_metrics)
+
+    L.seed_everything(0, verbose=False)
+    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, loss={"bank_size": 64}, dp={"target_epsilon": 2.0})
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Keys()]).fit(
+        m, datamodule=InMemoryFeatureDataModule(feats, pub, batch_size=48))
+    return m, logged, feats, pub
+
+
+def test_dp_run_logs_no_private_loss(dp_run_230) -> None:
+    """Under DP the private Poisson batch's loss (and its batch-size weighted epoch mean) is not logged;
+    train/public_loss, on public pairs, is."""
+    _, logged, _, _ = dp_run_230
+    assert "train/public_loss" in logged and not [k for k in logged if k.startswith("train/loss")]
+
+
+def test_dp_per_patient_guarantee_is_the_group_bound(dp_run_230) -> None:
+    """Study units, 2 studies per patient: per patient (2 eps, 2 e^eps delta); k = 2 was read from the
+    private data, which the record lists as outside the guarantee."""
+    m, _, _, _ = dp_run_230
+    st, eps = m.dp_state(), m.epsilon_spent()
+    pp = st["per_patient"]
+    assert pp["k"] == 2 == st["max_studies_per_patient"]
+    assert pp["epsilon"] == pytest.approx(2 * eps) and pp["delta"] == pytest.approx(2 * math.exp(eps) * m.delta)
+    assert any("max_studies_per_patient = 2" in x for x in st["outside_guarantee"])
+
+
+def test_dp_record_withholds_n_unless_declared_public(dp_run_230) -> None:
+    """N is withheld (an upper bound B*ceil(N/B) stated instead, delta set from it) unless the data
+    holder declares it public (model.dp.n_public=true: exact N, delta = 1/(10 N), listed)."""
+    import json
+
+    m, _, feats, pub = dp_run_230
+    st = m.dp_state()
+    assert st["n_train_units"] is None and not st["n_public"] and st["n_train_units_upper"] == 240
+    assert m.delta == pytest.approx(1 / 2400) and "230" not in json.dumps([st["invalid_reasons"], st["outside_guarantee"]])
+    assert any("N <= 240" in x for x in st["outside_guarantee"])
+
+    L.seed_everything(0, verbose=False)
+    declared = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, loss={"bank_size": 64},
+                                 dp={"target_epsilon": 2.0, "n_public": True})
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=1).fit(
+        declared, datamodule=InMemoryFeatureDataModule(feats, pub, batch_size=48))
+    st = declared.dp_state()
+    assert st["n_public"] and st["n_train_units"] == 230 and declared.delta == pytest.approx(1 / 2300)
+    assert any("N = 230" in x and "declared public" in x for x in st["outside_guarantee"])
+
+
+def test_per_patient_cap_keeps_the_smallest_keys_and_makes_k_public() -> None:
+    """data.max_studies_per_patient=k keeps each patient's k studies with the smallest stable keys
+    (checked by brute force), and the record's per-patient bound uses the public k."""
+    from models.dp.features import cap_studies
+
+    feats, pub = synthetic_features(n_train=40)
+    tr = feats["train"]
+    tr = {**tr, "study_patient": torch.arange(40) // 4}  # 10 patients of 4 studies
+    capped, dropped, n_pat = cap_studies(tr, 3)
+    assert dropped == 10 and n_pat == 10 and capped["text"].shape[0] == 30
+    want = set()
+    for p in range(10):
+        keys = sorted(int(k) for k, q in zip(tr["study_key"], tr["study_patient"]) if int(q) == p)
+        want.update(keys[:3])
+    assert set(capped["study_key"].tolist()) == want
+    dm = InMemoryFeatureDataModule({**feats, "train": tr}, pub, batch_size=16, max_studies_per_patient=3)
+    assert dm.n_train_units == 30 and dm.train_max_studies_per_patient == 3
+    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, dp={"target_epsilon": 1.0})
+    m.max_studies_cap, m.observed_max_studies, m.delta, m._epsilon_spent, m.privacy_unit = 3, 3, 1e-4, 1.0, "study"
+    pp = m.dp_state()["per_patient"]
+    assert pp["k"] == 3 and "public cap" in pp["k_source"]
+    assert pp["epsilon"] == pytest.approx(3.0) and pp["delta"] == pytest.approx(3 * math.exp(2.0) * 1e-4)
+    assert "displace" in m.dp_state()["adjacency"]

@@ -159,7 +159,8 @@ def test_hf_dp_record_epsilon_is_opacus_accountant_and_meets_target(hf_dp_run):
 
     rec = json.loads((hf_dp_run["out"] / "dp_record.json").read_text())
     assert rec["guarantee_valid"] and rec["invalid_reasons"] == [] and rec["loss_mode"] == "public_negatives"
-    assert rec["delta"] < 1 / rec["n_train_units"] and rec["source_model"]["family"] == "hf"
+    assert rec["n_train_units"] is None and rec["delta"] == pytest.approx(1 / (10 * rec["n_train_units_upper"]))  # N withheld
+    assert rec["source_model"]["family"] == "hf" and rec["head_init"]["mode"] == "fresh"
     sigma, q = rec["noise_multiplier"], rec["sample_rate"]
     steps = sum(int(n) for _, _, n in rec["accountant"]["history"])
     assert steps == rec["steps_planned"] == 2 * round(1 / q)
@@ -174,6 +175,26 @@ def test_hf_dp_record_epsilon_is_opacus_accountant_and_meets_target(hf_dp_run):
     assert rec["epsilon_spent"] <= indep + 1e-12 and indep <= rec["epsilon_spent"] * 1.05
     assert rec["target_epsilon"] - 1e-3 <= rec["epsilon_spent"] <= rec["target_epsilon"]
     assert any("existing model" in x for x in rec["outside_guarantee"])
+
+
+def test_fresh_head_init_reinitialises_the_models_own_projections(hf_models):  # noqa: F811
+    """head_init=fresh on an existing CLIP: its projection layers are redrawn with CLIP's projection init
+    N(0, 1/in_features) from torch.manual_seed(head_init_seed), image first; stage2 keeps the model's own."""
+    from transformers import CLIPModel
+
+    from models.dp.module import DPAlignmentModule
+
+    ref = CLIPModel.from_pretrained(hf_models["clip"])
+    w_img, w_txt = ref.visual_projection.weight.detach(), ref.text_projection.weight.detach()
+    kept = DPAlignmentModule(external={"path": str(hf_models["clip"])}, dp={"head_init": "stage2"})
+    assert torch.equal(kept.image_head.weight, w_img) and torch.equal(kept.text_head.weight, w_txt)
+    fresh = DPAlignmentModule(external={"path": str(hf_models["clip"])}, dp={"head_init": "fresh", "head_init_seed": 5})
+    torch.manual_seed(5)
+    want_img = torch.empty_like(w_img).normal_(0.0, w_img.shape[1] ** -0.5)
+    want_txt = torch.empty_like(w_txt).normal_(0.0, w_txt.shape[1] ** -0.5)
+    assert torch.equal(fresh.image_head.weight, want_img) and torch.equal(fresh.text_head.weight, want_txt)
+    rec = fresh.dp_record()["head_init"]
+    assert rec["mode"] == "fresh" and rec["seed"] == 5 and "N(0, 1/in_features)" in rec["rule"]
 
 
 def test_evaluate_audits_the_released_folder(hf_dp_run, tmp_path):

@@ -124,3 +124,11 @@ def default_delta(n_units: int) -> float:
     if n_units < 1:
         raise ValueError("cannot derive delta from an empty training set")
     return 1.0 / (10.0 * n_units)
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(k eps, k e^{(k-1) eps} delta): what (eps, delta)-DP per unit gives for k units together (e.g. a
+    patient's k studies under study units; Dwork & Roth 2014, Thm 2.2 and its (eps, delta) form)."""
+    if k < 1:
+        raise ValueError(f"group privacy needs k >= 1 units, got {k}")
+    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta

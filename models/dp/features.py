@@ -3,7 +3,9 @@
 Privacy unit (``privacy_unit``):
 * ``study`` (default): one unit = one study = one report and the mean of its views' image features
   (pre-projection). Adding or removing a study -- all its views and its report -- is one DP step of
-  adjacency. A patient with k studies is protected at k*epsilon (group privacy).
+  adjacency. A patient with k studies is protected at (k eps, k e^{(k-1) eps} delta) (group privacy);
+  ``max_studies_per_patient`` caps k by a public number (``cap_studies``), so the record can state a
+  per-patient guarantee without reading k from the private data.
 * ``patient``: one unit = all studies of one patient (padded to the largest patient, with a mask);
   epsilon then protects a whole patient.
 
@@ -218,6 +220,23 @@ def pool_units(feats: dict[str, torch.Tensor], privacy_unit: str = "study") -> d
     return {"img": img, "txt": txt, "mask": mask, "unit_id": unit_key, "unit_patient": uniq.clone()}
 
 
+def cap_studies(feats: dict[str, torch.Tensor], cap: int) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Keep at most ``cap`` studies per patient: those with the smallest stable study keys (a public rule
+    that reads only the patient's own studies). Returns (features, studies dropped, patients capped)."""
+    if int(cap) != cap or cap < 1:
+        raise ValueError(f"data.max_studies_per_patient must be a positive integer or null, got {cap!r}")
+    patient = feats["study_patient"].numpy()
+    order = np.lexsort((feats["study_key"].numpy(), patient))  # by patient, then key
+    p_sorted = patient[order]
+    first = np.r_[0, np.flatnonzero(p_sorted[1:] != p_sorted[:-1]) + 1]
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[rank < cap]] = True
+    dropped = int((~keep).sum())
+    capped = int(np.unique(patient[~keep]).size)
+    return (select_studies(feats, torch.from_numpy(keep)) if dropped else feats), dropped, capped
+
+
 def select_studies(feats: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """The features of a split restricted to the studies where ``keep`` [S] is true (their image rows
     follow, study indices are renumbered): a neighbouring dataset, for audits and tests."""
@@ -293,9 +312,22 @@ class FeatureServing:
     test_split: str = "test"
     _train_loader: DataLoader | None = None
 
+    max_studies_per_patient: int | None = None
+    train_max_studies_per_patient: int | None = None
+
     @property
     def n_train_units(self) -> int:
         return int(self.units["img"].shape[0])
+
+    def make_units(self, train: dict[str, torch.Tensor], privacy_unit: str, cap: int | None) -> None:
+        """The DP training units of the train split's features, after the per-patient cap (study units)."""
+        self.max_studies_per_patient = int(cap) if cap is not None else None
+        if cap is not None and privacy_unit == "study":
+            train, dropped, capped = cap_studies(train, cap)
+            # For the operator only (console): the count reads the private data; dp_state says so.
+            log.info("data.max_studies_per_patient=%d: dropped %d train studies of %d patients", cap, dropped, capped)
+        self.units = pool_units(train, privacy_unit)
+        self.train_max_studies_per_patient = int(torch.unique(train["study_patient"], return_counts=True)[1].max())
 
     def public_bank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.public
@@ -340,6 +372,7 @@ class InMemoryFeatureDataModule(FeatureServing, L.LightningDataModule):
         eval_batch_size: int = 512,
         privacy_unit: str = "study",
         val_split: str = "val",
+        max_studies_per_patient: int | None = None,
     ) -> None:
         super().__init__()
         self.features = features
@@ -347,7 +380,7 @@ class InMemoryFeatureDataModule(FeatureServing, L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.privacy_unit = privacy_unit
         self.val_split = val_split
-        self.units = pool_units(features["train"], privacy_unit)
+        self.make_units(features["train"], privacy_unit, max_studies_per_patient)
         self.tokenizer = None
 
 
@@ -371,6 +404,7 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         feature_device: str = "auto",
         feature_cache_dir: str | None = None,
         external: dict | None = None,
+        max_studies_per_patient: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(reader=reader, **kwargs)
@@ -383,6 +417,9 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         self.public_split = public_split
         self.privacy_unit = privacy_unit
         self.feature_device = feature_device
+        # Study units: a public cap on studies per patient (the reader's own cap, when it has one, bounds it too).
+        caps = [c for c in (max_studies_per_patient, getattr(self.reader, "max_studies_per_patient", None)) if c]
+        self.study_cap = min(caps) if caps else None
         self.feature_cache_dir = feature_cache_dir or self.cache_dir or os.environ.get("CXR_RELINK_CACHE") or ".cache"
         self.features: dict[str, dict[str, torch.Tensor]] | None = None
         self.public = None
@@ -433,7 +470,7 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
         self.features = {s: cached_split_features(backbone, self, s, root, ckpt_hash, device) for s in SPLITS if self.studies(s)}
         if "train" not in self.features:
             raise ValueError("the cohort's train split is empty: nothing to finetune on")
-        self.units = pool_units(self.features["train"], self.privacy_unit)
+        self.make_units(self.features["train"], self.privacy_unit, self.study_cap)
         if self.public_reader is not None:
             self.public = self._public_features(backbone, root, ckpt_hash, device)
         del backbone

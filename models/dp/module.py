@@ -37,6 +37,7 @@ Other randomness (the public bank draw, group assignment) is public by design an
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import secrets
@@ -61,6 +62,7 @@ from models.dp.accounting import (
     accountant_state,
     default_delta,
     epsilon_kwargs,
+    group_privacy,
     load_accountant_state,
     noise_multiplier_for,
 )
@@ -98,17 +100,66 @@ DEFAULT_DP = {
     # "ghost" (ghost clipping, Li et al. 2021) computes the same per-sample norms from activations
     # and output gradients and takes a second, rescaled backward: the same clipped sum, faster.
     "grad_sample_mode": "ghost",
+    # Which heads DP training starts from (docs/dp.md, "Which heads are trained"): "fresh" re-initialises
+    # them with the head architecture's own init, drawn from head_init_seed; "stage2" fine-tunes the
+    # trained heads of the stage-2 checkpoint / existing model. The initial weights depend on no data, so
+    # DP needs no secret here: the seed is public (the config's seed) and recorded.
+    "head_init": "fresh",
+    "head_init_seed": 0,
+    # N, the number of private training units, is not public under add/remove adjacency. Unless the data
+    # holder declares it public (true), records carry only N rounded up to a multiple of the expected
+    # batch B (what q = 1/ceil(N/B) and the step count reveal anyway) and the default delta is set from
+    # that upper bound; true releases N exactly and defaults delta to 1/(10 N).
+    "n_public": False,
 }
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+HEAD_INITS = ("fresh", "stage2")
 INVALID_LABEL = "in_batch: NO valid epsilon (InfoNCE is not per-example decomposable)"
 # Outputs of a DP run that touch private data outside the mechanism (stated next to epsilon).
 OUTSIDE_GUARANTEE = (
-    "the frozen stage-2 checkpoint: epsilon is end to end only if it was trained without these units",
+    "the frozen stage-2 checkpoint (and, with dp.head_init=stage2, the heads training starts from): epsilon is "
+    "end to end only if it was trained without these units",
     "audits of the val/test splits (re-linkage, probe scores): those patients are not DP training units "
     "and are not protected by epsilon; only aggregate numbers are written",
     "repeated runs and hyper-parameter sweeps on the same units: each run spends its own epsilon "
     "(k runs: up to k * epsilon by composition; choosing the best run is a further release)",
 )
+
+
+def reinit_head_(head: nn.Module, clip_projection: bool = False) -> str:
+    """Re-initialise ``head`` in place with its architecture's own init, drawing from the global RNG (the
+    caller seeds it). Returns the rule used (recorded in dp_state.head_init).
+
+    * A single ``nn.Linear`` taken from an existing CLIP-family model (``clip_projection``): weight
+      ~ N(0, 1/in_features), bias 0 -- the init Hugging Face CLIP and open_clip give their projections.
+    * Anything else (the project's ProjectionHead, an existing model's MLP projection): every layer's own
+      ``reset_parameters`` -- the init its constructor draws (tests check it against a fresh constructor).
+    """
+    if clip_projection and isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=head.in_features ** -0.5)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+        return "CLIP projection init: weight ~ N(0, 1/in_features), bias 0"
+    covered: set[int] = set()
+    for mod in head.modules():
+        if callable(getattr(mod, "reset_parameters", None)):
+            mod.reset_parameters()
+            covered.update(id(p) for p in mod.parameters(recurse=False))
+    missed = [n for n, p in head.named_parameters() if id(p) not in covered]
+    if missed:
+        raise ValueError(f"dp.head_init=fresh: {type(head).__name__} parameters {missed} belong to no layer with "
+                         "reset_parameters(); cannot re-initialise them (use dp.head_init=stage2)")
+    return "each layer's own reset_parameters() (the init its constructor draws)"
+
+
+def heads_sha256(*heads: nn.Module) -> str:
+    """Fingerprint of head weights (names, shapes and float32 values): lets an audit check the initial heads."""
+    h = hashlib.sha256()
+    for head in heads:
+        for name, t in sorted(head.state_dict().items()):
+            h.update(f"\x00{name}\x01{tuple(t.shape)}\x01".encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class _Heads(nn.Module):
@@ -166,6 +217,8 @@ class DPAlignmentModule(L.LightningModule):
             raise ValueError(f"loss.mode must be one of {LOSS_MODES}, got {loss['mode']!r}")
         if dp["accountant"] not in ACCOUNTANTS:
             raise ValueError(f"dp.accountant must be one of {ACCOUNTANTS}, got {dp['accountant']!r}")
+        if dp["head_init"] not in HEAD_INITS:
+            raise ValueError(f"model.dp.head_init must be one of {HEAD_INITS}, got {dp['head_init']!r}")
         if dp["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
             raise ValueError(f"dp.grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {dp['grad_sample_mode']!r}")
         self.automatic_optimization = False
@@ -215,8 +268,9 @@ class DPAlignmentModule(L.LightningModule):
             self.data_preprocessing = ext.trunk.data_preprocessing
             self.image_head, self.text_head = ext.image_head, ext.text_head
             self.register_buffer("logit_scale", ext.logit_scale.clone())
-            self.outside_base[0] = (f"the frozen encoders of the existing model {ext.spec['path']}: trained by others on "
-                                    "data this run does not control; epsilon is end to end only if they never saw these units")
+            self.outside_base[0] = (f"the frozen encoders of the existing model {ext.spec['path']} (and, with dp.head_init="
+                                    "stage2, its projections training starts from): trained by others on data this run does "
+                                    "not control; epsilon is end to end only if they never saw these units")
         elif bb is not None:
             bb.requires_grad_(False).eval()
             self.backbone_module = bb
@@ -233,6 +287,7 @@ class DPAlignmentModule(L.LightningModule):
             self.image_head = ProjectionHead(image_dim, embed_dim, **h)
             self.text_head = ProjectionHead(text_dim, embed_dim, **h)
             self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / temperature_init)))
+        self.head_init_record = self._init_heads(dp, from_model=ext is not None or bb is not None, clip_projection=ext is not None)
         # Copies of an eval-mode backbone's heads start in eval mode: Opacus captures activations
         # only in training mode, and Lightning 2.x keeps a module's mode at fit start.
         self.image_head.requires_grad_(True).train()
@@ -247,13 +302,39 @@ class DPAlignmentModule(L.LightningModule):
         self.noise_multiplier: float | None = None
         self.sample_rate: float | None = None
         self.delta: float | None = None
-        self.n_train_units: int | None = None
+        self.n_train_units: int | None = None  # exact; released only with dp.n_public (see n_released)
+        self.n_units_upper: int | None = None  # N rounded up to a multiple of the expected batch
+        self.max_studies_cap: int | None = None  # public per-patient cap of the study units (data.max_studies_per_patient)
+        self.observed_max_studies: int | None = None  # the most studies of one train patient (private data)
         self.expected_batch_size: int | None = None
         self.steps_planned: int | None = None
         self.outside_guarantee: list[str] = list(self.outside_base)
+        self._outside_data: list[str] = []  # set from the data in configure_optimizers
         self._restored_dp: dict | None = None
         self._noise_gen: torch.Generator | None = None
         self._epsilon_spent: float = 0.0
+
+    def _init_heads(self, dp: dict, from_model: bool, clip_projection: bool) -> dict[str, Any]:
+        """Apply dp.head_init and describe the heads training starts from (dp_state.head_init)."""
+        if dp["head_init"] == "stage2":
+            if not from_model:
+                raise ValueError("model.dp.head_init=stage2 needs trained heads to start from (model.backbone_ckpt or "
+                                 "model.external.path); standalone `heads` have none (use head_init=fresh)")
+            rec = {"mode": "stage2", "source": "the trained heads of the frozen model (backbone_checkpoint_sha256): "
+                                              "the release is a DP fine-tune of them"}
+        else:
+            seed = int(dp["head_init_seed"])
+            # A forked RNG: the init is the same whatever ran before, and the global stream is left untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                rule = reinit_head_(self.image_head, clip_projection)
+                reinit_head_(self.text_head, clip_projection)
+            rec = {"mode": "fresh", "seed": seed, "rule": rule + "; image head first, then text head, from one "
+                   "torch.manual_seed(seed) stream",
+                   "secrecy": "not needed: the initial weights depend on no data (DP-SGD's analysis holds for any "
+                              "data-independent start); the seed is public and recorded"}
+        rec["initial_heads_sha256"] = heads_sha256(self.image_head, self.text_head)
+        return rec
 
     # ---- frozen towers ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -318,8 +399,36 @@ class DPAlignmentModule(L.LightningModule):
         if dp["INSECURE_replayable_seed"] is not None:
             reasons.append("dp.INSECURE_replayable_seed is set: noise and batches can be replayed by anyone with the config")
         if self.delta is not None and self.n_train_units and self.delta >= 1.0 / self.n_train_units:
-            reasons.append(f"delta {self.delta:.3g} >= 1/N = {1.0 / self.n_train_units:.3g}")
+            reasons.append(f"delta {self.delta:.3g} >= 1/N ({self.n_text()})")
         return reasons
+
+    @property
+    def n_public(self) -> bool:
+        return bool(self.hparams.dp["n_public"])
+
+    def n_text(self) -> str:
+        """N as a release may state it: exact only when the data holder declared it public."""
+        if self.n_public:
+            return f"N = {self.n_train_units}"
+        return f"N <= {self.n_units_upper}, exact N withheld (model.dp.n_public=false)"
+
+    def per_patient_guarantee(self) -> dict[str, Any] | None:
+        """(epsilon, delta) for one patient and all their studies: the unit's own with patient units; the
+        group-privacy bound over k study units otherwise, k a public cap when one is set."""
+        if not self.dp_enabled or self.delta is None:
+            return None
+        eps = self._epsilon_spent
+        if getattr(self, "privacy_unit", "study") == "patient":
+            return {"epsilon": eps, "delta": self.delta, "k": 1,
+                    "basis": "patient units: all studies of a patient are one unit"}
+        k = self.max_studies_cap or self.observed_max_studies
+        if not k:
+            return None
+        g_eps, g_delta = group_privacy(eps, self.delta, int(k))
+        source = ("public cap data.max_studies_per_patient" if self.max_studies_cap else
+                  "observed: the most studies of one train patient, read from the private data (outside the guarantee)")
+        return {"epsilon": g_eps, "delta": g_delta, "k": int(k), "k_source": source,
+                "basis": "group privacy over k study units: (k eps, k e^((k-1) eps) delta)"}
 
     @property
     def noise_source(self) -> str:
@@ -356,8 +465,15 @@ class DPAlignmentModule(L.LightningModule):
             "invalid_reasons": self.invalid_reasons() if self.dp_enabled else ["DP disabled"],
             "noise_source": self.noise_source if self.dp_enabled else None,
             "privacy_unit": getattr(self, "privacy_unit", "study"),
-            "adjacency": "add/remove one unit (Poisson sampling)",
-            "n_train_units": self.n_train_units,
+            "adjacency": self.adjacency(),
+            "per_patient": self.per_patient_guarantee(),
+            # Study units only (patient units need no k, and their observed k would be a release).
+            "max_studies_per_patient": ((self.max_studies_cap or self.observed_max_studies)
+                                        if getattr(self, "privacy_unit", "study") == "study" else None),
+            "head_init": dict(self.head_init_record),
+            "n_public": self.n_public,
+            "n_train_units": self.n_train_units if self.n_public else None,
+            "n_train_units_upper": self.n_units_upper,
             "target_epsilon": dp["target_epsilon"],
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
@@ -377,6 +493,13 @@ class DPAlignmentModule(L.LightningModule):
         if self.mode == "in_batch" and self.dp_enabled:
             state["warning"] = INVALID_LABEL
         return state
+
+    def adjacency(self) -> str:
+        out = "add/remove one unit (Poisson sampling)"
+        if self.max_studies_cap and getattr(self, "privacy_unit", "study") == "study":
+            out += (f"; with the cap of {self.max_studies_cap} studies per patient, a study added to a patient at the cap "
+                    "can displace one of that patient's studies (two units change: (2 eps, 2 e^eps delta) for it)")
+        return out
 
     # ---- optimisation -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -403,12 +526,19 @@ class DPAlignmentModule(L.LightningModule):
         if self.mode == "public_negatives" and bank is None:
             raise ValueError("loss.mode=public_negatives needs a public cohort (data.public_reader)")
         self.n_train_units = dm.n_train_units
+        self.max_studies_cap = getattr(dm, "max_studies_per_patient", None)
+        self.observed_max_studies = getattr(dm, "train_max_studies_per_patient", None)
         # The expected batch is the configured one (public), not q * N: group_clipping's number of
         # groups must not move when one unit comes or goes.
         self.expected_batch_size = int(getattr(dm, "batch_size", 0) or self.n_train_units)
         loader = dm.plain_train_loader()
+        # q = 1/len(loader) and the step count reveal ceil(N / B) anyway; this bound (>= N) is what a
+        # record states of N unless N is declared public.
+        self.n_units_upper = self.expected_batch_size * len(loader)
         dp = self.hparams.dp
-        self.delta = float(dp["target_delta"]) if dp["target_delta"] is not None else default_delta(self.n_train_units)
+        self.delta = (float(dp["target_delta"]) if dp["target_delta"] is not None
+                      else default_delta(self.n_train_units if self.n_public else self.n_units_upper))
+        self._outside_data = self._outside_guarantee_data(len(loader))
         if not self.dp_enabled:
             dm.set_train_loader(loader)
             log.info("DP disabled: non-private head finetune (same loss %r, same data)", self.mode)
@@ -467,22 +597,50 @@ class DPAlignmentModule(L.LightningModule):
         if not math.isclose(dp_loader.sample_rate, self.sample_rate, rel_tol=1e-12):
             raise RuntimeError(f"Poisson rate {dp_loader.sample_rate} != accounted rate {self.sample_rate}")
         if restored:
-            for key in ("sample_rate", "n_train_units"):
-                if restored.get(key) is not None and not math.isclose(float(restored[key]), float(getattr(self, key)), rel_tol=1e-12):
+            for key in ("sample_rate", "n_train_units", "n_train_units_upper", "delta"):
+                now = self.dp_state_value(key)
+                if restored.get(key) is not None and now is not None and not math.isclose(float(restored[key]), float(now), rel_tol=1e-12):
                     raise ValueError(
-                        f"resumed DP run: {key} was {restored[key]} and is now {getattr(self, key)}; the saved budget "
-                        "does not carry over to different data or batch size (start a new run)"
+                        f"resumed DP run: {key} was {restored[key]} and is now {now}; the saved budget "
+                        "does not carry over to different data, batch size or delta (start a new run)"
                     )
         dm.set_train_loader(dp_loader)
         self._epsilon_spent = self.epsilon_spent()
         if self.mode == "in_batch":
             log.warning("DP with %s. The epsilon Opacus reports for it does not hold.", INVALID_LABEL)
         log.info(
-            "DP-SGD: mode=%s sigma=%.4f q=%.5f C=%g delta=%.3g target eps=%g over %d epochs = %d steps (N=%d units); noise %s",
+            "DP-SGD: mode=%s sigma=%.4f q=%.5f C=%g delta=%.3g target eps=%g over %d epochs = %d steps (%s %s units); "
+            "heads %s; noise %s",
             self.mode, self.noise_multiplier, self.sample_rate, dp["max_grad_norm"], self.delta, dp["target_epsilon"],
-            epochs, self.steps_planned, self.n_train_units, self.noise_source,
+            epochs, self.steps_planned, self.n_text(), self.privacy_unit, self.head_init_record["mode"], self.noise_source,
         )
         return out_opt
+
+    def dp_state_value(self, key: str):
+        """The value a resumed run compares with its checkpoint's dp_state[key] (None: not comparable)."""
+        return {"sample_rate": self.sample_rate, "n_train_units": self.n_train_units if self.n_public else None,
+                "n_train_units_upper": self.n_units_upper, "delta": self.delta}[key]
+
+    def _outside_guarantee_data(self, steps_per_epoch: int) -> list[str]:
+        """What this run releases about the private data beyond the heads (listed beside epsilon)."""
+        extra = []
+        if self.n_public:
+            extra.append(f"N = {self.n_train_units} private training units (and q, delta and the step count derived from "
+                         "it) is released exactly: declared public by the data holder (model.dp.n_public=true); "
+                         "add/remove adjacency does not protect it")
+        else:
+            extra.append(f"q = 1/{steps_per_epoch} and the number of steps are set from N: they reveal N rounded up to a "
+                         f"multiple of the expected batch {self.expected_batch_size} (N <= {self.n_units_upper}); exact N is "
+                         "withheld from every record and log (model.dp.n_public=false)")
+        if getattr(self, "privacy_unit", "study") == "study":
+            if self.max_studies_cap:
+                extra.append(f"the cap data.max_studies_per_patient={self.max_studies_cap} drops studies from the DP train "
+                             "split; how many is logged for the operator (console), not covered by epsilon")
+            elif self.observed_max_studies:
+                extra.append(f"max_studies_per_patient = {self.observed_max_studies} (the most studies of one train patient) is "
+                             "read from the private data to state the per-patient guarantee: set a public cap "
+                             "(data.max_studies_per_patient) or use data.privacy_unit=patient to release none")
+        return extra
 
     def _generators(self) -> tuple[torch.Generator, torch.Generator]:
         """(Poisson sampling generator on the CPU, noise generator on the heads' device)."""
@@ -528,6 +686,7 @@ class DPAlignmentModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         n = img.shape[0]
+        bank = None
         if self.mode == "group_clipping":
             loss = self._group_step(img, txt, mask, unit_id, opt)
         else:
@@ -545,8 +704,25 @@ class DPAlignmentModule(L.LightningModule):
             else:
                 self.manual_backward(loss)
             opt.step()
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=max(1, n))
+        self._log_train_loss(loss, n, bank, img.device)
         return loss.detach()
+
+    def _log_train_loss(self, loss: torch.Tensor, n: int, bank, device: torch.device) -> None:
+        """Under DP, the private batch's loss (and the Poisson batch size weighting its epoch mean) would be a
+        release outside the accountant: only a loss on public data is logged, ``train/public_loss`` -- the
+        in-batch InfoNCE of the public bank under the current heads (an iterate DP-SGD already releases,
+        applied to public pairs: post-processing). Without DP the private loss is logged as ``train/loss``."""
+        if not self.dp_enabled:
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=max(1, n))
+            return
+        if bank is None:
+            bank = self._bank(device)
+        if bank is None:
+            return
+        u, v = bank
+        ones = torch.ones(u.shape[0], 1, device=u.device, dtype=u.dtype)
+        public = in_batch_loss(u[:, None], v[:, None], ones, self.logit_scale).mean()
+        self.log("train/public_loss", public, on_step=True, on_epoch=True, prog_bar=True, batch_size=u.shape[0])
 
     def n_groups(self, batch_units: int) -> int:
         """Number of groups: configured batch size / group_size under DP (a public constant: a count
@@ -607,7 +783,9 @@ class DPAlignmentModule(L.LightningModule):
         for cb in self.trainer.callbacks:
             if (getattr(cb, "settings", None) or {}).get("train_split") == "train":
                 extra.append(f"{type(cb).__name__} is fitted on the DP training units (train split): a non-private release about them")
-        self.outside_guarantee = list(self.outside_base) + extra
+        self.outside_guarantee = list(self.outside_base) + self._outside_data + extra
+        if self._restored_dp is None:  # the weights training starts from now (a caller may have set them after __init__)
+            self.head_init_record["initial_heads_sha256"] = heads_sha256(self.image_head, self.text_head)
 
     def on_train_start(self) -> None:
         if self.dp_enabled and not isinstance(self.trainer.train_dataloader, DPDataLoader):
@@ -688,6 +866,8 @@ class DPAlignmentModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_dp = checkpoint.get("dp_state")
+        if (self._restored_dp or {}).get("head_init"):
+            self.head_init_record = dict(self._restored_dp["head_init"])  # what the saved run started from
         if self._external is not None and "state_dict" in checkpoint:
             saved = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
             if saved.get("checkpoint_sha256") not in (None, self._external.fingerprint):
