@@ -185,14 +185,21 @@ def final_audit(cfg: DictConfig, trainer: L.Trainer, model, datamodule, callback
 
 def attach_to_wandb(loggers: list, out: Path) -> None:
     """The final bundle as files of the W&B run (aggregate numbers only) and its plot under a key of
-    its own (test/recall_vs_n; the per-epoch validation plot is audit/recall_vs_n)."""
+    its own (test/recall_vs_n; the per-epoch validation plot is audit/recall_vs_n). The files are
+    copied into the W&B run's folder, not linked: wandb.save's absolute symlinks broke when the run
+    folder was copied or moved (they are small)."""
+    import shutil
+
     for lg in loggers:
         if type(lg).__name__ != "WandbLogger":
             continue
         if (out / "recall_vs_n.png").exists():
             lg.log_image(key="test/recall_vs_n", images=[str(out / "recall_vs_n.png")])
+        files = Path(lg.experiment.dir)
         for name in ("audit.json", "report.md"):
-            lg.experiment.save(str(out / name), base_path=str(out.parent), policy="now")
+            (files / out.name).mkdir(parents=True, exist_ok=True)
+            copy = shutil.copy2(out / name, files / out.name / name)
+            lg.experiment.save(str(copy), base_path=str(files), policy="now")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

@@ -300,6 +300,12 @@ def test_agent_command_line_runs_train_py(agent_run) -> None:
                for i in r.summary.update}
     assert math.isfinite(summary[sweep["metric"]["name"]])
     assert any(r.WhichOneof("record_type") == "exit" for r in records), "the W&B run was finished"
+    # The final audit's files are in the W&B run as copies: links to absolute paths broke when the
+    # run folder was copied or moved.
+    attached = [p for p in run_dir.glob("wandb/offline-run-*/files/final_audit/*")]
+    assert sorted(p.name for p in attached) == ["audit.json", "report.md"]
+    assert not any(p.is_symlink() for p in attached)
+    assert all(p.read_bytes() == (run_dir / "final_audit" / p.name).read_bytes() for p in attached)
 
 
 def test_sweep_metric_history_is_validation_only(agent_run) -> None:
