@@ -295,8 +295,9 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
     if degenerate:  # before any number: these do not measure the model
         text = ("DEGENERATE EMBEDDINGS, audited on request (allow_degenerate): " + "; ".join(degenerate)
                 + ". The numbers below reflect the broken inputs, not the model's re-linkage risk. " + text)
-    if where is not None:
-        text += f" Full results: {os.fspath(where)}/ (audit.json, report.md, recall_vs_n.png)."
+    if where is not None:  # the files write_bundle writes (the plot only with a re-linkage section)
+        files = "audit.json, report.md" + (", recall_vs_n.png" if res.get("relinkage") else "")
+        text += f" Full results: {os.fspath(where)}/ ({files})."
     return text
 
 
@@ -312,10 +313,14 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
     lines = [headline(res), ""] if with_headline else []
     meta = res.get("meta", {})
     head = describe(meta)
-    lines.append("## Re-linkage audit" + (f" ({head})" if head else ""))
-    for why in degenerate_reasons(res):
-        lines += ["", f"**Degenerate embeddings** (audited with allow_degenerate): {why}."]
     rl = res.get("relinkage", {})
+    degenerate = degenerate_reasons(res)
+    if rl or degenerate:  # (audit=report_quality alone has no re-linkage section: no empty heading)
+        lines.append("## Re-linkage audit" + (f" ({head})" if head else ""))
+    elif meta.get("skipped"):
+        lines += ["## Skipped audits", ""]
+    for why in degenerate:
+        lines += ["", f"**Degenerate embeddings** (audited with allow_degenerate): {why}."]
     if rl:
         lines += [
             "",
@@ -507,8 +512,18 @@ def x_chance_axes(ax, title: str, hard: bool, ylabel: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("mean effective pool size (label-matched)" if hard else "candidate pool size N")
     ax.set_ylabel(ylabel)
+    # A label at every decade (matplotlib's default locator skips decades on tall ranges), ticks at 2×
+    # and 5× in between, labelled too while the panel spans at most three decades (more would crowd).
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, numticks=30))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2.0, 5.0), numticks=30))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+    def minor_label(v: float, _pos) -> str:
+        lo, hi = ax.get_ylim()
+        return f"{v:g}×" if lo > 0 and hi / lo <= 10**3.01 else ""
+
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
 def plot_x_chance(ax, rows: list[dict[str, Any]], hard: bool, color: str, label: str, band_alpha: float) -> None:

@@ -204,3 +204,42 @@ def test_lightning_lines_print_once_through_the_run_handlers() -> None:
         lit.handlers[:] = saved[0]
         lit.propagate = saved[1]
     assert (ours.getvalue() + theirs.getvalue()).count("Seed set to 7") == 1 and "Seed set to 7" in ours.getvalue()
+
+
+@pytest.mark.parametrize("ratios, minor_labels", [([1.5, 4.0, 30.0, 70.0], True), ([0.05, 3.0, 400.0, 9000.0], False)])
+def test_plot_y_axis_labels_every_decade_and_minor_ticks(ratios, minor_labels) -> None:
+    """Recall ÷ chance panels: a label at each decade in view (1× and 10× alone used to be labelled),
+    2× and 5× ticks between, labelled while the view spans at most three decades."""
+    import math
+
+    rows = [_row(1, str(n), n, min(1.0, x * 1 / n), 1 / n) for n, x in zip((10, 100, 1000, 10000), ratios)]
+    fig = R.plot_recall_vs_n(R.build_result(relinkage={"i2t": _section(rows)}, meta={"split": "test"}))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+
+    def shown(minor: bool) -> dict[float, str]:
+        ticks = ax.yaxis.get_minor_ticks() if minor else ax.yaxis.get_major_ticks()
+        locs = ax.yaxis.get_minorticklocs() if minor else ax.yaxis.get_majorticklocs()
+        return {float(v): t.label1.get_text() for v, t in zip(locs, ticks) if lo <= v <= hi and t.label1.get_visible()}
+
+    decades = [10.0**e for e in range(math.ceil(math.log10(lo) - 1e-9), math.floor(math.log10(hi) + 1e-9) + 1)]
+    assert len(decades) >= 2
+    major = shown(minor=False)
+    assert [major[v] for v in sorted(major)] == [f"{d:g}×" for d in decades]
+    minor = shown(minor=True)
+    want = [f"{m * 10.0**e:g}×" for e in range(-3, 6) for m in (2, 5) if lo <= m * 10.0**e <= hi]
+    assert [minor[v] or "" for v in sorted(minor)] == (want if minor_labels else [""] * len(want))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_report_quality_alone_claims_no_plot_and_no_empty_relinkage_heading(tmp_path) -> None:
+    rq = {"mode": "top1", "k": 1, "n_queries": 5, "n_database_reports": 9, "database": "train", "note": "test"}
+    res = R.build_result(report_quality=rq, meta={"split": "test", "model": "M"})
+    R.write_bundle(res, tmp_path)
+    said = R.console_summary(res, tmp_path)
+    assert "recall_vs_n.png" not in said and not (tmp_path / "recall_vs_n.png").exists()
+    assert "Re-linkage" not in said and "Re-linkage" not in (tmp_path / "report.md").read_text()
+    assert "## Retrieved-report quality" in said
