@@ -297,29 +297,39 @@ def test_older_protocol_seed_is_set_aside_not_mixed(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_reproduction_has_every_claim_row(tmp_path, cache_dir) -> None:
+def test_tiny_reproduction_has_every_claim_row(tmp_path, cache_dir, capsys) -> None:
     keep = tmp_path / "keep"
     results = rp.main(["--scale", "tiny", "--out", str(tmp_path), "--keep", str(keep)])
     md = results.read_text()
+    # one progress line per run (name, seed, seconds, headline), readable without a tty
+    printed = capsys.readouterr().out
+    ran = json.loads((results.parent / "runs.json").read_text())
+    for r in ran:
+        assert re.search(rf"^\[reproduce\] \S+ {re.escape(r['name'])} +seed 0 +\d+ s ", printed, re.M), r["name"]
+    man = json.loads((keep / "s0" / "runs.json").read_text())
+    assert man["protocol"] == rp.PROTOCOL and man["complete"] is True
+    assert "0 runs executed" not in md and "rendered no kept runs" in md
     # Across sessions: a later --resume elsewhere (no checkpoints, no run folders) loads the kept seed
     # instead of running it, and writes the same claims.
     again = rp.main(["--scale", "tiny", "--out", str(tmp_path / "later"), "--keep", str(keep), "--resume"])
     assert not (tmp_path / "later" / "tiny" / "runs").exists()
     body = lambda text: text.split("## Summary", 1)[1].split("## Runs", 1)[0]  # noqa: E731
     assert body(again.read_text()) == body(md)
+    assert "0 runs executed, rendered" in again.read_text() and "kept runs of seeds [0]" in again.read_text()
     summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
     avail = rp.availability()
     for claim in CLAIMS:
         rows = [line for line in summary.splitlines() if line.startswith(f"| {claim} ")]
         assert len(rows) == 1, f"claim {claim} has no summary row"
         verdict, config = re.findall(r"\*\*(.+?)\*\*", rows[0])[0], rows[0].rsplit("|", 2)[-2]
-        assert verdict.split(" (")[0] in ("holds", "contradicted", "not shown", "not available")
+        assert verdict.split(" (")[0] in ("holds", "contradicted", "not shown", "not decided", "not available")
         assert re.search(r"`python (train|evaluate)\.py [^`]+`", config), f"claim {claim} names no config: {rows[0]}"
     assert "failed:" not in md, "a run failed (see the Runs table)"
     if all(v is None for v in avail.values()):  # every stage importable: no claim may be skipped
         assert "not available:" not in md
-    for section in ("Claim 1", "Claim 2", "Claim 3", "Claim 4", "External transfer", "Claim 5"):
-        assert section in md
+    for section in ("Claim 1:", "Claim 2:", "Claim 3:", "Claim 4:", "Claim 4b:", "Claim 4c:", "Claim 5:"):
+        assert f"## {section}" in md
+    assert not re.search(r"\[-\d", md), "an interval with a negative bound"
     assert results.with_name("RESULTS_claims.png").stat().st_size > 0
     runs = json.loads((results.parent / "runs.json").read_text())
     assert all(r["error"] is None for r in runs)
