@@ -289,20 +289,25 @@ def _refuse_repeated_rows(img: torch.Tensor, study: np.ndarray, skeys: np.ndarra
     embedding (rows appended twice: every repeated image would be a second query). Candidates are
     rows of one study with equal random projections (one pass over the embeddings), confirmed equal
     element by element."""
-    n = img.shape[0]
-    if n < 2:
+    cand = np.flatnonzero(np.bincount(study)[study] > 1)  # a repeat shares its study: single-row studies cannot
+    if cand.size < 2:
         return
     x = img.numpy()
-    proj = x.astype(np.float64) @ np.random.default_rng(0).standard_normal(x.shape[1])
-    order = np.lexsort((proj, study))
-    same = (study[order[1:]] == study[order[:-1]]) & (proj[order[1:]] == proj[order[:-1]])
-    pairs = [(int(a), int(b)) for a, b in zip(order[:-1][same], order[1:][same]) if np.array_equal(x[a], x[b])]
+    # One float32 matrix-vector product (no copy of the matrix). Identical rows project to the same value up
+    # to the BLAS's summation order, hence the tolerance; candidates are confirmed element by element.
+    proj = (x @ np.random.default_rng(0).standard_normal(x.shape[1]).astype(x.dtype))[cand].astype(np.float64)
+    st = study[cand]
+    order = np.lexsort((proj, st))
+    lo, hi = proj[order[:-1]], proj[order[1:]]
+    same = (st[order[1:]] == st[order[:-1]]) & (np.abs(hi - lo) <= 1e-4 * (np.abs(lo) + 1))
+    pairs = sorted((min(int(cand[i]), int(cand[j])), max(int(cand[i]), int(cand[j])))
+                   for i, j in zip(order[:-1][same], order[1:][same]) if np.array_equal(x[cand[i]], x[cand[j]]))
     if not pairs:
         return
     # each repeat named against the first row of its identical group
     first: dict[int, int] = {}
-    for a, b in pairs:
-        first[max(a, b)] = min(first.get(a, a), first.get(b, b), a, b)
+    for a, b in sorted(pairs, key=lambda p: p[1]):
+        first[b] = min(first.get(b, b), first.get(a, a))
     later = sorted(first)
     r, f = later[0], first[later[0]]
     raise ValueError(f"{len(later)} rows repeat an earlier row exactly (same study_id, identical image embedding), "

@@ -68,10 +68,16 @@ def _collapsed(x: torch.Tensor, name: str) -> str | None:
     """Why ``x``'s rows are one vector (unit-normalised here, whatever the caller did), or None."""
     if x.shape[0] < 2:
         return None
-    u = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
-    spread = float((u - u[0]).norm(dim=1).max())
-    if spread > COLLAPSE_DISTANCE:
-        return None
+
+    def unit(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.double()
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+    first, spread = unit(x[:1]), 0.0
+    for s in range(0, x.shape[0], 4096):  # in blocks: real embeddings leave at the first one
+        spread = max(spread, float((unit(x[s : s + 4096]) - first).norm(dim=1).max()))
+        if spread > COLLAPSE_DISTANCE:
+            return None
     return (f"all {x.shape[0]} {name} rows are one vector (largest distance between unit rows {spread:.1e} "
             f"<= {COLLAPSE_DISTANCE:g})")
 
