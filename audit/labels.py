@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 # The 14 CheXpert observations, in CheXpert's canonical order. Every label vector in this project
 # (and every ``labels`` array the audit takes) is indexed by this tuple; readers map their columns
@@ -45,8 +44,10 @@ NUM_LABELS = len(CHEXPERT_LABELS)
 LABEL_MAPPINGS = ("blank_negative", "raw", "positive_only", "uncertain_positive")
 
 
-def label_groups(labels: Any, mapping: str = "blank_negative") -> torch.Tensor:
+def label_groups(labels: Any, mapping: str = "blank_negative") -> "torch.Tensor":
     """Integer group per row: rows in one group have identical mapped label vectors."""
+    import torch  # here: datamodules.records takes the label names from this module without torch
+
     if labels is None:
         raise ValueError("hard negatives need the 14 CheXpert labels per study, but labels is None")
     lab = torch.as_tensor(np.asarray(labels, dtype=np.float32))
