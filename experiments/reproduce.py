@@ -1103,10 +1103,10 @@ class Reproduction:
             ax.set_xticks(range(len(tags)), [short[t] for t in tags], fontsize=7)
         if tags:
             axes[1].set_yscale("log")
-        axes[1].set_ylabel(f"R@1 at N = {n4} (%, log; dots: seeds, bar: geometric mean)")
-        axes[1].set_title(f"claim 4 (ε = {self.epsilon}): re-linkage", fontsize=10)
-        axes[2].set_ylabel("macro AUROC (%) (dots: seeds, bar: mean)")  # the axis spans the data, not 0
-        axes[2].set_title("claim 4: utility", fontsize=10)
+        axes[1].set_ylabel(f"image→report R@1 at N = {n4} (%, log)")
+        axes[1].set_title(f"claim 4 (ε = {self.epsilon}): re-linkage (dots: seeds, bar: geometric mean)", fontsize=9)
+        axes[2].set_ylabel("macro AUROC (%)")  # the axis spans the data, not 0
+        axes[2].set_title("claim 4: utility (dots: seeds, bar: mean)", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
