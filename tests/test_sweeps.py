@@ -344,3 +344,34 @@ def test_dp_sweep_point_trains_in_process(agent_run, tmp_path, monkeypatch) -> N
     metrics, objects = train(cfg)
     assert math.isfinite(metrics[sweep["metric"]["name"]])
     assert 0 < metrics["dp/epsilon"] <= values["model.dp.target_epsilon"] and metrics["dp/guarantee_valid"] == 1.0
+
+
+# --------------------------------------------------------------------------- offline sweeps
+
+
+def test_offline_multirun_sweep_writes_a_comparison_table(tmp_path, cache_dir, monkeypatch) -> None:
+    """Two tiny trials with no W&B server (docs/sweeps.md, "Offline"): Hydra multirun, one folder per
+    trial, and <sweep dir>/sweep_table.md comparing them (values checked against each trial's own
+    metrics.csv)."""
+    import csv
+
+    for k in AGENT_ENV:  # not an agent run
+        monkeypatch.delenv(k, raising=False)
+    sweep_dir = tmp_path / "sweep"
+    argv = [sys.executable, "train.py", "-m", f"hydra.sweep.dir={sweep_dir}", "model.optimizer.lr=1e-3,3e-3",
+            "optimized_metric=val/loss", "optimized_goal=minimize", "logger=csv", "final_audit=false",
+            "~callbacks.linear_probe", "trainer.max_epochs=1", *[o for o in TINY if not o.startswith("trainer.max_epochs")]]
+    env = {**os.environ, "WANDB_MODE": "offline", "CXR_RELINK_CACHE": str(cache_dir)}
+    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (sweep_dir / "sweep_table.md").read_text().splitlines()[2:]]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("0", "0.001"), ("1", "0.003")]
+    losses = []
+    for job in ("0", "1"):
+        logged = [r["val/loss"] for r in csv.DictReader((sweep_dir / job / "csv" / "metrics.csv").open()) if r.get("val/loss")]
+        losses.append(float(logged[-1]))
+    for r, loss in zip(rows, losses):
+        assert r[2].strip().split()[0] == f"{loss:.4f}" and r[3].strip() == "completed"
+    best = min(range(2), key=lambda i: losses[i])
+    assert [("(best)" in r[2]) for r in rows] == [i == best for i in range(2)]
+    assert "sweep results" in p.stdout + p.stderr
