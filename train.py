@@ -55,7 +55,7 @@ def describe_llm_tower(model) -> str | None:
     arch = f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}"
     counts = tower.parameter_counts()
     if not tower.pretrained:
-        return (f"LLM text tower: a tiny {arch} decoder built from the config, randomly initialised and trained "
+        return (f"LLM text tower: a tiny decoder LLM ({arch}) built from the config, randomly initialised and trained "
                 f"from scratch in full ({counts['total']:,} parameters; no pretrained weights, no LoRA). For a "
                 "real LLM: model.text_tower.pretrained=/local/dir (a local Hugging Face decoder checkpoint or a "
                 "stage-1 output; LoRA then switches on) - docs/llm_tower.md")

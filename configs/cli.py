@@ -151,7 +151,8 @@ def explain(config_name: str, overrides: list[str]) -> str | None:
         if head in groups and _has_key(cfg, head):
             current = next((c.split("=", 1)[1] for c in choices if c.startswith(head + "=")), None) or \
                 _default_choice(config_name, head)
-            having = [o for o in groups[head] if o != current and _composes_with_key(config_name, choices, head, o, key)]
+            having = [o for o in groups[head]
+                      if o != current and _composes_with_key(config_name, choices, head, o, key)]
             if having:
                 return (f"{key}: the {head}={current} option has no such key; "
                         f"{', '.join(f'{head}={o}' for o in having)} {'has' if len(having) == 1 else 'have'} it. "

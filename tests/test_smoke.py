@@ -112,7 +112,7 @@ def test_model_options(compose_train, option, caplog) -> None:
         run_option(compose_train, "model", option)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LLM text tower:")]
     if option == "llm_encoder":  # the default LLM is no released model: the run says so, and how to use one
-        assert len(said) == 1 and "tiny llama, 2 layers, hidden 128" in said[0] and "no LoRA" in said[0]
+        assert len(said) == 1 and "tiny decoder LLM (llama, 2 layers, hidden 128)" in said[0] and "no LoRA" in said[0]
         assert "model.text_tower.pretrained=" in said[0]
     else:
         assert not said
