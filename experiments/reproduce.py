@@ -593,20 +593,12 @@ class Reproduction:
         base = self.runs[f"llm/s{s}"] if not self.runs[f"llm/s{s}"].error else self.runs[f"bert/s{s}"]
         self.runs[f"base/s{s}"] = base
         self.aliases.add(f"base/s{s}")
-        # claim 4: DP on the heads of that model, both head inits, and the non-private controls
-        for tag, _, head_init, mode, private in DP_ARMS:
-            name = f"{tag}/s{s}"
-            need = "dp_fresh" if head_init == "fresh" else "dp"
-            if self.avail[need]:
-                self.skip(name, self.avail[need], s, need)
-            elif base.error or not base.ckpt.exists():
-                self.skip(name, f"no stage-2 checkpoint ({base.error or base.ckpt})", s)
-            else:
-                ov = ["experiment=dp_alignment", f"model.backbone_ckpt={base.ckpt}"]
-                ov += [] if self.avail["dp_fresh"] else [f"model.dp.head_init={head_init}"]
-                ov += [f"model.loss.mode={mode}"]
-                ov += [f"model.dp.target_epsilon={self.epsilon}"] if private else ["model.dp.enabled=false"]
-                self.run(name, "train", [*ov, seed], "dp", s)
+        # claim 4: DP on the heads of that model, both head inits, and the non-private controls; the arms
+        # the adaptive adversary attacks first, so that a partial seed already answers 4 and 4c
+        arms = {t: (hi, mode, private) for t, _, hi, mode, private in DP_ARMS}
+        first = [t for t in ADAPTIVE if t in arms]
+        for tag in first:
+            self.dp_arm(tag, *arms[tag], base, s)
         # 4c: the adaptive adversary against the model before DP and the DP models
         for tag in ADAPTIVE:
             src, name = self.runs[f"{tag}/s{s}"], f"adaptive/{tag}/s{s}"
@@ -616,6 +608,9 @@ class Reproduction:
                 self.skip(name, f"no checkpoint ({src.error or src.ckpt})", s)
             else:
                 self.run(name, "evaluate", [f"ckpt_path={src.ckpt}", "audit=adaptive", *ADAPTIVE_OVERRIDES, seed], "audit", s)
+        for tag in arms:
+            if tag not in first:
+                self.dp_arm(tag, *arms[tag], base, s)
         # 4b: transfer to the external cohort without retraining
         for tag in EXTERNAL:
             src, name = self.runs[f"{tag}/s{s}"], f"external/{tag}/s{s}"
@@ -640,6 +635,20 @@ class Reproduction:
                 else:
                     model = ["model=bert_encoder"]
                 self.run(name, "train", [f"experiment={arm}", *model, seed], "stage2", s)
+
+    def dp_arm(self, tag: str, head_init: str, mode: str, private: bool, base: Run, s: int) -> None:
+        name = f"{tag}/s{s}"
+        need = "dp_fresh" if head_init == "fresh" else "dp"
+        if self.avail[need]:
+            self.skip(name, self.avail[need], s, need)
+        elif base.error or not base.ckpt.exists():
+            self.skip(name, f"no stage-2 checkpoint ({base.error or base.ckpt})", s)
+        else:
+            ov = ["experiment=dp_alignment", f"model.backbone_ckpt={base.ckpt}"]
+            ov += [] if self.avail["dp_fresh"] else [f"model.dp.head_init={head_init}"]
+            ov += [f"model.loss.mode={mode}"]
+            ov += [f"model.dp.target_epsilon={self.epsilon}"] if private else ["model.dp.enabled=false"]
+            self.run(name, "train", [*ov, f"seed={s}"], "dp", s)
 
     # ------------------------------------------------------------------ reading runs
 
