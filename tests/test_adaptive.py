@@ -200,6 +200,9 @@ def test_evaluate_adaptive_refuses_embeddings_file(tmp_path):
     from configs import compose
     from evaluate import evaluate
 
+    rng = np.random.default_rng(0)  # a valid file: the refusal is about what it cannot hold (trunk features)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, image_emb=rng.normal(size=(6, 4)), report_emb=rng.normal(size=(6, 4)), study_id=np.arange(6),
+             patient_id=np.arange(6))
     with pytest.raises(ValueError, match="audit=adaptive needs the model"):
-        evaluate(compose("evaluate.yaml", ["audit=adaptive", f"embeddings={tmp_path / 'x.npz'}",
-                                           f"paths.output_dir={tmp_path}"]))
+        evaluate(compose("evaluate.yaml", ["audit=adaptive", f"embeddings={npz}", f"paths.output_dir={tmp_path}"]))
