@@ -16,6 +16,7 @@ from sklearn.linear_model import Ridge
 from audit.adaptive import (PairedFeatures, adaptive_audit, check_disjoint, fit_attack, orthogonal_procrustes,
                             resolve_n_aux, ridge_fit, ridge_loo_mse)
 from audit.relinkage import relinkage_audit
+from tests.test_external_models import hf_models  # noqa: F401  (the tiny CLIP and SigLIP folders)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEAD = {"steps": 150, "eval_every": 25}
@@ -206,3 +207,21 @@ def test_evaluate_adaptive_refuses_embeddings_file(tmp_path):
              patient_id=np.arange(6))
     with pytest.raises(ValueError, match="audit=adaptive needs the model"):
         evaluate(compose("evaluate.yaml", ["audit=adaptive", f"embeddings={npz}", f"paths.output_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_evaluate_audit_adaptive_existing_model(hf_models, cache_dir, tmp_path, name):
+    """An existing model: CLIP's trunk is the library's features before its projections; SigLIP has no
+    separate projection, so its released space stands in for the trunk (and says so)."""
+    from configs import compose
+    from evaluate import evaluate
+
+    out = tmp_path / name
+    evaluate(compose("evaluate.yaml", [
+        "model=hf_clip", f"model.path={hf_models[name]}", "audit=adaptive", "data.reader.num_patients=40",
+        "data.reader.image_size=32", "audit.adaptive.public_cohort.reader.num_patients=20", "audit.relinkage.n_boot=20",
+        "audit.adaptive.n_aux=[all]", "audit.adaptive.aux=[leaked]", "audit.adaptive.head.steps=10",
+        f"paths.output_dir={out}", "trainer.enable_progress_bar=false"]))
+    ad = json.loads((out / "audit.json").read_text())["adaptive"]
+    assert {r["attack"] for r in ad["rows"]} == {"cosine", "ridge", "procrustes", "head"}
+    assert ("released embeddings" in ad["trunk"]) == (name == "siglip")
