@@ -1,6 +1,6 @@
 """Reproduction table of both papers on the synthetic cohort: one command -> RESULTS.md (+ plots).
 
-    python -m experiments.reproduce --scale tiny                 # ~4 min on 2 CPU cores (tests/test_reproduce.py runs it)
+    python -m experiments.reproduce --scale tiny                 # 71 CPU-s; 4.5 min wall on 2 busy cores (tests/test_reproduce.py runs it)
     python -m experiments.reproduce --scale small --seeds 5      # 600 patients at 64 px, ~1 h per seed
     python -m experiments.reproduce --scale full --seeds 5 --resume   # the configs' defaults, ~2.5 h per seed
     python -m experiments.reproduce --scale paper --seeds 5 --resume --results RESULTS.md   # see below
