@@ -3,7 +3,9 @@
     python -m experiments.dp_results --ckpt <stage 2 on the private cohort> [--public-ckpt <stage 2 on the public cohort>]
                                [--epochs 20] [--eps 0.34,1,3,8] [--modes public_negatives,group_clipping]
                                [--seed-repro] [--privacy-unit study|patient] [--probe-train public|private]
-                               [--protocols paper,valid] [--out DIR] [-- hydra overrides]
+                               [--head-init fresh|stage2] [--protocols paper,valid] [--out DIR] [-- hydra overrides]
+    python -m experiments.dp_results --optim-sweep --ckpt <stage 2> [--sweep-grid 'sgd:0.01,0.1;adam:1e-3,1e-2']
+                               [--sweep-eps 0.34] [--repeats 2] [--out DIR]     # the DP optimizer sweep (optim_sweep)
 
 Two protocols, each with its own frozen backbone, its own cached features and its own rows:
 
@@ -16,7 +18,8 @@ Two protocols, each with its own frozen backbone, its own cached features and it
   output in ``logs/dp_results/stage2_public``), or reuses the one already there.
 
 Privacy unit: the paper protocol keeps the experiment config's ``data.privacy_unit`` (study); the
-valid protocol uses ``patient`` by default (a patient with k studies is otherwise protected at k*eps).
+valid protocol uses ``patient`` by default (with study units a patient with k studies is protected only at
+(k eps, k e^{(k-1) eps} delta), ``models.dp.accounting.group_privacy``).
 ``--privacy-unit`` sets the unit of both.
 
 For every run: R@1 at N = 100, 1,000, 10,000 (pools larger than the split are clipped to the full
@@ -351,6 +354,8 @@ def optim_sweep(args) -> None:
     controls = {
         "fresh heads, untrained (0 steps)": [run("fresh untrained", o, lr, False, "fresh", 0)],
         "DP, stage-2 heads": [run(f"dp stage2 {o} {lr} #{r}", o, lr, True, "stage2", args.epochs) for r in range(args.repeats)],
+        "DP, stage-2 heads, the previous default (adam 1e-3)": [
+            run(f"dp stage2 adam 0.001 #{r}", "adam", 1e-3, True, "stage2", args.epochs) for r in range(args.repeats)],
         "non-private, fresh heads": [run(f"np fresh {o} {lr}", o, lr, False, "fresh", args.epochs)],
         "non-private, stage-2 heads": [run(f"np stage2 {o} {lr}", o, lr, False, "stage2", args.epochs)],
     }
@@ -374,7 +379,7 @@ def optim_sweep(args) -> None:
     for (opt, lr_), rows in table.items():
         lines.append(line("DP, fresh", opt, f"{lr_:g}", rows, " **(chosen)**" if (opt, lr_) == best else ""))
     for label, rows in controls.items():
-        lines.append(line(label, o, f"{lr:g}", rows))
+        lines.append(line(label, rows[0]["optimizer"], f"{rows[0]['lr']:g}", rows))
     md = "\n".join(lines) + "\n"
     (dest / "optim_sweep.md").write_text(md)
     print(md)

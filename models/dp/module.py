@@ -212,7 +212,8 @@ class DPAlignmentModule(L.LightningModule):
         super().__init__()
         loss = {**DEFAULT_LOSS, **plain(loss or {})}
         dp = {**DEFAULT_DP, **plain(dp or {})}
-        optimizer = plain(optimizer) or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+        # The experiment config's default (chosen by the DP optimizer sweep, docs/dp_results.md).
+        optimizer = plain(optimizer) or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2}
         if loss["mode"] not in LOSS_MODES:
             raise ValueError(f"loss.mode must be one of {LOSS_MODES}, got {loss['mode']!r}")
         if dp["accountant"] not in ACCOUNTANTS:
@@ -631,7 +632,10 @@ class DPAlignmentModule(L.LightningModule):
         else:
             extra.append(f"q = 1/{steps_per_epoch} and the number of steps are set from N: they reveal N rounded up to a "
                          f"multiple of the expected batch {self.expected_batch_size} (N <= {self.n_units_upper}); exact N is "
-                         "withheld from every record and log (model.dp.n_public=false)")
+                         "withheld from the DP record, checkpoint and this stage's log lines (model.dp.n_public=false)")
+            extra.append("the cohort loader's setup log lines (datamodules/datamodule.py: studies per split, reports "
+                         "truncated) count the train split's studies: keep the run's console and log files with the "
+                         "private data, or declare N public")
         if getattr(self, "privacy_unit", "study") == "study":
             if self.max_studies_cap:
                 extra.append(f"the cap data.max_studies_per_patient={self.max_studies_cap} drops studies from the DP train "
