@@ -445,6 +445,9 @@ class Reproduction:
         r = Run(name, entry, overrides, scale_overrides(self.scale, kind), self.out / "runs" / name)
         self.runs[name] = execute(r, self.resume)
         self.n_ran += 0 if r.extra.get("reused") else 1
+        if r.extra.get("reused"):  # its run time as recorded when it ran (a partial kept seed's record)
+            rec = next((x for x in (self.manifest(seed) or {}).get("runs", []) if x["name"] == name), None)
+            r.seconds = rec["seconds"] if rec else r.seconds
         progress(r, seed, "reused: " if r.extra.get("reused") else "")
         self.keep_progress(seed)
         return r
