@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,16 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+# CPU seconds (user + sys) of each finished subprocess, by what it ran: on a shared machine the wall
+# time of a run moves with the load, the CPU it needed much less.
+CHILD_CPU: dict[str, list[float]] = {}
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def compile_seconds(cold: bool) -> float:
     """Start-up of every fused counting kernel in a fresh process (torch already imported): numba's
     (CPU) or inductor's on-disk cache warm, or empty (``cold``)."""
@@ -155,16 +166,19 @@ def bare_script(npz: Path, m: int) -> float:
             f"    for j in range(0, {m}, {cols}):\n"
             f"        w, r = min({cols}, {m} - j), min({rows}, {m} - i)\n"
             f"        torch.matmul(q[i : i + r], ct[:, j : j + w], out=buf.view(-1)[: r * w].view(r, w))\n")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _children_cpu()
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    CHILD_CPU.setdefault(f"bare script, M = {m:,}", []).append(_children_cpu() - c)
     return time.perf_counter() - t
 
 
 def evaluate_run(name: str, npz: Path, out_dir: Path) -> tuple[float, dict]:
     args = [sys.executable, "evaluate.py", *SETTINGS[name][0], f"embeddings={npz}", f"hydra.run.dir={out_dir}"]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _children_cpu()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    CHILD_CPU.setdefault(f"`evaluate.py` {' '.join(SETTINGS[name][0])}, M = {int(npz.stem.split('_')[-1]):,}", []).append(
+        _children_cpu() - c)
     if proc.returncode:
         raise RuntimeError(f"evaluate.py failed:\n{proc.stderr[-3000:]}")
     return wall, json.loads((out_dir / "audit.json").read_text())
@@ -318,6 +332,10 @@ def main() -> None:
     print("\n| M | step | seconds | x bare GEMM | load |\n|---:|---|---:|---:|---:|")
     for m, step, sec, ratio, ld in rows:
         print(f"| {m:,} | {step} | {sec:.2f} | {'' if ratio is None else f'{ratio:.2f}'} | {ld:.1f} |")
+    if CHILD_CPU:
+        print("\nCPU seconds (user + sys) of the subprocesses, median (less sensitive to the load than wall time):")
+        for what, secs in CHILD_CPU.items():
+            print(f"- {what}: {float(np.median(secs)):.1f} s")
     extras(args, dev)
 
 
