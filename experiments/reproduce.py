@@ -220,9 +220,16 @@ def headline(run: Run) -> str:
     row = recall(res, n=n)
     if not row:
         return "no R@1 in the audit JSON"
-    eps = run.extra.get("metrics", {}).get("dp/epsilon")
+    eps = dp_record(run).get("epsilon_spent")
     return (f"R@1 at N={n} {100 * row['value']:.2f}% ({row['x_chance']:.2f}x chance)"
             + (f", eps {eps:.3f}" if eps is not None else ""))
+
+
+def dp_record(run: Run | None) -> dict:
+    """The DP record of a run's audit JSON (empty for a non-private run): the one home of ε, kept with
+    the audit JSON, where a reused run's metrics are not."""
+    rec = ((run.result or {}).get("privacy") or {}) if run else {}
+    return rec if rec.get("enabled") else {}
 
 
 def progress(run: Run, seed: int, how: str = "") -> None:
@@ -378,14 +385,16 @@ def ratio_text(p: V.Paired | None, what: str = "ratio") -> str:
     return t
 
 
-def diff_text(d: V.PairedDiff | None, scale: float = 100.0, unit: str = "points") -> str:
+def drop_text(d: V.PairedDiff | None, margin: float, scale: float = 100.0, unit: str = "points") -> str:
+    """A "no drop beyond the margin" comparison, stated as the question is one-sided: the drop
+    (before − after, paired by seed) and its one-sided 95% upper bound against the margin."""
     if d is None:
         return "no seed has both values"
-    per = ", ".join(f"s{s} {scale * x:+.2f}" for s, x in zip(d.seeds, d.diffs))
-    t = f"Δ {scale * d.mean:+.2f} {unit} (mean over {d.n} seed{'s' if d.n != 1 else ''}: {per})"
+    per = ", ".join(f"s{s} {-scale * x:.2f}" for s, x in zip(d.seeds, d.diffs))
+    t = f"drop {-scale * d.mean:.2f} {unit} (mean over {d.n} seed{'s' if d.n != 1 else ''}: {per})"
     if d.lb is not None:
-        t += (f"; one-sided 95% bounds ≥ {scale * d.lb:+.2f} and ≤ {scale * d.ub:+.2f}; SD {scale * d.sd:.2f}, "
-              f"smallest detectable shift (80% power) {scale * d.mde:.2f} {unit}")
+        t += (f"; one-sided 95% upper bound of the drop {-scale * d.lb:.2f} {unit} (margin {scale * margin:.0f}); "
+              f"SD {scale * d.sd:.2f}, smallest detectable shift (80% power) {scale * d.mde:.2f} {unit}")
     return t
 
 
@@ -447,7 +456,8 @@ class Reproduction:
         self.n_ran += 0 if r.extra.get("reused") else 1
         if r.extra.get("reused"):  # its run time as recorded when it ran (a partial kept seed's record)
             rec = next((x for x in (self.manifest(seed) or {}).get("runs", []) if x["name"] == name), None)
-            r.seconds = rec["seconds"] if rec else r.seconds
+            if rec:  # and the metrics recorded then (the run folder's audit JSON holds only the audit)
+                r.seconds, r.extra = rec["seconds"], {**(rec.get("extra") or {}), **r.extra}
         progress(r, seed, "reused: " if r.extra.get("reused") else "")
         self.keep_progress(seed)
         return r
@@ -808,8 +818,10 @@ class Reproduction:
               f"Stage 3 (experiment=dp_alignment) on the stage-2 model {self.cfg_of('base')}, target ε = {self.epsilon} "
               "(valid loss modes only), in two readings: DP fine-tunes the trained stage-2 heads (`model.dp.head_init=stage2`, "
               "what stage 3 did before issue #22) and DP trains fresh heads (`model.dp.head_init=fresh`), each with its "
-              f"non-private control (`model.dp.enabled=false`). R@1 (%) at N = {n4} ({per_run}).", "",
-              f"| arm | config | ε spent | {self.seed_header()} | geometric mean |", "|---|---|---:|" + "---:|" * (len(seeds) + 1)]
+              f"non-private control (`model.dp.enabled=false`). R@1 (%) at N = {n4} ({per_run}). ε spent is per study "
+              "(the privacy unit, mean over seeds); in brackets the per-patient ε by group privacy over the most studies "
+              "one train patient has, k (δ grows too: k e^((k-1)ε) δ; the audit JSON's `privacy.per_patient`).", "",
+              f"| arm | config | ε spent (per patient, k) | {self.seed_header()} | geometric mean |", "|---|---|---:|" + "---:|" * (len(seeds) + 1)]
         for tag in ("base", *[t for t, *_ in DP_ARMS]):
             err = self.status(tag)
             res = self.results(tag)
@@ -817,9 +829,14 @@ class Reproduction:
                 L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | – | {err} |" + " |" * len(seeds))
                 continue
             rows = rows_of(res, n=n4)
-            eps = [self.runs[f"{tag}/s{s}"].extra.get("metrics", {}).get("dp/epsilon") for s in self.has(tag)]
-            eps = [e for e in eps if e is not None]
-            L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | {f'{sum(eps) / len(eps):.3f}' if eps else '–'} | "
+            recs = [r for s in self.has(tag) if (r := dp_record(self.runs[f"{tag}/s{s}"])).get("epsilon_spent")]
+            eps = "–"
+            if recs:  # study-level ε, and the per-patient (group privacy) ε of the patient with the most studies
+                pp = max(recs, key=lambda r: (r.get("per_patient") or {}).get("epsilon") or 0)
+                eps = f"{sum(r['epsilon_spent'] for r in recs) / len(recs):.3f}"
+                if (pp.get("per_patient") or {}).get("epsilon"):
+                    eps += f" ({pp['per_patient']['epsilon']:.2f}, k = {pp['per_patient']['k']})"
+            L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | {eps} | "
                      + " | ".join(_run_cell(r, "value", 100, 3) for r in rows)
                      + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100, 3)} |")
         L += ["", "Linear-probe macro AUROC (%) of the same models (each seed; mean over seeds [90% t-interval, inside [0, 100]]):", "",
@@ -832,8 +849,8 @@ class Reproduction:
                          + f" | {_iv(V.over_seeds(auroc[tag], 0.0, 1.0, log=False), 100)} |")
         L += ["", f"Criterion per reading: the DP model's R@1 at N = {n4} below the model before DP (paired by seed, "
               f"one-sided 95% upper bound of the ratio below 1), and macro AUROC not more than {100 * V.AUROC_MARGIN:.0f} "
-              "point below it (non-inferiority: one-sided 95% lower bound of Δ AUROC above "
-              f"−{100 * V.AUROC_MARGIN:.0f}). The DP model against its non-private control separates the effect of the "
+              "point below it (non-inferiority: the one-sided 95% upper bound of the AUROC drop below "
+              f"{100 * V.AUROC_MARGIN:.0f}). The DP model against its non-private control separates the effect of the "
               "noise from that of (re)training the heads.", ""]
         for title, dp, ctrl, hi in READINGS:
             b, d, c = (values(rows_of(self.results(t), n=n4)) for t in ("base", dp, ctrl))
@@ -849,17 +866,20 @@ class Reproduction:
                 v = combine(v_cut, v_auc)
             ev = "–"
             if p_cut:
-                ev = f"R@1 cut {100 * (1 - p_cut.ratio):.1f}%"
+                # Ratios and drops with the one-sided bound each question needs: a "cut" with a bound
+                # below -100% (the ratio's upper bound above 2) reads as nonsense, a ratio does not.
+                ev = f"R@1 DP/before ×{p_cut.ratio:.3f} (cut {100 * (1 - p_cut.ratio):.1f}%)"
                 if p_cut.ub is not None:
-                    ev += f" (one-sided 95%: at least {100 * (1 - p_cut.ub):.1f}%)"
+                    ev += f", one-sided 95% upper bound ×{p_cut.ub:.3f}"
                 if dA:
-                    ev += f", AUROC {100 * dA.mean:+.2f} points" + ("" if dA.lb is None else f" (≥ {100 * dA.lb:+.2f})")
+                    ev += f"; AUROC drop {-100 * dA.mean:.2f} points" + (
+                        "" if dA.lb is None else f" (one-sided 95% upper bound {-100 * dA.lb:.2f})")
                 ev += f", {p_cut.n} seed{'s' if p_cut.n != 1 else ''}"
             L += [f"**Reading: {title}** (`model.dp.head_init={hi}`): **{v}**.", "",
                   f"- {DP_TITLE[dp]} / before DP, R@1: {ratio_text(p_cut)}.",
                   f"- {DP_TITLE[dp]} / {DP_TITLE[ctrl]}, R@1: {ratio_text(p_ctrl)}.",
                   f"- {DP_TITLE[ctrl]} / before DP, R@1: {ratio_text(p_cb)}.",
-                  f"- Macro AUROC, {DP_TITLE[dp]} − before DP: {diff_text(dA)}.", ""]
+                  f"- Macro AUROC, before DP − {DP_TITLE[dp]}: {drop_text(dA, V.AUROC_MARGIN)}.", ""]
             summary.append((f"4{'' if hi == 'stage2' else 'f'}. DP on heads ({title}) cuts R@1 at N = {n4} while AUROC "
                             f"drops < {100 * V.AUROC_MARGIN:.0f} point", v, ev, self.cfg_of(dp)))
 
@@ -1017,8 +1037,8 @@ class Reproduction:
             f"{V.MIN_SEEDS} seeds for a verdict (fewer: \"not decided\", every seed still shown); each comparison states "
             f"the smallest ratio its seeds detect with {100 * V.POWER:.0f}% power given the observed SD over seeds.",
             f"- **No-drop claims** by non-inferiority (one side of a TOST) with margins fixed in advance: claim 4's macro "
-            f"AUROC may fall by less than {100 * V.AUROC_MARGIN:.0f} point (one-sided 95% lower bound of Δ above "
-            f"−{100 * V.AUROC_MARGIN:.0f}); claim 5's R@1 ratio must stay above {V.STYLE_MARGIN:.2f}.",
+            f"AUROC may fall by less than {100 * V.AUROC_MARGIN:.0f} point (the one-sided 95% upper bound of the drop, "
+            f"paired by seed, below {100 * V.AUROC_MARGIN:.0f}); claim 5's R@1 ratio must stay above {V.STYLE_MARGIN:.2f}.",
             "- Intervals stay in the parameter's range: R@1 in [0, 100]%, × chance in [0, N/K], AUROC in [0, 100]%; "
             "over-seed intervals of positive quantities are log-scale t-intervals, back-transformed.", "",
             "## Summary", "", "| claim | holds here? | evidence | config |", "|---|---|---|---|",

@@ -252,6 +252,9 @@ def test_no_rendered_interval_leaves_the_parameter_range(tmp_path) -> None:
         for c, a, b in INTERVAL.findall(body):
             assert float(b) <= 100, (sec, c, a, b)
     assert checked > 30
+    # no bound of a ratio, a × chance or an R@1 is negative anywhere, the summary's included (a "cut of
+    # at least -100%" was one); only an AUROC drop, a difference, may be
+    assert not re.search(r"(≥ |≤ |bound ×|at least |at most )[-−]\d", md + str(summary))
     assert all(v.startswith("not decided") for c, v, *_ in summary if c.startswith(("1.", "4.", "4f.", "4c", "5.")))
     # a run at half the 1.01% seed's R@1 (0.5x chance) is not above chance
     assert dict((c.split(" ")[0], v) for c, v, *_ in summary)["2."].startswith("not shown")
@@ -334,3 +337,25 @@ def test_tiny_reproduction_has_every_claim_row(tmp_path, cache_dir, capsys) -> N
     runs = json.loads((results.parent / "runs.json").read_text())
     assert all(r["error"] is None for r in runs)
     assert all(Path(r["audit_json"]).exists() for r in runs if "text_adapt" not in r["command"])
+
+
+def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -> None:
+    """Completing a partial kept seed reuses its finished runs; their kept record (run time, metrics such as
+    dp/epsilon) must survive the rewrite of runs.json, not be replaced by an empty one."""
+    keep = tmp_path / "keep"
+    (keep / "s0").mkdir(parents=True)
+    rec = {"name": "llm/s0", "entry": "train", "overrides": [], "sizing": [], "error": None, "seconds": 234.2,
+           "extra": {"metrics": {"dp/epsilon": 0.339, "train/loss": 2.26}}, "audit_json": None}
+    (keep / "s0" / "runs.json").write_text(json.dumps(
+        {"scale": "tiny", "protocol": rp.PROTOCOL, "complete": False, "aliases": {}, "runs": [rec]}))
+
+    def reused(run, resume):
+        run.extra["reused"] = True
+        return run
+
+    monkeypatch.setattr(rp, "execute", reused)
+    rep = rp.Reproduction("tiny", [0], tmp_path / "out", True, 0.34, keep)
+    r = rep.run("llm/s0", "train", [], "train", 0)
+    assert r.seconds == 234.2 and r.extra["metrics"] == rec["extra"]["metrics"]
+    again = json.loads((keep / "s0" / "runs.json").read_text())["runs"]
+    assert next(x for x in again if x["name"] == "llm/s0")["extra"]["metrics"] == rec["extra"]["metrics"]
