@@ -97,9 +97,16 @@ def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_
     (zero vectors, a study in both train and evaluated rows) raise."""
     from audit.probe import probe_skip_reason, subsample_rows  # torchmetrics: seconds, only when probing
 
-    if "split" not in data or not (data["split"].astype(str) == "train").any():
+    if "split" not in data:
         return None, ("the linear probe needs train-split rows: add a `split` array with 'train' rows to the "
                       "embeddings file")
+    if not (data["split"].astype(str) == "train").any():
+        from audit.embeddings import close_names
+
+        present = sorted(set(data["split"].astype(str)))
+        close = close_names("train", present)
+        return None, (f"the linear probe needs rows with split == 'train' (splits present: {present})"
+                      + (f"; is {close[0]!r} the train split? name it 'train' in the file" if close else ""))
     if "labels" not in data:
         return None, "the linear probe needs `labels` [I, 14] in the embeddings file"
     tr = _rows(data, data["split"].astype(str) == "train")

@@ -145,6 +145,14 @@ def test_split_name_suggests_close_matches(tmp_path):
     with pytest.raises(ValueError, match=r"no rows with split == 'test' .*did you mean split=Test\?"):
         _evaluate(tmp_path, data, "audit=standard", "audit.relinkage.n_boot=0")
 
+    # the probe's train split too: 'Train' rows beside 'test' ones (before: "add a `split` array with 'train'
+    # rows" although the file has one)
+    tr, te = _train_test()
+    data = _cat(tr, te)
+    data["split"] = np.where(data["split"] == "train", "Train", data["split"])
+    res = _evaluate(tmp_path, data, "audit=all", "audit.relinkage.n_boot=0", "audit.probe.n_boot=0")
+    assert "probe" not in res and "is 'Train' the train split?" in res["meta"]["skipped"]["probe"]
+
 
 def test_one_patient_is_refused_when_bootstrapping(rows, tmp_path):
     one = dict(rows, patient_id=np.zeros_like(rows["patient_id"]))
