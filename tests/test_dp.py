@@ -322,6 +322,11 @@ def test_resume_continues_the_same_budget(tmp_path, mode) -> None:
             seen["history"] = accountant_history(pl_module)
             seen["sigma"] = pl_module.noise_multiplier
 
+    # a resume that changes the head init would keep the saved heads under another record: refused
+    other = dict(spec, dp={**spec["dp"], "head_init_seed": 1})
+    with pytest.raises(ValueError, match=r"head_init_seed was 0 and is now 1"):
+        fit(DPAlignmentModule(**other), InMemoryFeatureDataModule(feats, pub, batch_size=48), tmp_path / "x",
+            max_epochs=3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     m2 = DPAlignmentModule(**spec)
     fit(m2, InMemoryFeatureDataModule(feats, pub, batch_size=48), tmp_path / "r", max_epochs=3,
         ckpt_path=tmp_path / "ckpt" / "last.ckpt", callbacks=[Probe()])

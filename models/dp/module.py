@@ -871,7 +871,14 @@ class DPAlignmentModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_dp = checkpoint.get("dp_state")
         if (self._restored_dp or {}).get("head_init"):
-            self.head_init_record = dict(self._restored_dp["head_init"])  # what the saved run started from
+            saved = self._restored_dp["head_init"]
+            # A resume with another head init would continue the saved heads while its config says otherwise.
+            for key in ("mode", "seed"):
+                if saved.get(key) != self.head_init_record.get(key):
+                    raise ValueError(f"resumed DP run: model.dp.head_init{'_seed' if key == 'seed' else ''} was "
+                                     f"{saved.get(key)!r} and is now {self.head_init_record.get(key)!r}; the saved heads "
+                                     "and their record started from the former (start a new run to change it)")
+            self.head_init_record = dict(saved)  # what the saved run started from (its initial_heads_sha256)
         if self._external is not None and "state_dict" in checkpoint:
             saved = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
             if saved.get("checkpoint_sha256") not in (None, self._external.fingerprint):
