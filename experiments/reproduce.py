@@ -447,6 +447,7 @@ class Reproduction:
         self.kept: dict[int, str] = {}  # seed -> "complete" | "partial" (rendered from --keep)
         self.old: dict[tuple[int, int], Path] = {}  # (protocol, seed) -> kept folder of an older protocol
         self.n_ran = 0  # runs executed by this invocation
+        self._records: dict[int, dict[str, dict]] = {}  # seed -> run name -> its kept record (recorded())
 
     # ------------------------------------------------------------------ running
 
@@ -455,12 +456,19 @@ class Reproduction:
         self.runs[name] = execute(r, self.resume)
         self.n_ran += 0 if r.extra.get("reused") else 1
         if r.extra.get("reused"):  # its run time as recorded when it ran (a partial kept seed's record)
-            rec = next((x for x in (self.manifest(seed) or {}).get("runs", []) if x["name"] == name), None)
+            rec = self.recorded(seed, name)
             if rec:  # and the metrics recorded then (the run folder's audit JSON holds only the audit)
                 r.seconds, r.extra = rec["seconds"], {**(rec.get("extra") or {}), **r.extra}
         progress(r, seed, "reused: " if r.extra.get("reused") else "")
         self.keep_progress(seed)
         return r
+
+    def recorded(self, seed: int, name: str) -> dict | None:
+        """A run's record in the kept seed as it was before this invocation (read once per seed:
+        keep_progress rewrites runs.json after every run, keeping only the runs made so far)."""
+        if seed not in self._records:
+            self._records[seed] = {x["name"]: x for x in (self.manifest(seed) or {}).get("runs", [])}
+        return self._records[seed].get(name)
 
     def skip(self, name: str, why: str, seed: int, needs: str | None = None) -> Run:
         r = Run(name, "train", [], [], self.out / "runs" / name, error=f"not available: {why}",

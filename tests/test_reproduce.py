@@ -346,8 +346,9 @@ def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -
     (keep / "s0").mkdir(parents=True)
     rec = {"name": "llm/s0", "entry": "train", "overrides": [], "sizing": [], "error": None, "seconds": 234.2,
            "extra": {"metrics": {"dp/epsilon": 0.339, "train/loss": 2.26}}, "audit_json": None}
+    rec2 = dict(rec, name="bert/s0", seconds=148.5, extra={"metrics": {"train/loss": 3.1}})
     (keep / "s0" / "runs.json").write_text(json.dumps(
-        {"scale": "tiny", "protocol": rp.PROTOCOL, "complete": False, "aliases": {}, "runs": [rec]}))
+        {"scale": "tiny", "protocol": rp.PROTOCOL, "complete": False, "aliases": {}, "runs": [rec, rec2]}))
 
     def reused(run, resume):
         run.extra["reused"] = True
@@ -357,5 +358,8 @@ def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -
     rep = rp.Reproduction("tiny", [0], tmp_path / "out", True, 0.34, keep)
     r = rep.run("llm/s0", "train", [], "train", 0)
     assert r.seconds == 234.2 and r.extra["metrics"] == rec["extra"]["metrics"]
-    again = json.loads((keep / "s0" / "runs.json").read_text())["runs"]
-    assert next(x for x in again if x["name"] == "llm/s0")["extra"]["metrics"] == rec["extra"]["metrics"]
+    # the second reused run too, although runs.json was rewritten after the first (with the first alone)
+    r2 = rep.run("bert/s0", "train", [], "train", 0)
+    assert r2.seconds == 148.5 and r2.extra["metrics"] == rec2["extra"]["metrics"]
+    again = {x["name"]: x for x in json.loads((keep / "s0" / "runs.json").read_text())["runs"]}
+    assert again["llm/s0"]["extra"]["metrics"] == rec["extra"]["metrics"] and again["bert/s0"]["seconds"] == 148.5
