@@ -998,7 +998,9 @@ class Reproduction:
                                        self.seeds)
                 v = V.lower_verdict(p)
                 parts.append(v)
-                L.append(f"- {title}, {attack}: DP / before, attacker's R@1: **{v}**: {ratio_text(p)}.")
+                same = " (identical on every seed: this attack reads only the frozen trunk, which head-only DP leaves " \
+                       "as it was)" if p and all(r == 1.0 for r in p.ratios) else ""
+                L.append(f"- {title}, {attack}: DP / before, attacker's R@1: **{v}**{same}: {ratio_text(p)}.")
                 if p and (worst is None or p.ratio > worst[1].ratio):
                     worst = (attack, p)
             v = err if (err and err.startswith("not available")) else combine(*parts)

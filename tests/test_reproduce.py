@@ -363,3 +363,13 @@ def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -
     assert r2.seconds == 148.5 and r2.extra["metrics"] == rec2["extra"]["metrics"]
     again = {x["name"]: x for x in json.loads((keep / "s0" / "runs.json").read_text())["runs"]}
     assert again["llm/s0"]["extra"]["metrics"] == rec["extra"]["metrics"] and again["bert/s0"]["seconds"] == 148.5
+
+
+def test_adaptive_rows_identical_by_construction_are_said_so(tmp_path) -> None:
+    rep = fake_reproduction(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
+    md, _ = rep.render(1.0)
+    assert "identical on every seed" not in md  # the fake arms differ
+    for s in range(5):  # a DP model whose attacked rows equal the model's before DP (trunk attacks)
+        rep.runs[f"adaptive/dp_public_negatives/s{s}"].result = rep.runs[f"adaptive/base/s{s}"].result
+    md, _ = rep.render(1.0)
+    assert md.count("identical on every seed") == len(rp.ADAPTIVE_ATTACKS)
