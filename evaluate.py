@@ -100,16 +100,18 @@ def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_
     if "split" not in data:
         return None, ("the linear probe needs train-split rows: add a `split` array with 'train' rows to the "
                       "embeddings file")
-    if not (data["split"].astype(str) == "train").any():
+    splits = data["split"].astype(str)
+    is_train = splits == "train"
+    if not is_train.any():
         from audit.embeddings import close_names
 
-        present = sorted(set(data["split"].astype(str)))
+        present = sorted(set(splits))
         close = close_names("train", present)
         return None, (f"the linear probe needs rows with split == 'train' (splits present: {present})"
                       + (f"; is {close[0]!r} the train split? name it 'train' in the file" if close else ""))
     if "labels" not in data:
         return None, "the linear probe needs `labels` [I, 14] in the embeddings file"
-    tr = _rows(data, data["split"].astype(str) == "train")
+    tr = _rows(data, is_train)
     s = probe_cb.settings
     why = probe_skip_reason(tr["labels"], ev["labels"], eval_labels=s["eval_labels"], uncertain=s["uncertain"],
                             blank=s["blank"])
