@@ -287,8 +287,12 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
     p = res.get("privacy")
     if p and p.get("enabled"):
         eps = p.get("epsilon_spent")
-        verdict = "valid" if p.get("guarantee_valid") else "NOT VALID"
-        bits.append(f"DP epsilon {eps:.3g}, delta {p.get('delta'):.2g}: {verdict}" if eps is not None
+        unit = p.get("privacy_unit") or "study"
+        verdict = f"valid per {unit}" if p.get("guarantee_valid") else "NOT VALID"
+        pp = p.get("per_patient")
+        if unit != "patient" and p.get("guarantee_valid") and (not pp or pp.get("meaningful") is False or pp["delta"] >= 1):
+            verdict += ", no meaningful per-patient guarantee"
+        bits.append(f"DP epsilon {eps:.3g}, delta {p.get('delta'):.2g} per {unit}: {verdict}" if eps is not None
                     else "DP: epsilon not computed")
     text = f"Audit ({describe(meta)}): " + "; ".join(bits) + "."
     degenerate = degenerate_reasons(res)
@@ -474,6 +478,17 @@ def report_quality_lines(rq: dict[str, Any]) -> list[str]:
     return lines
 
 
+def per_patient_lines(pp: dict[str, Any] | None) -> list[str]:
+    """The per-patient reading of a study-level guarantee: a group-privacy (eps, delta) only where its delta is
+    below 1/#patients (records before issue #28 carry no ``meaningful`` flag: checked against delta < 1 only)."""
+    if not pp:
+        return ["- per patient: not stated (no bound on a patient's number of studies)"]
+    if pp.get("meaningful") is False or pp["delta"] >= 1:
+        why = pp.get("why_not") or f"group privacy over k = {pp['k']} studies gives delta {pp['delta']:.3g} >= 1"
+        return [f"- per patient: **no meaningful per-patient guarantee** ({why})"]
+    return [f"- per patient: epsilon {pp['epsilon']:.4g}, delta {pp['delta']:.3g} ({pp['basis']}, k = {pp['k']})"]
+
+
 def privacy_lines(p: dict[str, Any]) -> list[str]:
     """The DP statement, in the words a privacy team checks: what epsilon, for what, and what not."""
     if not p.get("enabled"):
@@ -481,18 +496,19 @@ def privacy_lines(p: dict[str, Any]) -> list[str]:
     acc = p.get("accountant") or {}
     steps = sum(int(h[2]) for h in acc.get("history", []))
     eps = p.get("epsilon_spent")
-    verdict = "VALID" if p.get("guarantee_valid") else "NOT VALID (" + "; ".join(p.get("invalid_reasons") or []) + ")"
+    unit = p.get("privacy_unit") or "study"
+    verdict = (f"VALID per {unit}" if p.get("guarantee_valid") else
+               "NOT VALID (" + "; ".join(p.get("invalid_reasons") or []) + ")")
     lines = [
         "## Differential privacy",
         "",
-        f"- guarantee: **{verdict}**",
+        f"- guarantee: **{verdict}** (epsilon and delta below are per {unit})",
         f"- epsilon spent {eps:.4g} (target {p.get('target_epsilon')}), delta {p.get('delta'):.3g}, "
         f"accountant {acc.get('mechanism')}" if eps is not None else "- epsilon: not computed",
         f"- loss mode {p.get('loss_mode')}, privacy unit {p.get('privacy_unit')} ("
         + (f"N = {p['n_train_units']}" if p.get("n_train_units") is not None else
            f"N <= {p.get('n_train_units_upper')}, exact N withheld") + f"), adjacency {p.get('adjacency')}",
-        *([f"- per patient: epsilon {pp['epsilon']:.4g}, delta {pp['delta']:.3g} ({pp['basis']}, k = {pp['k']})"]
-          if (pp := p.get("per_patient")) else []),
+        *(per_patient_lines(p.get("per_patient")) if unit != "patient" else []),
         *([f"- heads trained from: {(p.get('head_init') or {}).get('mode')}"] if p.get("head_init") else []),
         f"- noise multiplier sigma {p.get('noise_multiplier'):.4g}, sample rate q {p.get('sample_rate'):.4g}, "
         f"steps {steps} (planned {p.get('steps_planned')}), clipping norm C {p.get('max_grad_norm')}, "

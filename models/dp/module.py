@@ -111,6 +111,11 @@ DEFAULT_DP = {
     # batch B (what q = 1/ceil(N/B) and the step count reveal anyway) and the default delta is set from
     # that upper bound; true releases N exactly and defaults delta to 1/(10 N).
     "n_public": False,
+    # q = 1/ceil(N/B) and the step count are functions of the private N: neighbouring datasets on either side
+    # of a multiple of B run different mechanisms (the number of released steps tells them apart). A bound
+    # the data holder declares public (N <= n_units_bound) fixes q = 1/ceil(bound/B) and the steps instead:
+    # then nothing but the Poisson batches depends on N and the adjacency is plain add/remove.
+    "n_units_bound": None,
 }
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 HEAD_INITS = ("fresh", "stage2")
@@ -420,7 +425,7 @@ class DPAlignmentModule(L.LightningModule):
             return None
         eps = self._epsilon_spent
         if getattr(self, "privacy_unit", "study") == "patient":
-            return {"epsilon": eps, "delta": self.delta, "k": 1,
+            return {"epsilon": eps, "delta": self.delta, "k": 1, "meaningful": True,
                     "basis": "patient units: all studies of a patient are one unit"}
         k = self.max_studies_cap or self.observed_max_studies
         if not k:
@@ -428,8 +433,19 @@ class DPAlignmentModule(L.LightningModule):
         g_eps, g_delta = group_privacy(eps, self.delta, int(k))
         source = ("public cap data.max_studies_per_patient" if self.max_studies_cap else
                   "observed: the most studies of one train patient, read from the private data (outside the guarantee)")
-        return {"epsilon": g_eps, "delta": g_delta, "k": int(k), "k_source": source,
-                "basis": "group privacy over k study units: (k eps, k e^((k-1) eps) delta)"}
+        out = {"epsilon": g_eps, "delta": g_delta, "k": int(k), "k_source": source,
+               "basis": "group privacy over k study units: (k eps, k e^((k-1) eps) delta)"}
+        # The same rule as for the unit itself (delta < 1/N): a delta of 1/#patients or more admits a mechanism
+        # that publishes one patient whole. #patients is private; the study units' public bound B*ceil(N/B) is
+        # >= #patients, so delta < 1/bound implies delta < 1/#patients (conservative, and it reads no private count).
+        bound = self.n_train_units if self.n_public else self.n_units_upper
+        if bound and g_delta >= 1.0 / bound:
+            out["meaningful"] = False
+            out["why_not"] = (f"group privacy gives delta {g_delta:.3g} >= 1/{bound} (1 / the public bound on the number of "
+                              "train patients): no meaningful per-patient guarantee; use data.privacy_unit=patient")
+        else:
+            out["meaningful"] = True
+        return out
 
     @property
     def noise_source(self) -> str:
@@ -480,6 +496,10 @@ class DPAlignmentModule(L.LightningModule):
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "expected_batch_size": self.expected_batch_size,
+            # What the noisy sum is divided by: the configured expected batch (public), never a count derived from N.
+            "gradient_divisor": (f"B = {self.expected_batch_size} (configured expected batch)" if self.mode != "group_clipping"
+                                 else "the number of groups, round(B / group_size) (public)") if self.dp_enabled else None,
+            "n_units_bound": self.hparams.dp.get("n_units_bound"),
             "steps_planned": self.steps_planned,
             "max_grad_norm": dp["max_grad_norm"],
             "sensitivity": (SENSITIVITY_FACTOR.get(self.mode, float("nan")) * dp["max_grad_norm"]) if self.mode in VALID_DP_MODES else None,
@@ -496,7 +516,13 @@ class DPAlignmentModule(L.LightningModule):
         return state
 
     def adjacency(self) -> str:
-        out = "add/remove one unit (Poisson sampling)"
+        if self.hparams.dp.get("n_units_bound") is not None:
+            out = (f"add/remove one unit (Poisson sampling) among datasets of at most {int(self.hparams.dp['n_units_bound'])} "
+                   "units (model.dp.n_units_bound, declared public: q and the step count are set from it, not from N)")
+        else:
+            out = ("add/remove one unit (Poisson sampling) among datasets with the same ceil(N/B) (q = 1/ceil(N/B) and the "
+                   "step count are set from N: a neighbour across a multiple of B runs another mechanism, told apart by the "
+                   "number of steps; declare a public bound, model.dp.n_units_bound, for plain add/remove)")
         if self.max_studies_cap and getattr(self, "privacy_unit", "study") == "study":
             out += (f"; with the cap of {self.max_studies_cap} studies per patient, a study added to a patient at the cap "
                     "can displace one of that patient's studies (two units change: (2 eps, 2 e^eps delta) for it)")
@@ -533,13 +559,14 @@ class DPAlignmentModule(L.LightningModule):
         # groups must not move when one unit comes or goes.
         self.expected_batch_size = int(getattr(dm, "batch_size", 0) or self.n_train_units)
         loader = dm.plain_train_loader()
-        # q = 1/len(loader) and the step count reveal ceil(N / B) anyway; this bound (>= N) is what a
-        # record states of N unless N is declared public.
-        self.n_units_upper = self.expected_batch_size * len(loader)
         dp = self.hparams.dp
+        steps_per_epoch = self._steps_per_epoch(len(loader))
+        # q = 1/steps_per_epoch and the step count reveal ceil(N / B) (or the declared bound's): this bound
+        # (>= N) is what a record states of N unless N is declared public.
+        self.n_units_upper = self.expected_batch_size * steps_per_epoch
         self.delta = (float(dp["target_delta"]) if dp["target_delta"] is not None
                       else default_delta(self.n_train_units if self.n_public else self.n_units_upper))
-        self._outside_data = self._outside_guarantee_data(len(loader))
+        self._outside_data = self._outside_guarantee_data(steps_per_epoch)
         if not self.dp_enabled:
             dm.set_train_loader(loader)
             log.info("DP disabled: non-private head finetune (same loss %r, same data)", self.mode)
@@ -559,8 +586,8 @@ class DPAlignmentModule(L.LightningModule):
                 f"dp.enabled=True, loss.mode={self.mode!r}: earlier epochs are not covered by this accounting (start a new run)"
             )
         restored = prev if (prev or {}).get("accountant") else None
-        self.sample_rate = 1.0 / len(loader)  # the rate of DPDataLoader.from_data_loader(loader) below
-        self.steps_planned = epochs * len(loader)
+        self.sample_rate = 1.0 / steps_per_epoch  # the rate of the Poisson loader below
+        self.steps_planned = epochs * steps_per_epoch
         if restored:
             self.noise_multiplier = float(restored["noise_multiplier"])
         else:
@@ -569,34 +596,42 @@ class DPAlignmentModule(L.LightningModule):
                 accountant=dp["accountant"], epsilon_tolerance=float(dp["epsilon_tolerance"]),
             )
         sample_gen, self._noise_gen = self._generators()
+        engine = None
         if self.mode in ("public_negatives", "in_batch"):
             engine = PrivacyEngine(accountant=dp["accountant"], secure_mode=bool(dp["secure_mode"]))
+            if dp["secure_mode"]:
+                sample_gen = engine.secure_rng
+        elif dp["secure_mode"]:
+            raise ValueError("dp.secure_mode is wired for Opacus' optimizer noise (public_negatives, in_batch) only")
+        # Poisson sampling at the accounted rate, from our generator (not Opacus' default, the global RNG).
+        dp_loader = DPDataLoader(loader.dataset, sample_rate=self.sample_rate, collate_fn=loader.collate_fn,
+                                 generator=sample_gen)
+        if len(dp_loader) != steps_per_epoch:
+            raise RuntimeError(f"Poisson loader of {len(dp_loader)} steps per epoch != accounted {steps_per_epoch}")
+        if engine is not None:
             if restored:
                 load_accountant_state(engine.accountant, restored["accountant"])
-            # The plain loader goes in unchanged (poisson_sampling=False) so that its Poisson
-            # replacement below draws from our generator, not Opacus' default (the global RNG).
+            # The Poisson loader goes in (poisson_sampling=False: not replaced), so Opacus' accountant hook
+            # takes q = 1/len(dp_loader), the rate accounted above.
             out = engine.make_private(
-                module=self._heads, optimizer=opt, data_loader=loader, noise_multiplier=self.noise_multiplier,
+                module=self._heads, optimizer=opt, data_loader=dp_loader, noise_multiplier=self.noise_multiplier,
                 max_grad_norm=float(dp["max_grad_norm"]), poisson_sampling=False, grad_sample_mode=self.grad_sample_mode,
                 noise_generator=None if dp["secure_mode"] else self._noise_gen,
             )
             # ghost mode also returns a criterion wrapper; our per-unit losses are wrapped directly.
             self.__dict__["_gsm"] = out[0]
             self.__dict__["_accountant"] = engine.accountant
-            if dp["secure_mode"]:
-                sample_gen = engine.secure_rng
             out_opt = out[1]
-        else:  # group_clipping: explicit accountant and noise
-            if dp["secure_mode"]:
-                raise ValueError("dp.secure_mode is wired for Opacus' optimizer noise (public_negatives, in_batch) only")
+            # Opacus divides the noisy sum by int(len(dataset) * q) = int(N / ceil(N/B)): a function of the
+            # private N (up to ~N/B^2 units off B), so neighbouring datasets N, N-1 would give differently
+            # scaled updates from the same clipped sum and noise. The configured B is public.
+            out_opt.expected_batch_size = self.expected_batch_size
+        else:  # group_clipping: explicit accountant and noise (the sum is divided by the public group count)
             acc = create_accountant(mechanism=dp["accountant"])
             if restored:
                 load_accountant_state(acc, restored["accountant"])
             self.__dict__["_accountant"] = acc
             out_opt = opt
-        dp_loader = DPDataLoader.from_data_loader(loader, generator=sample_gen)
-        if not math.isclose(dp_loader.sample_rate, self.sample_rate, rel_tol=1e-12):
-            raise RuntimeError(f"Poisson rate {dp_loader.sample_rate} != accounted rate {self.sample_rate}")
         if restored:
             for key in ("sample_rate", "n_train_units", "n_train_units_upper", "delta"):
                 now = self.dp_state_value(key)
@@ -616,6 +651,18 @@ class DPAlignmentModule(L.LightningModule):
             epochs, self.steps_planned, self.n_text(), self.privacy_unit, self.head_init_record["mode"], self.noise_source,
         )
         return out_opt
+
+    def _steps_per_epoch(self, n_batches: int) -> int:
+        """ceil(N/B) (what the plain loader's length is), or ceil(bound/B) for a declared public bound on N."""
+        bound = self.hparams.dp.get("n_units_bound")
+        if bound is None:
+            return n_batches
+        bound = int(bound)
+        if self.n_train_units > bound:
+            raise ValueError(f"model.dp.n_units_bound={bound} is below the number of {getattr(self, 'privacy_unit', 'study')} "
+                             f"units in the train split: raise the declared bound (it must hold for every dataset the "
+                             "guarantee covers)")
+        return math.ceil(bound / self.expected_batch_size)
 
     def dp_state_value(self, key: str):
         """The value a resumed run compares with its checkpoint's dp_state[key] (None: not comparable)."""
@@ -695,7 +742,13 @@ class DPAlignmentModule(L.LightningModule):
             loss = self._group_step(img, txt, mask, unit_id, opt)
         else:
             bank = self._bank(img.device) if self.mode == "public_negatives" else None
-            z, w = self._forward(img, txt, private=True)
+            # An empty Poisson batch skips the backward that would consume the ghost hooks' activations and
+            # forward counters: a forward with gradients leaves them behind (the hooks sit on the heads' layers
+            # whichever wrapper calls them), and the next step's forward fails ("Parameter tying is not
+            # supported"). Its forward reads no data and needs no gradient.
+            ghost_empty = n == 0 and self.dp_enabled and self.grad_sample_mode == "ghost"
+            with torch.set_grad_enabled(not ghost_empty):
+                z, w = self._forward(img, txt, private=True)
             per_unit = self.unit_losses(z, w, mask, bank)
             loss = per_unit.sum() / max(1, n)  # mean; Opacus 'mean' reduction rescales by the batch length
             if self.dp_enabled and self.grad_sample_mode == "ghost":
@@ -809,10 +862,15 @@ class DPAlignmentModule(L.LightningModule):
         # be reduced, and shown, after validation.
         self._epsilon_spent = self.epsilon_spent()
         name = "dp/epsilon" if self.guarantee_valid else "dp/epsilon_nominal_INVALID"
-        self.log(name, self._epsilon_spent, on_step=True, on_epoch=False, prog_bar=True)
-        for key, value in (("dp/delta", self.delta), ("dp/noise_multiplier", self.noise_multiplier),
-                           ("dp/sample_rate", self.sample_rate), ("dp/guarantee_valid", self.guarantee_valid)):
-            self.log(key, float(value), on_step=True, on_epoch=False)
+        metrics = {name: self._epsilon_spent, "dp/delta": self.delta, "dp/noise_multiplier": self.noise_multiplier,
+                   "dp/sample_rate": self.sample_rate, "dp/guarantee_valid": self.guarantee_valid}
+        # self.log serves the progress bar and callback_metrics; the loggers are written directly, because
+        # Lightning writes step-level values only every trainer.log_every_n_steps steps, and a DP epoch often
+        # has fewer steps than that (then no epoch's epsilon reached the CSV / W&B).
+        for key, value in metrics.items():
+            self.log(key, float(value), on_step=True, on_epoch=False, prog_bar=key == name, logger=False)
+        for lg in self.loggers:
+            lg.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.global_step)
 
     def on_train_epoch_end(self) -> None:
         if not self.dp_enabled:
