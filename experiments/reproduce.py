@@ -415,7 +415,11 @@ def ratio_text(p: V.Paired | None, what: str = "ratio") -> str:
         return "no seed has both values"
     per = ", ".join(f"s{s} {r:.3f}" for s, r in zip(p.seeds, p.ratios))
     t = f"{what} {p.ratio:.3f} (geometric mean over {p.n} seed{'s' if p.n != 1 else ''}: {per})"
-    if p.lb is not None:
+    if p.lb is not None and not p.sd:
+        # Every seed gives the same ratio: no sampling spread to test against (a fact of the runs, e.g. of
+        # construction); a t-bound and a "detects beyond x1.000" would only restate it.
+        t += "; the same on every seed (no spread over seeds: nothing to test)"
+    elif p.lb is not None:
         t += (f"; one-sided 95% bounds ≥ {p.lb:.3f} and ≤ {p.ub:.3f}; SD of the log ratio over seeds {p.sd:.3f}, "
               f"so {p.n} seeds detect (80% power) a ratio beyond ×{p.mde:.3f} or below ×{1 / p.mde:.3f}")
     if p.dropped:
@@ -428,10 +432,11 @@ def drop_text(d: V.PairedDiff | None, margin: float, scale: float = 100.0, unit:
     (before − after, paired by seed) and its one-sided 95% upper bound against the margin."""
     if d is None:
         return "no seed has both values"
-    per = ", ".join(f"s{s} {-scale * x:.2f}" for s, x in zip(d.seeds, d.diffs))
-    t = f"drop {-scale * d.mean:.2f} {unit} (mean over {d.n} seed{'s' if d.n != 1 else ''}: {per})"
+    # (0.0 - x: a zero drop prints as 0.00, not -0.00)
+    per = ", ".join(f"s{s} {0.0 - scale * x:.2f}" for s, x in zip(d.seeds, d.diffs))
+    t = f"drop {0.0 - scale * d.mean:.2f} {unit} (mean over {d.n} seed{'s' if d.n != 1 else ''}: {per})"
     if d.lb is not None:
-        t += (f"; one-sided 95% upper bound of the drop {-scale * d.lb:.2f} {unit} (margin {scale * margin:.0f}); "
+        t += (f"; one-sided 95% upper bound of the drop {0.0 - scale * d.lb:.2f} {unit} (margin {scale * margin:.0f}); "
               f"SD {scale * d.sd:.2f}, smallest detectable shift (80% power) {scale * d.mde:.2f} {unit}")
     return t
 
@@ -652,6 +657,7 @@ class Reproduction:
                     if not missing:
                         continue
                     self.complete_kept(s, missing)
+                    continue
                 else:
                     print(f"[reproduce] seed {s}: kept partially ({len(man['runs'])} runs); completing it "
                           f"(runs still under {self.out / 'runs'} are reused)", flush=True)
