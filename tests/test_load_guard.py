@@ -171,3 +171,17 @@ def test_unprovable_preprocessing_is_stated_in_the_report(hf_models, cache_dir, 
     assert any("mean [0.4, 0.45, 0.5], std [0.2, 0.25, 0.3]" in n for n in notes)  # the folder's processor's values
     report = (tmp_path / "o" / "report.md").read_text()
     assert "## Preprocessing not proven by the model's files" in report and digest in report
+
+
+# ------------------------------------------------------------------------------ the DP stage's external heads
+def test_dp_stage_refuses_an_existing_model_whose_weights_did_not_load(hf_models, tmp_path):
+    from models.external_heads import ExternalSplit
+
+    folder = _copy(hf_models["clip"], tmp_path / "clip")
+    _rewrite_safetensors(folder, "model.safetensors", lambda sd: {f"clip_model.{k}": v for k, v in sd.items()})
+    # Before: DP-SGD trained copies of randomly initialised projections and released them as the model's.
+    with pytest.raises(ValueError, match="did not fully load"):
+        ExternalSplit.load({"path": str(folder)})
+    # No override here: heads are never trained on a partly random model.
+    with pytest.raises(ValueError, match=r"unknown keys \['allow_partial_load'\]"):
+        ExternalSplit.load({"path": str(folder), "allow_partial_load": True})
