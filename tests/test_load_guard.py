@@ -114,6 +114,15 @@ def test_project_checkpoint_that_does_not_fit_is_refused_with_the_keys(project_c
     module = load_module(path, allow_partial_load=True)
     assert dropped in module.load_notes[0]
     assert load_module(project_ckpt).load_notes == []
+    # evaluate.py: `+model.allow_partial_load=true` is the override, not a hyper-parameter of the checkpoint.
+    from configs import compose
+    from evaluate import evaluate
+
+    _, out = evaluate(compose("evaluate.yaml", [f"ckpt_path={path}", "+model.allow_partial_load=true", *COHORT,
+                                                "audit=standard", "audit.relinkage.n_boot=0",
+                                                f"paths.output_dir={tmp_path / 'o'}"]))
+    assert dropped in out["result"]["meta"]["weights_not_loaded"][0]
+    assert "preprocessing_unproven" not in out["result"]["meta"]  # the checkpoint carries its own
 
 
 # ------------------------------------------------------------------------------ evaluate.py flags an override
