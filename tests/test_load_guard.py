@@ -170,7 +170,7 @@ def test_unprovable_preprocessing_is_stated_in_the_report(hf_models, cache_dir, 
     # not the model's (the library's own calls with the model's tokenizer):
     module = _external("hf", path=folder)
     _, ref_txt = _hf_reference(hf_models["clip"], _images(), TEXTS)
-    assert (module.embed_reports(TEXTS) * ref_txt).sum(-1).min() < 0.99
+    assert (module.embed_reports(TEXTS) * ref_txt).sum(-1).max() < 0.9  # (here 0.40, 0.25, -0.03)
     # ... so the report says what the folder cannot prove, with the digest to compare with the release.
     digest = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()[:12]
     _, out = evaluate(compose("evaluate.yaml", ["model=hf_clip", f"model.path={folder}", *COHORT, "audit=standard",
