@@ -322,7 +322,8 @@ class HFBackend(_Backend):
         kw = dict(local_files_only=True, trust_remote_code=False)
         # transformers initialises at random, with a warning, every tensor the weights do not provide
         # (a prefixed checkpoint: all of them); its loading info lists them and load_guard refuses.
-        # Mismatched shapes are listed too (not raised by transformers), so every problem reads the same.
+        # ignore_mismatched_sizes: other-shaped tensors are listed there too (instead of transformers'
+        # own RuntimeError), so every problem is refused, or flagged, the same way.
         self.model, info = AutoModel.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True,
                                                      ignore_mismatched_sizes=True, **kw)  # "auto": as saved
         self.model.eval()
