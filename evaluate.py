@@ -193,6 +193,11 @@ def external_model_path(cfg: DictConfig) -> str | None:
     return OmegaConf.select(cfg, "model.path", default=None)
 
 
+def allow_partial_load(cfg: DictConfig) -> bool:
+    """`model.allow_partial_load`: audit a model whose weights did not fully load, flagged (models/load_guard.py)."""
+    return bool(OmegaConf.select(cfg, "model.allow_partial_load", default=False))
+
+
 def load_audited_module(cfg: DictConfig):
     """The module to audit: the checkpoint's (models/checkpoint.py) or an existing model's
     (models/external.py), each with its tokenizer and `data_preprocessing`."""
@@ -202,8 +207,9 @@ def load_audited_module(cfg: DictConfig):
         # `+model.<key>=...` changes one of the checkpoint's hyper-parameters, e.g. a moved LLM base
         # folder (`+model.text_tower.pretrained=/new/dir`; its fingerprint must still match).
         overrides = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                     if k != "tokenizer_spec"}  # (the data configs' key, see configs/evaluate.yaml)
-        return load_module(cfg.ckpt_path, overrides=overrides or None)
+                     if k not in ("tokenizer_spec", "allow_partial_load")}  # (tokenizer_spec: the data configs'
+        # key, configs/evaluate.yaml; allow_partial_load: `+model.allow_partial_load=true`, models/load_guard.py)
+        return load_module(cfg.ckpt_path, overrides=overrides or None, allow_partial_load=allow_partial_load(cfg))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if not str(model_cfg.get("_target_", "")).startswith("models.external."):
         raise ValueError(f"model={model_cfg.get('_target_')} is a model to train: evaluate.py audits a checkpoint "
@@ -233,6 +239,8 @@ def runs_trainer(cfg: DictConfig) -> bool:
     if cfg.get("embeddings"):
         return False
     if cfg.get("ckpt_path") or not cfg.get("cache_embeddings", True):
+        return True
+    if allow_partial_load(cfg):  # what did not load is known only to the loaded model: no cached rows
         return True
     return bool(cfg.audit.get("adaptive") or cfg.audit.get("report_quality"))
 
@@ -282,6 +290,9 @@ def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | No
     cohort = OmegaConf.select(cfg, "data.reader.cohort")
     if cohort is not None:
         meta["cohort"] = cohort
+    from models.external import preprocessing_unproven
+
+    meta["preprocessing_unproven"] = preprocessing_unproven(**model_cfg)
     # A model released by the DP stage carries its privacy record beside its weights (as
     # models.external.ExternalDualEncoder reads it): it travels with every audit of it.
     record = path / "dp_record.json"
@@ -327,6 +338,10 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
         meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
     if rq_cb is not None:  # evaluate() pops it into the result's report_quality section
         meta["report_quality"] = rq_cb.last_result["report_quality"]
+    if getattr(module, "load_notes", None):  # allow_partial_load: audit/result.py flags every section
+        meta["weights_not_loaded"] = list(module.load_notes)
+    if getattr(module, "preprocessing_notes", None):  # an existing model's (models/external.py)
+        meta["preprocessing_unproven"] = list(module.preprocessing_notes)
     # A DP checkpoint's privacy statement (saved at training time) travels with every audit of it.
     if module.saved_dp_state is not None:
         meta["privacy"] = module.saved_dp_state

@@ -4,7 +4,9 @@ Shape (schema_version 1)::
 
     {
       "schema": "cxr-relink/audit", "schema_version": 1, "created_utc": "...",
-      "meta": {...free-form run information: model, checkpoint, cohort, split, epoch...},
+      "meta": {...free-form run information: model, checkpoint, cohort, split, epoch; "weights_not_loaded"
+               (what did not load, with allow_partial_load), "preprocessing_unproven" (what the model
+               folder cannot prove about its tokenizer and image normalisation)...},
       "settings": {...the audit parameters...},
       "relinkage": {                         # keys: "i2t", "t2i", "hardneg/i2t", "dedup/i2t"
         "<key>": {"direction", "variant", "n_queries", "n_candidates", "ties_policy",
@@ -258,6 +260,12 @@ def degenerate_reasons(res: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(why for sec in (res.get("relinkage") or {}).values() for why in sec.get("degenerate") or []))
 
 
+def weights_not_loaded(res: dict[str, Any]) -> list[str]:
+    """What of the audited model's weights did not load (models/load_guard.py: refused unless
+    model.allow_partial_load, then flagged in the headline and report), or []."""
+    return list(res.get("meta", {}).get("weights_not_loaded") or [])
+
+
 def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str:
     """The one-paragraph summary a run prints: R@1 × chance, hard negatives × chance, probe AUROC,
     the DP verdict, and where the full results are."""
@@ -299,6 +307,10 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
     if degenerate:  # before any number: these do not measure the model
         text = ("DEGENERATE EMBEDDINGS, audited on request (allow_degenerate): " + "; ".join(degenerate)
                 + ". The numbers below reflect the broken inputs, not the model's re-linkage risk. " + text)
+    partial = weights_not_loaded(res)
+    if partial:  # first of all: the audited model is not the one named
+        text = ("WEIGHTS DID NOT FULLY LOAD, audited on request (allow_partial_load): " + "; ".join(partial)
+                + ". The numbers below measure a partly random model, not the named one. " + text)
     if where is not None:  # the files write_bundle writes (the plot only with a re-linkage section)
         files = "audit.json, report.md" + (", recall_vs_n.png" if res.get("relinkage") else "")
         text += f" Full results: {os.fspath(where)}/ ({files})."
@@ -319,10 +331,12 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
     head = describe(meta)
     rl = res.get("relinkage", {})
     degenerate = degenerate_reasons(res)
-    if rl or degenerate:  # (audit=report_quality alone has no re-linkage section: no empty heading)
+    if rl or degenerate or weights_not_loaded(res):  # (audit=report_quality alone: no empty heading)
         lines.append("## Re-linkage audit" + (f" ({head})" if head else ""))
     elif meta.get("skipped"):
         lines += ["## Skipped audits", ""]
+    for why in weights_not_loaded(res):
+        lines += ["", f"**Weights did not fully load** (audited with allow_partial_load): {why}."]
     for why in degenerate:
         lines += ["", f"**Degenerate embeddings** (audited with allow_degenerate): {why}."]
     if rl:
@@ -365,6 +379,10 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
             )
     for name, why in (meta.get("skipped") or {}).items():
         lines.append(f"- {VARIANT_TITLES.get(name, name)}: skipped: {why}")
+    unproven = meta.get("preprocessing_unproven") or []
+    if unproven:  # an existing model's tokenizer / normalisation, read from files beside its weights
+        lines += ["", "## Preprocessing not proven by the model's files", "",
+                  *(f"- {why}." for why in unproven)]
     probe = res.get("probe")
     if probe:
         ci = probe.get("macro_auroc_ci")

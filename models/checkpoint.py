@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.text import tokenizer_from_state, tokenizer_to_state
+from models.load_guard import compare_state_dict, enforce
 
 FORMAT_VERSION = 1
 KEY = "cxr_relink"
@@ -164,11 +165,14 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {e}") from None
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu", overrides: dict[str, Any] | None = None):
+def load_module(path: str | Path, map_location: str | torch.device = "cpu", overrides: dict[str, Any] | None = None,
+                allow_partial_load: bool = False):
     """Rebuild the LightningModule stored in `path` (eval mode), with its tokenizer.
 
     overrides: hyper-parameters to change before rebuilding, e.g. {"text_tower.pretrained": "/new/dir"}
-    when the base LLM folder has moved (its fingerprint must still match)."""
+    when the base LLM folder has moved (its fingerprint must still match). Weights that do not fit the
+    rebuilt module (missing, unexpected, other shapes) are refused (models/load_guard.py);
+    allow_partial_load loads the rest and lists the problems in `module.load_notes`."""
     ckpt = load_checkpoint_dict(path)
     extras = ckpt.get(KEY)
     if extras is None:
@@ -194,7 +198,11 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", over
             "a base has moved, give its new path (evaluate.py: +model.<tower>.pretrained=<dir>; Python: "
             "load_module(path, overrides={'<tower>.pretrained': dir}))") from None
     restore_external_weights(module, ckpt, f"checkpoint {path}")
-    module.load_state_dict(ckpt["state_dict"])
+    own = module.state_dict()
+    problems = compare_state_dict(own, ckpt["state_dict"])
+    module.load_notes = enforce(problems, f"checkpoint {path}", allow_partial_load)
+    bad = {k for k, _, _ in problems.mismatched}
+    module.load_state_dict({k: v for k, v in ckpt["state_dict"].items() if k not in bad}, strict=not problems)
     module.data_preprocessing = extras.get("data")  # None for checkpoints saved outside a Trainer
     module.saved_dp_state = ckpt.get("dp_state")  # a DP stage's privacy statement (None otherwise)
     module.saved_epoch = ckpt.get("epoch")  # Lightning's 0-based epoch, as in epoch_NNN.ckpt

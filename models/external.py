@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from audit.embeddings import validation_outputs
+from models.load_guard import LoadProblems, compare_state_dict, enforce
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,61 @@ def check_tokenizer(path: Path, config: Any, tokenizer: Any, context_length: int
                          f"is {bos}: the tokenizer is not this model's")
 
 
+def _file_digests(folder: Path, names: Sequence[str]) -> str:
+    import hashlib
+
+    return ", ".join(f"{n} (sha256 {hashlib.sha256((folder / n).read_bytes()).hexdigest()[:12]})"
+                     for n in names if (folder / n).is_file())
+
+
+def preprocessing_unproven(family: str, path: str, arch: str | None = None, image_mean: Sequence[float] | None = None,
+                           image_std: Sequence[float] | None = None, text_config_dir: str | None = None,
+                           **_: Any) -> list[str]:
+    """What an existing model's files cannot prove about its preprocessing, one line per part (the
+    result's meta.preprocessing_unproven; report.md states it). Read from the model config and the
+    folder's small files only, so an audit from cached embeddings states it too.
+
+    check_tokenizer / check_image_processor refuse a tokenizer or processor that does not fit the
+    towers (size, special ids, class, pixel shape), but nothing ties a vocabulary or a mean/std to
+    the weights: a tokenizer of the same size and special ids with another vocabulary, or another
+    model's mean/std in the same processor class, loads and runs. The lines name the files (with
+    their sha256, to compare with the model's published release) and values the audit used. The
+    open_clip tokenizer built into the library for an architecture is the library's, not a file's:
+    no line."""
+    p = Path(path)
+    notes = []
+    tokenizer_dir = None
+    if family == "hf":
+        tokenizer_dir = p
+        pre = json.loads((p / "preprocessor_config.json").read_text())
+        norm = (f"mean {pre.get('image_mean')}, std {pre.get('image_std')} from {p}/preprocessor_config.json "
+                f"({pre.get('image_processor_type', 'its processor class')})")
+    else:
+        cfg = json.loads((p / "open_clip_config.json").read_text()) if p.is_dir() else {}
+        if cfg.get("model_cfg", {}).get("text_cfg", {}).get("hf_tokenizer_name"):
+            tokenizer_dir = Path(text_config_dir) if text_config_dir else p
+        from open_clip.transform import PreprocessCfg
+
+        pre = cfg.get("preprocess_cfg") or {}
+        default = PreprocessCfg()
+        if image_mean is not None or image_std is not None:
+            source = "model.image_mean / model.image_std"
+        elif p.is_dir():
+            source = f"{p}/open_clip_config.json" if "mean" in pre else "open_clip's default (OpenAI's; open_clip_config.json names none)"
+        else:
+            source = f"open_clip's default (OpenAI's): the checkpoint file {p.name} records no preprocessing"
+        mean = list(image_mean) if image_mean is not None else pre.get("mean", list(default.mean))
+        std = list(image_std) if image_std is not None else pre.get("std", list(default.std))
+        norm = f"mean {mean}, std {std} from {source}"
+    if tokenizer_dir is not None:
+        notes.append(f"tokenizer: {_file_digests(tokenizer_dir, TOKENIZER_FILES)} in {tokenizer_dir}; its size and "
+                     "special tokens fit the text tower, but no file proves its vocabulary is the one the model was "
+                     "trained with (compare the sha256 with the model's release)")
+    notes.append(f"image normalisation: {norm}; nothing in the weights proves these are the values the model was "
+                 "trained with")
+    return notes
+
+
 def to_rgb(image: Any) -> Image.Image:
     """A radiograph (PIL image, HxW uint8 array, or the datamodule's uint8 [1,H,W] tensor) as an RGB
     PIL image: grey channel repeated three times, as CLIP-family models are fed."""
@@ -228,6 +284,7 @@ class _Backend:
     model: torch.nn.Module
     context_length: int
     pad_token_id: int
+    load_notes: list[str]  # what did not load (models/load_guard.py), [] when everything did
     padding_side: str = "right"
 
     preprocess: Any  # RGB PIL image -> pixel tensor [C, h, w], the library's own
@@ -245,7 +302,8 @@ class HFBackend(_Backend):
     """A transformers model with get_image_features / get_text_features, with the image processor
     and tokenizer saved beside it (AutoImageProcessor, AutoTokenizer)."""
 
-    def __init__(self, path: str, context_length: int | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, path: str, context_length: int | None = None, dtype: torch.dtype | None = None,
+                 allow_partial_load: bool = False) -> None:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         p = local_model_path(path, "hf")
@@ -262,7 +320,17 @@ class HFBackend(_Backend):
                                     "transformers would build an empty tokenizer and every report would embed the "
                                     "same; copy the model's own tokenizer files into the folder")
         kw = dict(local_files_only=True, trust_remote_code=False)
-        self.model = AutoModel.from_pretrained(path, dtype=dtype or "auto", **kw).eval()  # "auto": as saved
+        # transformers initialises at random, with a warning, every tensor the weights do not provide
+        # (a prefixed checkpoint: all of them); its loading info lists them and load_guard refuses.
+        # ignore_mismatched_sizes: other-shaped tensors are listed there too (instead of transformers'
+        # own RuntimeError), so every problem is refused, or flagged, the same way.
+        self.model, info = AutoModel.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True,
+                                                     ignore_mismatched_sizes=True, **kw)  # "auto": as saved
+        self.model.eval()
+        problems = LoadProblems(sorted(info["missing_keys"]), sorted(info["unexpected_keys"]),
+                                sorted((k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]),
+                                [str(e) for e in info.get("error_msgs") or []])
+        self.load_notes = enforce(problems, f"model.path {p}", allow_partial_load)
         for fn in ("get_image_features", "get_text_features"):
             if not hasattr(self.model, fn):
                 raise ValueError(f"{path}: {type(self.model).__name__} has no {fn}; model=hf_clip needs a dual "
@@ -306,19 +374,79 @@ class HFBackend(_Backend):
         return self.name
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns "Model initialized randomly" when it builds a model without weights, as
+    OpenCLIPBackend asks it to before load_open_clip_weights fills every tensor: not true here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def load_open_clip_weights(model: torch.nn.Module, path: Path, allow_partial_load: bool = False) -> list[str]:
+    """Load an open_clip checkpoint into ``model`` (built from its config) as open_clip's
+    `load_checkpoint` (3.x) does, less its resizing: a state dict whose positional embeddings do not
+    fit the config (text context 20 -> 16, image grid 4x4 -> 3x3) is refused, as is any missing,
+    unexpected or differently shaped tensor (models/load_guard.py). Returns the notes of what did
+    not load when ``allow_partial_load``.
+
+    The attention head count is in no tensor's shape (a width-512 layer has the same in_proj weight
+    for 8 heads or 16): it is the config's, unchecked (docs/audit.md)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.factory import load_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    if path.suffix in (".npz", ".npy"):
+        raise ValueError(f"model.path {path}: big_vision .npz weights are converted by open_clip without a record of "
+                         "what loaded; convert them to a state dict first")
+    sd = load_state_dict(str(path), device="cpu", weights_only=True)  # also drops a DDP 'module.' prefix
+    sd = convert_state_dict(model, sd)  # third-party layouts (MobileCLIP) -> open_clip's names
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)  # the pre-2.0 text tower names
+    own = model.state_dict()
+    for key in ("logit_scale", "logit_bias"):  # a scalar saved 0-d or 1-d: the same number
+        if key in sd and key in own and sd[key].numel() == own[key].numel() == 1:
+            sd[key] = sd[key].reshape(own[key].shape)
+    if "logit_bias" in own and "logit_bias" not in sd and "logit_scale" in sd:
+        # As open_clip: a CLIP checkpoint in a SigLIP-configured model; the bias enters the loss only,
+        # never the embeddings the audit reads.
+        sd["logit_bias"] = torch.zeros_like(own["logit_bias"])
+    if "text.transformer.embeddings.position_ids" not in own:  # as open_clip: a buffer transformers>=4.31 dropped
+        sd.pop("text.transformer.embeddings.position_ids", None)
+    problems = compare_state_dict(own, sd)
+    notes = enforce(problems, f"model.path {path}", allow_partial_load)
+    bad = {k for k, _, _ in problems.mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
+    return notes
+
+
+def _create(open_clip, name: str, **kw):
+    """open_clip.create_model_and_transforms without its random-initialisation warning (open_clip logs
+    through the root logger)."""
+    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model_and_transforms(name, **kw)
+    finally:
+        root.removeFilter(quiet)
+
+
 class OpenCLIPBackend(_Backend):
     """An open_clip model: a folder with open_clip_config.json + weights (`local-dir:`), or `arch`
     (a built-in architecture name or a model-config .json) + a checkpoint file."""
 
     def __init__(self, path: str, arch: str | None = None, context_length: int | None = None,
                  dtype: torch.dtype | None = None, image_mean: Sequence[float] | None = None,
-                 image_std: Sequence[float] | None = None, text_config_dir: str | None = None) -> None:
+                 image_std: Sequence[float] | None = None, text_config_dir: str | None = None,
+                 allow_partial_load: bool = False) -> None:
         try:
             import open_clip
         except ImportError as e:
             raise ImportError("model=open_clip needs open-clip-torch (pip install -r requirements.txt)") from e
         p = local_model_path(path, "open_clip")
-        kw: dict[str, Any] = dict(image_mean=image_mean, image_std=image_std, weights_only=True, load_weights=True)
+        # The model is built from its config alone and the weights loaded here (load_open_clip_weights):
+        # open_clip's own loader resizes positional embeddings that do not fit the config, silently.
+        kw: dict[str, Any] = dict(image_mean=image_mean, image_std=image_std, weights_only=True, load_weights=False,
+                                  pretrained_text=False, pretrained_image=False)
         if p.is_dir():
             if arch is not None:
                 raise ValueError(f"model.path {p} is a folder (open_clip_config.json + weights): leave model.arch null")
@@ -338,7 +466,13 @@ class OpenCLIPBackend(_Backend):
                         f"downloaded: put its config.json in {local} or set model.text_config_dir=<folder>")
                 # Its weights come with the full checkpoint (loaded strictly): build it from the config alone.
                 kw["text_cfg"] = {**text_cfg, "hf_model_name": str(local), "hf_model_pretrained": False}
-            model, _, self.preprocess = open_clip.create_model_and_transforms(name, **kw)
+            model, _, self.preprocess = _create(open_clip, name, **kw)
+            from open_clip.factory import _find_checkpoint_in_dir  # open_clip's choice among the folder's files
+
+            weights = _find_checkpoint_in_dir(p)
+            if weights is None:  # open_clip would go on with a random model ("initialized randomly")
+                raise FileNotFoundError(f"model.path {p} has open_clip_config.json but no weights (*.safetensors, "
+                                        "*.bin, *.pth)")
             if "text_cfg" in kw and text_cfg.get("hf_tokenizer_name"):
                 # open_clip.get_tokenizer("local-dir:...") would read the tokenizer from `p`; it lives
                 # with the text config (the same arguments get_tokenizer passes).
@@ -357,9 +491,10 @@ class OpenCLIPBackend(_Backend):
             if arch.endswith(".json"):
                 open_clip.add_model_config(arch)  # registers it under the file's stem
                 arch = Path(arch).stem
-            model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(p), **kw)
+            model, _, self.preprocess = _create(open_clip, arch, pretrained=str(p), **kw)
             self.tokenizer = open_clip.get_tokenizer(arch, context_length=context_length)
-            name = f"{arch} + {p}"
+            name, weights = f"{arch} + {p}", p
+        self.load_notes = load_open_clip_weights(model, Path(weights), allow_partial_load)
         self.model = model.to(dtype).eval() if dtype is not None else model.eval()
         self.context_length = int(self.tokenizer.context_length)
         self.pad_token_id = 0  # rows come at full context length; the datamodule never pads them
@@ -388,12 +523,15 @@ class ExternalDualEncoder(L.LightningModule):
     family: "hf" | "open_clip"; path: the model folder (or, for open_clip with `arch`, the
     checkpoint file); context_length: null = the model's own; dtype: weights are cast to it
     (float32 by default: bf16/fp16 releases run on a CPU, and the audit compares float32 cosines;
-    null = the library's default: as saved for Hugging Face, float32 for open_clip).
+    null = the library's default: as saved for Hugging Face, float32 for open_clip);
+    allow_partial_load: audit a model whose weights did not fully load (models/load_guard.py),
+    flagged; refused otherwise.
     """
 
     def __init__(self, family: str, path: str, arch: str | None = None, context_length: int | None = None,
                  dtype: str | None = "float32", image_mean: Sequence[float] | None = None,
-                 image_std: Sequence[float] | None = None, text_config_dir: str | None = None) -> None:
+                 image_std: Sequence[float] | None = None, text_config_dir: str | None = None,
+                 allow_partial_load: bool = False) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"model.family must be one of {FAMILIES}, got {family!r}")
@@ -406,9 +544,14 @@ class ExternalDualEncoder(L.LightningModule):
             if arch or image_mean or image_std or text_config_dir:
                 raise ValueError("model.arch/image_mean/image_std/text_config_dir are open_clip options; a Hugging "
                                  "Face model reads its preprocessing from its own folder")
-            self.backend: _Backend = HFBackend(path, context_length, torch_dtype)
+            self.backend: _Backend = HFBackend(path, context_length, torch_dtype, bool(allow_partial_load))
         else:
-            self.backend = OpenCLIPBackend(path, arch, context_length, torch_dtype, image_mean, image_std, text_config_dir)
+            self.backend = OpenCLIPBackend(path, arch, context_length, torch_dtype, image_mean, image_std, text_config_dir,
+                                           bool(allow_partial_load))
+        # What did not load (only with allow_partial_load; otherwise the backend raised): evaluate.py
+        # flags the result with it (meta.weights_not_loaded).
+        self.load_notes: list[str] = list(self.backend.load_notes)
+        self.preprocessing_notes = preprocessing_unproven(family, path, arch, image_mean, image_std, text_config_dir)
         self.net = self.backend.model.requires_grad_(False)
         self.family, self.path = family, str(path)
         self.tokenizer = ReportTokenizer(self.backend)
