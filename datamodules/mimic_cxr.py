@@ -233,7 +233,7 @@ class MimicCXRReader(CohortReader):
                 issues.problem(f"{report_path}", "missing report file", key=study)
                 continue
             try:
-                text = data.decode("utf-8")
+                text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is no report text
             except UnicodeDecodeError as e:
                 issues.problem(f"{report_path}", f"report file is not valid UTF-8 (byte {e.start})", key=study)
                 continue
