@@ -31,7 +31,7 @@ def as_embeddings(x: Any, name: str, rows: np.ndarray | None = None) -> torch.Te
     """A finite, non-empty float32 [n, d] tensor, or a ValueError naming ``name`` (and the rows,
     numbered by ``rows`` when given)."""
     if isinstance(x, torch.Tensor):
-        t = x
+        t = x.detach()  # an audit reads values: a tensor that requires grad is audited as its values
     else:
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiu":  # strings, objects, booleans: a raw numpy error would name nothing
@@ -106,12 +106,13 @@ def check_ids(x: Any, name: str, n: int, rows: np.ndarray | None = None) -> np.n
     """Study/patient ids: integers or strings, one per row, none blank ("") or padded with spaces.
     Float ids are refused whatever their values (a float32 id may already have collided). Rows are
     named by ``rows`` (an embeddings file's row numbers) when given."""
-    arr = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+    arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    if arr.dtype.kind == "O":
+        arr = _object_ids(arr.reshape(-1), name, rows)
     if arr.dtype.kind == "f":
         raise ValueError(f"{name} has dtype {arr.dtype}: {_FLOAT_ID}")
     if arr.dtype.kind not in "iuUS":
-        raise ValueError(f"{name} has dtype {arr.dtype}; expected integers or fixed-width strings "
-                         "(an .npz stores no pickled objects)")
+        raise ValueError(f"{name} has dtype {arr.dtype}; expected integers or strings")
     arr = arr.reshape(-1)
     if arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} entries but image_emb has {n} rows")
@@ -133,9 +134,26 @@ def check_ids(x: Any, name: str, n: int, rows: np.ndarray | None = None) -> np.n
     return arr
 
 
+def _object_ids(arr: np.ndarray, name: str, rows: np.ndarray | None) -> np.ndarray:
+    """Ids of dtype object (what a pandas column of strings or a Python list of mixed items gives): all
+    strings -> a string array, all integers -> int64; anything else (None/NaN for a missing id, floats,
+    a mix of strings and integers, which "1" and 1 would make ambiguous) raises naming the first row."""
+    items = arr.tolist()
+    if all(isinstance(v, str) for v in items):
+        return np.asarray(items, dtype=str) if items else np.asarray(items, dtype="U1")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+        return np.asarray(items, dtype=np.int64)
+    kind = str if isinstance(items[0], str) else int
+    r = next(i for i, v in enumerate(items) if not isinstance(v, kind) or isinstance(v, (bool, np.bool_)))
+    v = items[r]
+    raise ValueError(f"{name} has dtype object (e.g. a pandas column) holding a {type(v).__name__} at row "
+                     f"{_named([r], rows)[0]} ({v!r}) among {kind.__name__} ids: ids must be all integers or all "
+                     "strings, none missing")
+
+
 def check_labels_array(x: Any, name: str, n: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Labels [n, 14] of numbers in {1, 0, -1, NaN}, or a ValueError naming ``name`` and the rows."""
-    arr = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+    arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"{name} has dtype {arr.dtype}; expected numbers 1, 0, -1 or NaN over {NUM_LABELS} labels")
     lab = arr.astype(np.float32)

@@ -33,6 +33,7 @@ Definitions (DESIGN.md, "The re-linkage metric, precisely"):
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -62,6 +63,36 @@ TIED_QUERY_FRACTION = 0.5
 
 class DegenerateEmbeddingsError(ValueError):
     """The embeddings are collapsed or tied beyond TIED_QUERY_FRACTION (see above)."""
+
+
+def _whole(x: Any, name: str, minimum: int) -> int:
+    """``x`` as an int when it is a whole number >= ``minimum`` (1.0 is 1); 1.5, True, "1" raise naming
+    ``name`` (int() would truncate 1.5 to 1 silently)."""
+    ok = not isinstance(x, (bool, np.bool_)) and (
+        isinstance(x, numbers.Integral) or (isinstance(x, numbers.Real) and float(x).is_integer()))
+    if not ok or int(x) < minimum:
+        raise ValueError(f"{name}: {x!r} is not a whole number >= {minimum}")
+    return int(x)
+
+
+def check_settings(ks: Sequence[Any], ns: Sequence[Any], directions: Sequence[str], n_boot: Any,
+                   seed: Any, hardneg: bool = False, dedup: bool = False
+                   ) -> tuple[list[int], list[int | str], list[str], int, int]:
+    """The re-linkage settings validated: K and N whole numbers (N may be "full"), at least one of each,
+    a direction unless a hard-negative or dedup variant runs (they are image->report variants of their
+    own), n_boot >= 0. Returns them as ints."""
+    for name, v in (("ks", ks), ("ns", ns), ("directions", directions)):
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+            raise ValueError(f"{name} must be a list, got {v!r}")
+        if len(v) == 0 and (name != "directions" or not (hardneg or dedup)):
+            raise ValueError(f"{name} is empty: nothing would be audited"
+                             + (f" (give a subset of {DIRECTIONS})" if name == "directions" else ""))
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; expected a subset of {DIRECTIONS}")
+    ks = [_whole(k, "ks", 1) for k in ks]
+    ns = [n if isinstance(n, str) else _whole(n, "ns", 1) for n in ns]
+    return ks, ns, list(directions), _whole(n_boot, "n_boot", 0), _whole(seed, "seed", 0)
 
 
 def _collapsed(x: torch.Tensor, name: str) -> str | None:
@@ -188,9 +219,7 @@ def relinkage_audit(
     and every section carries ``"degenerate": [reasons]``."""
     if ties not in TIES_POLICIES:
         raise ValueError(f"unknown ties policy {ties!r}; expected one of {TIES_POLICIES}")
-    for d in directions:
-        if d not in DIRECTIONS:
-            raise ValueError(f"unknown direction {d!r}; expected a subset of {DIRECTIONS}")
+    ks, ns, directions, n_boot, seed = check_settings(ks, ns, directions, n_boot, seed, hardneg, dedup)
     if label_mapping not in LABEL_MAPPINGS:
         raise ValueError(f"unknown label mapping {label_mapping!r}; expected one of {LABEL_MAPPINGS}")
     img = as_embeddings(es.image_emb, "image_emb")
@@ -220,16 +249,21 @@ def relinkage_audit(
     hn = sub = None
     if hardneg:
         hn = (label_groups(es.study_labels, label_mapping), study_patient, item_patient)
-    if dedup:
-        if es.study_text_hash is None:
-            raise ValueError("dedup needs a report text hash per study (report_text_hash)")
+    if dedup and es.study_text_hash is None:
+        raise ValueError("dedup needs a report text hash per study (report_text_hash)")
+    n_texts = 0
+    if es.study_text_hash is not None:
         uniq, first, inv = np.unique(np.asarray(es.study_text_hash), return_index=True, return_inverse=True)
-        if uniq.size < 2:
+        n_texts = int(uniq.size)
+        if dedup and n_texts < 2:
             raise ValueError("dedup: fewer than 2 distinct report texts")
-        # The first study of each distinct text stands for it (its column is the candidate).
-        is_first = np.zeros(n_st, dtype=bool)
-        is_first[first] = True
-        sub = (is_first, torch.as_tensor(first[inv.reshape(-1)])[item_study])
+        # The first study of each distinct text stands for it (its column is the candidate). Counted
+        # whenever hashes are given, dedup or not: the tie guard below reads it, so one file gets one
+        # verdict whichever variants run.
+        if n_texts >= 2:
+            is_first = np.zeros(n_st, dtype=bool)
+            is_first[first] = True
+            sub = (is_first, torch.as_tensor(first[inv.reshape(-1)])[item_study])
     t2i = "t2i" in directions
     if t2i:
         per_study = torch.bincount(item_study, minlength=n_st)
@@ -237,11 +271,16 @@ def relinkage_audit(
         if int(t2i_pop.max()) < 1:
             raise ValueError("report->image needs images of at least 2 studies")
     r = rank_counts(img, rep, item_study, chunk_size=chunk_size, hardneg=hn, subset=sub, reverse=t2i, fused=fused)
-    # With report hashes (dedup), a tie with a report of the same text is no sign of a broken pipeline.
-    tied = float(((r["sub_ties"] if dedup else r["ties"]) > 0).to(torch.float64).mean())
+    # With report hashes (whichever variants run), a tie with a report of the same text is no sign of a
+    # broken pipeline; one text only: no other text to tie with.
+    hashed = es.study_text_hash is not None
+    if not hashed:
+        tied = float((r["ties"] > 0).to(torch.float64).mean())
+    else:
+        tied = float((r["sub_ties"] > 0).to(torch.float64).mean()) if sub is not None else 0.0
     if tied > TIED_QUERY_FRACTION:
         degenerate.append(f"{100 * tied:.1f}% of image->report queries have their true report tied with another "
-                          f"report{' of another text' if dedup else ''} (more than {100 * TIED_QUERY_FRACTION:.0f}%)")
+                          f"report{' of another text' if hashed else ''} (more than {100 * TIED_QUERY_FRACTION:.0f}%)")
         if not allow_degenerate:
             _refuse_degenerate(degenerate)
     out: dict[str, dict[str, Any]] = {}
@@ -268,10 +307,10 @@ def relinkage_audit(
         })
         out["hardneg/i2t"] = sec
     if dedup:
-        pop = torch.full((n_items,), uniq.size - 1, dtype=torch.long)
-        sec = _section(r["sub_above"], r["sub_ties"], pop, item_patient, n_candidates=int(uniq.size), **common)
+        pop = torch.full((n_items,), n_texts - 1, dtype=torch.long)
+        sec = _section(r["sub_above"], r["sub_ties"], pop, item_patient, n_candidates=n_texts, **common)
         sec.update({"direction": "i2t", "variant": "dedup", "dedup": True,
-                    "n_unique_reports": int(uniq.size), "n_studies": n_st})
+                    "n_unique_reports": n_texts, "n_studies": n_st})
         out["dedup/i2t"] = sec
     if degenerate:  # allowed: every section says so (the headline, report.md and audit.json show it)
         for sec in out.values():
@@ -286,10 +325,12 @@ class Relinkage:
 
     def __init__(self, **given: Any):
         s = resolve_settings("relinkage", given)
+        ks, ns, directions, n_boot, seed = check_settings(s["ks"], s["ns"], s["directions"], s["n_boot"], s["seed"],
+                                                          bool(s["hardneg"]), bool(s["dedup"]))
         self.settings = {
-            "ks": [int(k) for k in s["ks"]], "ns": [n if isinstance(n, str) else int(n) for n in s["ns"]],
-            "directions": list(s["directions"]), "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
-            "dedup": bool(s["dedup"]), "ties": s["ties"], "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
+            "ks": ks, "ns": ns,
+            "directions": directions, "hardneg": bool(s["hardneg"]), "label_mapping": s["label_mapping"],
+            "dedup": bool(s["dedup"]), "ties": s["ties"], "n_boot": n_boot, "seed": seed,
             "allow_degenerate": bool(s["allow_degenerate"]),
         }
         self.chunk_size = s["chunk_size"]

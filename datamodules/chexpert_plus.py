@@ -15,6 +15,8 @@ split_policy=test to evaluate on the whole cohort as an external test set.
 Reports may exceed csv's default field limit (131,072 characters); the reader raises it
 (reader_utils.CSV_FIELD_LIMIT). The CSV next to a `.gz` copy of itself is refused (they may differ).
 A label file none of whose path_to_image keys is in the CSV is refused; partial matches are counted.
+Rows of one study must agree: its images' labels (where the label file has them), split and
+deid_patient_id; a patient directory must carry one id (a blank id reads as the directory name).
 Section columns (or report sections) holding only `___` marks are empty.
 """
 
@@ -158,6 +160,19 @@ class CheXpertPlusReader(CohortReader):
             # Against every image row of the CSV (CheXbert keys are path_to_image).
             check_label_join("chexpert_plus", self.root / self.label_file, list(labels), list(seen), unit="image")
 
+        # One patient, one id: a blank deid_patient_id falls back to the patient directory's name, so a
+        # directory whose studies carry two ids (one written, one blank in another form) is refused.
+        ids_of_dir: dict[str, dict[str, int]] = {}
+        for study, rows in rows_by_study.items():
+            line, first = rows[0]
+            ids_of_dir.setdefault(str(PurePosixPath(study).parent), {}).setdefault(
+                first["deid_patient_id"].strip() or PurePosixPath(study).parent.name, line)
+        for pdir, ids in ids_of_dir.items():
+            if len(ids) > 1:
+                raise DataError(f"chexpert_plus: {csv_path.name} line {max(ids.values())}: patient directory {pdir} holds "
+                                f"studies under patient ids {sorted(ids)} (a blank deid_patient_id reads as the directory "
+                                "name): one patient must have one id in every row")
+
         studies: list[Study] = []
         n_no_view = n_no_label = 0
         for study, rows in rows_by_study.items():
@@ -168,6 +183,12 @@ class CheXpertPlusReader(CohortReader):
             patient = first["deid_patient_id"].strip() or PurePosixPath(study).parent.name
             if any(r["deid_patient_id"].strip() != first["deid_patient_id"].strip() for _, r in rows):
                 issues.problem(where, "images of one study under different deid_patient_id", key=study)
+                continue
+            split_of = [(ln, r.get("split", "").strip()) for ln, r in rows]
+            other = next(((ln, sp) for ln, sp in split_of if sp != split_of[0][1]), None)
+            if other:
+                issues.problem(f"{csv_path.name} line {other[0]}", f"study {study} has split {other[1]!r} but line "
+                               f"{first_line} gives it {split_of[0][1]!r} (one study, one split)", key=study)
                 continue
             # Report and sections are per study; every image row repeats them.
             report = first["report"]
@@ -204,8 +225,15 @@ class CheXpertPlusReader(CohortReader):
             if bad:
                 issues.problem(bad[0], bad[1], key=study)
                 continue
-            # CheXbert labels are per report; take the first image row that has them.
-            lab = next((labels[r["path_to_image"].strip()] for _, r in rows if r["path_to_image"].strip() in labels), None)
+            # CheXbert labels are per report: every image of the study that has a row must give the same.
+            labelled = [(r["path_to_image"].strip(), labels[r["path_to_image"].strip()]) for _, r in rows
+                        if r["path_to_image"].strip() in labels]
+            lab = labelled[0][1] if labelled else None
+            odd = next((p for p, v in labelled[1:] if not np.array_equal(v, lab, equal_nan=True)), None)
+            if odd is not None:
+                issues.problem(f"{PurePosixPath(self.label_file).name}", f"the images of study {study} have different "
+                               f"labels ({labelled[0][0]} vs {odd}); one report, one label vector", key=study)
+                continue
             if lab is None:
                 n_no_label += 1
                 lab = np.full(NUM_LABELS, np.nan, dtype=np.float32)

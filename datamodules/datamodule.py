@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from datamodules.reader_utils import grey_uint8
+from datamodules.reader_utils import _bomb_reason, grey_uint8
 from datamodules.records import SPLITS, TEXT_FIELDS, Study
 from datamodules.text import build_tokenizer
 
@@ -43,6 +43,8 @@ def load_image(ref: Any, where: str) -> np.ndarray:
         raise FileNotFoundError(f"{where}: image file {ref} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{where}: image file {ref} could not be decoded ({type(e).__name__}: {e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{where}: image file {ref}: {_bomb_reason(e)}") from None
 
 
 class StudyImageDataset(Dataset):

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -75,9 +76,11 @@ def open_text(path: Path) -> io.TextIOBase:
     """A UTF-8 text stream of a (gzipped) file. Bytes that are not UTF-8 come through as lone
     surrogates (surrogateescape) instead of a bare UnicodeDecodeError mid-file, so the caller can
     name the row that holds them (`bad_utf8`)."""
+    # utf-8-sig: a byte-order mark before the header (a spreadsheet's "CSV UTF-8") is dropped, not
+    # read into the first column's name.
     if str(path).endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -330,19 +333,85 @@ def grey_uint8(im: Image.Image, source: str) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
+# Samples per pixel of each PNG colour type (grey, RGB, palette, grey+alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_missing_rows(path: str) -> str | None:
+    """Why a PNG's image data is shorter than its header says, or None. PIL zero-fills the rows of a
+    zlib stream that ends early (a complete stream holding half the rows passes ``load()``), so the
+    IDAT data is inflated here and its length compared with the size IHDR implies."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        ihdr, idat = None, []
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            data = f.read(length)
+            f.read(4)  # CRC (PIL checks it)
+            if kind == b"IHDR":
+                ihdr = data
+            elif kind == b"IDAT":
+                idat.append(data)
+            elif kind == b"IEND":
+                break
+    if ihdr is None or len(ihdr) < 13:
+        return None
+    width, height = int.from_bytes(ihdr[:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    bits, color, interlace = ihdr[8], ihdr[9], ihdr[12]
+    if color not in _PNG_CHANNELS:
+        return None
+    bpp = bits * _PNG_CHANNELS[color]
+
+    def size(w: int, h: int) -> int:  # one filter byte per row + the row's packed samples
+        return h * (1 + (w * bpp + 7) // 8) if w > 0 and h > 0 else 0
+
+    passes = [(width, height)] if not interlace else [
+        (-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in _ADAM7]
+    want = sum(size(w, h) for w, h in passes)
+    z = zlib.decompressobj()
+    got = 0
+    for data in idat:
+        got += len(z.decompress(data, max(want + 1 - got, 1)))
+        if got > want:
+            break
+    if got >= want:
+        return None
+    if interlace:
+        return f"truncated image data ({got} of {want} bytes of its interlaced rows; PIL would fill the rest with zeros)"
+    row = 1 + (width * bpp + 7) // 8
+    return f"truncated image data ({got // row} of {height} rows; PIL would fill the rest with zeros)"
+
+
+def _bomb_reason(e: Exception) -> str:
+    """PIL's decompression-bomb error as a short reason (its message names no file)."""
+    nums = re.findall(r"\d+", str(e))
+    size = f" ({nums[0]} pixels, above PIL's limit of {nums[1]})" if len(nums) >= 2 else ""
+    return f"image too large to decode safely{size}"
+
+
 def verify_image(path: str) -> str | None:
     """None if PIL decodes the whole file to a grey-scale array by `grey_uint8`'s rule, else a short
     reason (no pixel data is printed).
 
     A full decode (`load()`), not PIL's `verify()`: verify only checks a JPEG's headers, so a
-    truncated file would pass here and crash training mid-epoch."""
+    truncated file would pass here and crash training mid-epoch. A PNG's inflated data must also
+    hold every row its header announces (`png_missing_rows`), and a header past PIL's
+    decompression-bomb limit is a reason, not PIL's error naming no file."""
     try:
         with Image.open(path) as im:
             im.load()
             grey_uint8(im, path)
-        return None
+            fmt = im.format
+        return png_missing_rows(path) if fmt == "PNG" else None
     except FileNotFoundError:
         return "missing image file"
+    except Image.DecompressionBombError as e:
+        return _bomb_reason(e)
     except BitDepthError as e:
         return e.reason
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -173,7 +173,8 @@ def _content_by_paragraph(text: str) -> list[str]:
 def parse_report(text: str) -> ParsedReport:
     """Split `text` into sections; findings/impression follow the official parser's rules."""
     out = ParsedReport()
-    text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
+    # A byte-order mark (an editor's "UTF-8 with BOM") is no text: before a first-line header it hid it.
+    text = (text or "").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     headers = list(_HEADER.finditer(text))
     starts = [0] + [m.end() for m in headers]
     names = ["preamble"] + [normalize_header(m.group(1)) for m in headers]

@@ -167,8 +167,12 @@ def test_one_patient_is_refused_when_bootstrapping(rows, tmp_path):
 def test_object_ids_and_string_labels_name_the_key(rows, tmp_path):
     from evaluate import load_embeddings
 
-    with pytest.raises(ValueError, match="study_id has dtype object"):
-        _es(rows, study_id=np.array([int(x) for x in rows["study_id"]], dtype=object))
+    # object ids of one kind (a pandas column) read as their values (#29); a mix or a missing one is refused
+    ints = [int(x) for x in rows["study_id"]]
+    assert _es(rows, study_id=np.array(ints, dtype=object)).item_study.tolist() == \
+        _es(rows, study_id=np.array(ints)).item_study.tolist()
+    with pytest.raises(ValueError, match="study_id has dtype object .* holding a str at row 1"):
+        _es(rows, study_id=np.array([ints[0], str(ints[1]), *ints[2:]], dtype=object))
     with pytest.raises(ValueError, match=r"labels has dtype <U\d+; expected numbers"):
         _es(rows, labels=rows["labels"].astype(str))
     path = tmp_path / "obj.npz"
