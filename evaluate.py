@@ -272,8 +272,25 @@ def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | No
             log.info("encoded %d %s rows of %s", len(out[(split, rows)]["image_emb"]), split, model_cfg["path"])
         return out
 
+    studies: dict[str, list] = {}
+
+    def cohort(sel: tuple[str, str]) -> dict[str, np.ndarray]:  # the selection's rows, as the datamodule orders them
+        from datamodules.records import SPLITS
+        from models.embedding_cache import cohort_rows
+
+        if not studies:
+            studies.update({s: [] for s in SPLITS})
+            for st in instantiate(cfg.data.reader).load():
+                studies[st.split].append(st)
+        split, rows = sel
+        if split not in studies:
+            raise ValueError(f"split={split}: no such split; expected one of {list(studies)}")
+        n = sum(len(st.images) for st in studies[split])
+        idx = None if rows == "all" else subsample_rows(n, *subsample[rows])
+        return cohort_rows(studies[split], str(OmegaConf.select(cfg, "data.text_field", default="report")), idx)
+
     data, info = cached_rows(cfg.paths.cache_dir, model_cfg, OmegaConf.to_container(cfg.data, resolve=True),
-                             selections, encode)
+                             selections, encode, cohort)
     rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb, data=data)
     meta.pop("embeddings", None)
     path = Path(str(model_cfg["path"]))
