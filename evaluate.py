@@ -25,6 +25,7 @@ The probe trains on a seeded random subset of at most max_train_samples train ro
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -57,7 +58,14 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
     data = {}
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not an .npz (a pickle, a checkpoint, a truncated file)
+        raise ValueError(f"embeddings file {path} is not a readable .npz of arrays ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); write it with numpy.savez") from None
+    if not hasattr(npz, "files"):
+        raise ValueError(f"embeddings file {path} holds one array, not an .npz of named arrays; write it with numpy.savez")
+    with npz as z:
         for k in z.files:
             try:
                 data[k] = z[k]
@@ -369,6 +377,14 @@ def check_inputs(cfg: DictConfig) -> None:
     ((key, value),) = named.items()
     if not Path(str(value)).exists():
         raise cli.UsageError(f"{key}={value}: no such {'folder' if key == 'model.path' else 'file'}")
+    if key != "embeddings":  # (an embeddings file may name its splits as it likes: audit_embeddings checks)
+        from datamodules.records import SPLITS
+
+        split = str(cfg.get("split"))
+        if split not in SPLITS:
+            close = difflib.get_close_matches(split, SPLITS, n=1)
+            raise cli.UsageError(f"split={split}: no such split of the cohort; choose one of {', '.join(SPLITS)}"
+                                 + (f" (did you mean split={close[0]}?)" if close else ""))
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
