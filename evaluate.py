@@ -25,6 +25,7 @@ The probe trains on a seeded random subset of at most max_train_samples train ro
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -57,7 +58,14 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
     data = {}
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not an .npz (a pickle, a checkpoint, a truncated file)
+        raise ValueError(f"embeddings file {path} is not a readable .npz of arrays ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); write it with numpy.savez") from None
+    if not hasattr(npz, "files"):
+        raise ValueError(f"embeddings file {path} holds one array, not an .npz of named arrays; write it with numpy.savez")
+    with npz as z:
         for k in z.files:
             try:
                 data[k] = z[k]
@@ -280,8 +288,25 @@ def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | No
             log.info("encoded %d %s rows of %s", len(out[(split, rows)]["image_emb"]), split, model_cfg["path"])
         return out
 
+    studies: dict[str, list] = {}
+
+    def cohort(sel: tuple[str, str]) -> dict[str, np.ndarray]:  # the selection's rows, as the datamodule orders them
+        from datamodules.records import SPLITS
+        from models.embedding_cache import cohort_rows
+
+        if not studies:
+            studies.update({s: [] for s in SPLITS})
+            for st in instantiate(cfg.data.reader).load():
+                studies[st.split].append(st)
+        split, rows = sel
+        if split not in studies:
+            raise ValueError(f"split={split}: no such split; expected one of {list(studies)}")
+        n = sum(len(st.images) for st in studies[split])
+        idx = None if rows == "all" else subsample_rows(n, *subsample[rows])
+        return cohort_rows(studies[split], str(OmegaConf.select(cfg, "data.text_field", default="report")), idx)
+
     data, info = cached_rows(cfg.paths.cache_dir, model_cfg, OmegaConf.to_container(cfg.data, resolve=True),
-                             selections, encode)
+                             selections, encode, cohort)
     rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb, data=data)
     meta.pop("embeddings", None)
     path = Path(str(model_cfg["path"]))
@@ -367,6 +392,14 @@ def check_inputs(cfg: DictConfig) -> None:
     ((key, value),) = named.items()
     if not Path(str(value)).exists():
         raise cli.UsageError(f"{key}={value}: no such {'folder' if key == 'model.path' else 'file'}")
+    if key != "embeddings":  # (an embeddings file may name its splits as it likes: audit_embeddings checks)
+        from datamodules.records import SPLITS
+
+        split = str(cfg.get("split"))
+        if split not in SPLITS:
+            close = difflib.get_close_matches(split, SPLITS, n=1)
+            raise cli.UsageError(f"split={split}: no such split of the cohort; choose one of {', '.join(SPLITS)}"
+                                 + (f" (did you mean split={close[0]}?)" if close else ""))
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

@@ -9,14 +9,24 @@ A mistyped group or option (``modle=...``, ``model=bert_encodr``), a key that th
 (``data.root=...`` while ``data=synthcxr``: the cohorts that have it are named) and a mistyped key get
 close matches (difflib). Entry points raise ``UsageError`` for mistakes they find themselves (a missing
 or nonexistent input file) and run their task inside ``with cli.usage_errors():``.
+
+Inside the task, a *refusal* also ends in one line and exit status 2 (``refusal``): a UsageError, a
+mandatory config value left unset (``data=mimic_cxr`` without ``data.root``), and a ValueError,
+FileNotFoundError, KeyError or FileExistsError that a ``raise`` statement of this project raised on
+purpose (the guards: a foreign checkpoint, a model that is not the one expected, a malformed cohort or
+embeddings file), also when Hydra's ``instantiate`` wrapped it. Anything else is a bug and keeps its
+traceback (exit status 1). ``HYDRA_FULL_ERROR=1`` shows the traceback of a refusal too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import linecache
 import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Callable
 
 import yaml
@@ -29,6 +39,12 @@ _FLAGS_WITH_VALUE = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--c
                      "-p", "--package", "--info", "--experimental-rerun"}
 
 
+_PROJECT = Path(__file__).resolve().parents[1]
+# Whether the person asked for tracebacks (HYDRA_FULL_ERROR=1 in their environment); run() records it
+# before it sets the variable for Hydra itself. None: read the environment.
+_user_full_error: bool | None = None
+
+
 class UsageError(ValueError):
     """A mistake in how the program was called (which inputs, which keys): printed as one line, exit
     status 2. A ValueError, so callers of the library functions may catch it as such."""
@@ -39,12 +55,17 @@ def run(main: Callable[[], object], config_name: str) -> None:
     Other errors keep their full traceback (exit status 1)."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
+    global _user_full_error
     # Hydra prints (and exits on) every exception itself unless HYDRA_FULL_ERROR is set; set, they
-    # reach this function. A run's own errors then show their whole traceback.
+    # reach this function. A run's own errors (bugs) then show their whole traceback; refusals are
+    # one line (usage_errors) unless the person set HYDRA_FULL_ERROR=1 themselves.
+    _user_full_error = _wants_traceback()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as e:
+        if _user_full_error:
+            raise
         hydra_says = str(e) + (f"\n{e.__cause__}" if e.__cause__ is not None else "")
         try:
             why = explain(config_name, command_line_overrides(sys.argv[1:]))
@@ -53,14 +74,64 @@ def run(main: Callable[[], object], config_name: str) -> None:
         _exit_usage(why or hydra_says)
 
 
+def _wants_traceback() -> bool:
+    if _user_full_error is not None:
+        return _user_full_error
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 @contextlib.contextmanager
 def usage_errors():
-    """Inside a Hydra task function: a UsageError becomes one line on stderr and exit status 2 (a
-    SystemExit passes through Hydra without its "Error executing job" preamble)."""
+    """Inside a Hydra task function: a refusal (``refusal``) becomes one line on stderr and exit status 2
+    (a SystemExit passes through Hydra without its "Error executing job" preamble); other exceptions,
+    and every exception under HYDRA_FULL_ERROR=1, keep their traceback."""
     try:
         yield
-    except UsageError as e:
-        _exit_usage(str(e))
+    except Exception as e:
+        message = refusal(e)
+        if message is None or _wants_traceback():
+            raise
+        _exit_usage(message)
+
+
+_REFUSALS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _raised_on_purpose(e: BaseException) -> bool:
+    """Whether ``e`` left a ``raise`` statement in this project's own code (not an error of a library,
+    nor one Python raised for a statement that went wrong: ``d[k]``, ``int(s)``)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    path = Path(last.filename).resolve()
+    if _PROJECT not in path.parents or "site-packages" in path.parts or ".venv" in path.parts:
+        return False
+    end = getattr(last, "end_lineno", None) or last.lineno
+    statement = " ".join(linecache.getline(last.filename, n).strip() for n in range(last.lineno, end + 1))
+    return statement.startswith("raise ")
+
+
+def refusal(e: BaseException) -> str | None:
+    """The one-line message of an exception that refuses the run's input, or None for a bug (module
+    docstring). Hydra's InstantiationException is looked through to what the constructor raised."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UsageError):
+            return str(e)
+        if isinstance(e, MissingMandatoryValue):
+            key = getattr(e, "full_key", None) or str(e).split(":", 1)[-1].strip().splitlines()[0]
+            return (f"{key} is not set (the config leaves it '???'; there is no default): give it on the command "
+                    f"line, {key}=<value>")
+        if isinstance(e, _REFUSALS) and _raised_on_purpose(e):
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            return " ".join(text.split()) or type(e).__name__
+        e = e.__cause__ if isinstance(e, InstantiationException) else None
+    return None
 
 
 def _exit_usage(message: str) -> None:

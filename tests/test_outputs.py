@@ -4,6 +4,7 @@ output)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -170,6 +171,79 @@ def test_cli_usage_mistakes_end_in_one_clear_line_and_exit_status_2(argv, says, 
     assert "Traceback" not in p.stderr and "HYDRA_FULL_ERROR" not in p.stderr and "Error executing job" not in p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and says in last
+
+
+def _foreign_files(tmp_path):
+    import pickle
+
+    foreign = tmp_path / "foreign.ckpt"
+    foreign.write_bytes(pickle.dumps({"not": "a checkpoint"}, protocol=2))  # (torch warns about newer protocols)
+    return foreign
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train.py", "data=mimic_cxr"], "data.root is not set"),  # a mandatory value (???) left unset
+    (["evaluate.py", "ckpt_path={foreign}"], "checkpoint {foreign} cannot be loaded safely"),  # models/checkpoint.py's guard
+    (["evaluate.py", "ckpt_path={foreign}", "split=testt"], "split=testt: no such split of the cohort; choose one of "
+     "train, val, test (did you mean split=test?)"),
+    (["evaluate.py", "embeddings={foreign}"], "embeddings file {foreign} is not a readable .npz of arrays"),
+])
+def test_refusals_inside_a_run_are_one_line_and_exit_status_2(argv, says, tmp_path) -> None:
+    """Guards and data errors raised inside the task: one line naming the key or file, no Hydra traceback."""
+    foreign = _foreign_files(tmp_path)
+    argv = [a.format(foreign=foreign) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.run([sys.executable, *argv, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "Error executing job" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and says.format(foreign=foreign) in lines[0], p.stderr
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_refusal(tmp_path) -> None:
+    foreign = _foreign_files(tmp_path)
+    p = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={foreign}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert p.returncode == 1 and "Traceback" in p.stderr and "cannot be loaded safely" in p.stderr
+
+
+def test_refusal_tells_guards_from_bugs() -> None:
+    """A ValueError/KeyError/FileNotFoundError our code raised on purpose is a refusal (its message); one
+    Python or a library raised for a statement that went wrong is a bug (None: the traceback stays)."""
+    import numpy as np
+    from hydra.errors import InstantiationException
+
+    from configs.cli import UsageError, refusal
+
+    def caught(f):
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no exception")
+
+    def guard():
+        raise ValueError("data.text_field must be one of (...), got 'x'\n  (a second line)")
+
+    def missing():
+        raise FileNotFoundError("image file /x.png does not exist")
+
+    def wrapped():
+        try:
+            guard()
+        except ValueError as e:
+            raise InstantiationException("Error in call to target 'datamodules.X'") from e
+
+    assert refusal(caught(guard)) == "data.text_field must be one of (...), got 'x' (a second line)"
+    assert refusal(caught(missing)) == "image file /x.png does not exist"
+    assert refusal(caught(wrapped)) == "data.text_field must be one of (...), got 'x' (a second line)"
+    assert refusal(UsageError("split=x: no such split")) == "split=x: no such split"
+    assert refusal(caught(lambda: int("x"))) is None  # Python's, for a statement that went wrong
+    assert refusal(caught(lambda: {}["key"])) is None
+    assert refusal(caught(lambda: np.zeros(3) + np.zeros(4))) is None  # a library's
+    assert refusal(caught(lambda: (_ for _ in ()).throw(TypeError("bug")))) is None
+    assert refusal(InstantiationException("Error in call to target")) is None  # nothing of ours underneath
 
 
 def test_train_refuses_a_missing_checkpoint_before_any_work(compose_train) -> None:

@@ -20,8 +20,12 @@ audit callbacks see the same items on the DP stage as on stage 2.
 Cache: ``{cache_dir}/dp_features/{sha256(checkpoint file)[:16]}-{cohort fingerprint[:16]}/{split}.safetensors``,
 written atomically (temporary file + rename). The cohort fingerprint hashes the study ids, patient
 ids, splits, report texts, image references (array bytes or paths) and every preprocessing setting,
-so a changed cohort or preprocessing never reuses stale features. Report text never leaves the
-hash function.
+so a changed cohort or preprocessing never reuses stale features; an image file counts by path, size,
+mtime, ctime and inode (``models.embedding_cache.image_signature``: replaced in place by ``cp -p``, it
+still changes), and the key also holds the source of the code that shapes the features
+(``FEATURE_CODE``) and the package versions. A hit is used only when the file reads and holds the
+split's studies in order (their stable keys, one row per image); otherwise a WARNING and the split is
+computed again. Report text never leaves the hash function.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from audit.embeddings import report_hash
 from datamodules.datamodule import CXRDataModule, study_text
 from datamodules.records import SPLITS, Study
+from models.embedding_cache import code_hash, image_signature, package_versions
+
+# The code that shapes the cached features: the readers and datamodule, the towers, this module.
+FEATURE_CODE = ("datamodules", "models/dual_tower.py", "models/image_towers.py", "models/text_towers.py",
+                "models/llm_encoder.py", "models/poolers.py", "models/heads.py", "models/external.py",
+                "models/external_heads.py", "models/dp/features.py")
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +97,8 @@ def cohort_fingerprint(studies: Sequence[Study], settings: dict[str, Any]) -> st
         for ref in st.images:
             if isinstance(ref, np.ndarray):
                 h.update(np.ascontiguousarray(ref).tobytes())
-            else:
-                h.update(str(ref).encode())
+            else:  # a file by path, size, mtime, ctime, inode: replaced in place (cp -p) it changes
+                h.update(image_signature(ref).encode())
     return h.hexdigest()
 
 
@@ -153,6 +163,24 @@ def extract_split_features(backbone, dm: CXRDataModule, split: str, device: torc
     }
 
 
+def _valid_features(path: Path, studies: Sequence[Study]) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """(the cached features, None) when the file reads and holds ``studies`` in order (their stable
+    keys, one image row per view); (None, why not) otherwise."""
+    try:
+        feats = load_file(str(path))
+    except Exception as e:  # truncated, empty, not safetensors: recomputed, never a crash
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    want = stable_keys([(st.patient_id, st.study_id) for st in studies])
+    n_images = sum(len(st.images) for st in studies)
+    if "study_key" not in feats or "item_study" not in feats:
+        return None, "it lacks study_key/item_study"
+    if feats["study_key"].shape != want.shape or not torch.equal(feats["study_key"].long(), want):
+        return None, "its studies are not the split's studies in order"
+    if feats["item_study"].numel() != n_images or feats.get("image") is None or feats["image"].shape[0] != n_images:
+        return None, f"it holds {feats['item_study'].numel()} image rows, the split has {n_images}"
+    return feats, None
+
+
 def cached_split_features(
     backbone, dm: CXRDataModule, split: str, cache_root: Path, ckpt_hash: str, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -160,12 +188,17 @@ def cached_split_features(
         "format": FEATURE_FORMAT, "image_size": dm.image_size, "image_channels": dm.image_channels, "mean": dm.mean,
         "std": dm.std, "text_field": dm.text_field, "max_length": dm.max_length,
     }
+    # The code and package versions that shape the features (readers, section parser, pixel reader, towers).
+    settings.update(code=code_hash(FEATURE_CODE), packages=package_versions())
     all_studies = [st for s in SPLITS for st in dm.studies(s)]
     fp = cohort_fingerprint(all_studies, settings)
     path = cache_root / "dp_features" / f"{ckpt_hash[:16]}-{fp[:16]}" / f"{split}.safetensors"
     if path.exists():
-        log.info("DP features: cache hit %s", path)
-        return load_file(str(path))
+        feats, why = _valid_features(path, dm.studies(split))
+        if feats is not None:
+            log.info("DP features: cache hit %s", path)
+            return feats
+        log.warning("DP features: cache %s not used: %s; computing split %r again", path, why, split)
     log.info("DP features: computing split %r once (frozen encoders) -> %s", split, path)
     feats = extract_split_features(backbone, dm, split, device)
     atomic_save(feats, path, {"checkpoint_sha256": ckpt_hash, "cohort_fingerprint": fp, "split": split})
