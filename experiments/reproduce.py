@@ -969,12 +969,12 @@ class Reproduction:
         for tag in ("base", bd, *[t for t, *_ in DP_ARMS]):
             err = self.status(tag)
             res = self.results(tag)
+            unit = next((u for t, *_, u in DP_ARMS if t == tag), "–")
             if err and not any(res):
-                L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | – | – | – | {err} |" + " |" * len(seeds))
+                L.append(f"| {DP_TITLE[tag]} | {self.cfg_of(tag)} | {unit} | – | – | {err} |" + " |" * len(seeds))
                 continue
             rows = rows_of(res, n=n4)
             recs = [r for s in self.has(tag) if (r := dp_record(self.runs[f"{tag}/s{s}"])).get("epsilon_spent")]
-            unit = next((u for t, *_, u in DP_ARMS if t == tag), "–")
             eps, pp = "–", "–"
             if recs:
                 eps = (f"{sum(r['epsilon_spent'] for r in recs) / len(recs):.3f} "

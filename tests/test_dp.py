@@ -505,7 +505,7 @@ def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckp
     assert audit["settings"]["probe"]["train_split"] == "public"  # the probe never fits on the DP units
     assert not any("LinearProbe" in item for item in priv["outside_guarantee"])
     report = (Path(cfg.paths.output_dir) / "final_audit" / "report.md").read_text()
-    assert "guarantee: **VALID**" in report and "outside the guarantee" in report and "stage-2 checkpoint" in report
+    assert "guarantee: **VALID per study**" in report and "outside the guarantee" in report and "stage-2 checkpoint" in report
     files = sorted((cache / "dp_features").rglob("*.safetensors"))
     assert {f.stem for f in files} >= {"train", "val", "test"} and not list((cache / "dp_features").rglob("*.tmp"))
 
