@@ -56,7 +56,8 @@ def test_results_claim4_states_the_probe_fit_data_and_a_dp_vs_control_auroc_row(
         assert re.search(r"Macro AUROC \(matched probe\), non-private[^:]+ − DP [^:]+: (drop|no seed)", body), reading
         assert re.search(r"Macro AUROC \(matched probe\), before DP − DP [^:]+: (drop|no seed)", body), reading
     # every epsilon in the claim-4 table comes with its unit and delta
-    for row in c4.splitlines():
+    table = c4.split("| arm | config | unit | ε spent (δ) |", 1)[1].split("\n\n", 1)[0]
+    for row in table.splitlines():
         if row.startswith("| DP "):
             cells = [c.strip() for c in row.split("|")]
             assert cells[3] in ("study", "patient") and re.fullmatch(r"[\d.]+ \([\d.e+-]+\)|–", cells[4]), row
