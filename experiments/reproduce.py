@@ -1204,7 +1204,10 @@ class Reproduction:
             "matching data sizes). Each row's config is the command that made it, plus these. A claim that does not "
             "hold here is reported as such; the cohort was not tuned to make any claim hold. "
             + SCALE_CAVEAT.get(self.scale_name, SCALE_CAVEAT["tiny"]), "",
-            "## Verdict protocol (fixed before the runs; experiments/verdict.py)", "",
+            "## Verdict protocol (experiments/verdict.py)", "",
+            "Fixed before the protocol-2 runs, but after seeds 0–2 had been seen under protocol 1 (appendix); the "
+            "matched probe of claim 4 and the by-construction wording of 4c were adopted after the protocol-2 numbers "
+            "had been seen (issue #28); margins and test rules were not changed then.", "",
             "- **Per released model** (claims 2, 3, 4b): every trained run's one-sided 95% lower bound of R@1 × chance "
             "(5th percentile of the patient bootstrap, `x_chance_ci90[0]` in its audit JSON) must exceed 1; a run whose "
             "one-sided 95% upper bound is below 1 contradicts the claim.",
