@@ -66,3 +66,19 @@ def _register_audit_settings() -> None:
 
 
 _register_audit_settings()
+
+
+def _register_dp_settings() -> None:
+    """The DP stage's settings (models/dp/plan.py, the one source of their defaults) as the Hydra configs
+    dp/settings/dp and dp/settings/loss, which configs/experiment/dp_alignment.yaml composes under model.dp and
+    model.loss."""
+    try:
+        from hydra.core.config_store import ConfigStore
+        from models.dp.plan import SETTINGS
+    except ImportError:  # the audit library alone (no Hydra, no training extras)
+        return
+    for name, node in SETTINGS.items():
+        ConfigStore.instance().store(group="dp/settings", name=name, node=dict(node))
+
+
+_register_dp_settings()

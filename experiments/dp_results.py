@@ -71,6 +71,7 @@ from audit.membership import embed_items, membership_test_from_features  # noqa:
 from audit.probe import linear_probe  # noqa: E402
 from audit.relinkage import relinkage_audit  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from models.dp import record  # noqa: E402
 from models.dp.accounting import group_privacy  # noqa: E402
 from models.dp.features import PRIVACY_UNITS, InMemoryFeatureDataModule, file_sha256, pool_units  # noqa: E402
 from models.dp.module import HEAD_INITS, DPAlignmentModule  # noqa: E402
@@ -243,7 +244,7 @@ def run_protocol(protocol: str, ckpt: str, unit: str, args, overrides: list[str]
                "privacy_unit": unit, "n_train_units": n_units, "epsilon_spent": spent, "delta": d,
                "sigma": module.noise_multiplier, "sample_rate": module.sample_rate, "steps_planned": module.steps_planned,
                "valid": valid, "epsilon_scope": eps_scope(protocol, kind, valid),
-               "guarantee_valid": valid, "noise_source": module.noise_source if dp_on else None,
+               "guarantee_valid": valid, "noise_source": record.noise_source(module.hparams.dp) if dp_on else None,
                "dp_state": dp_record(module) if epochs else None,
                "internal": internal, "external": external,
                "membership": {**member["rows"][0], "bound_epsilon": bound_eps, "bound_delta": bound_delta, "bound_note": bound_note,

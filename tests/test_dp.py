@@ -706,9 +706,12 @@ def test_per_patient_cap_keeps_the_smallest_keys_and_makes_k_public() -> None:
     assert set(capped["study_key"].tolist()) == want
     dm = InMemoryFeatureDataModule({**feats, "train": tr}, pub, batch_size=16, max_studies_per_patient=3)
     assert dm.n_train_units == 30 and dm.train_max_studies_per_patient == 3
-    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, dp={"target_epsilon": 1.0})
-    m.max_studies_cap, m.observed_max_studies, m.delta, m._epsilon_spent, m.privacy_unit = 3, 3, 1e-4, 1.0, "study"
-    pp = m.dp_state()["per_patient"]
+    from models.dp import record
+    from models.dp.plan import DataFacts, make_plan, settings
+
+    plan = make_plan(settings("dp", {"target_epsilon": 1.0, "target_delta": 1e-4}), "public_negatives",
+                     DataFacts.of(dm), epochs=1)
+    pp = record.per_patient_guarantee(plan, 1.0)
     assert pp["k"] == 3 and "public cap" in pp["k_source"]
     assert pp["epsilon"] == pytest.approx(3.0) and pp["delta"] == pytest.approx(3 * math.exp(2.0) * 1e-4)
-    assert "displace" in m.dp_state()["adjacency"]
+    assert "displace" in record.adjacency(plan)

@@ -135,9 +135,15 @@ def test_per_patient_group_bound_with_delta_above_one_over_patients_is_not_a_gua
     """eps 3 per study, k = 6 studies per patient: group privacy gives delta = 6 e^15 delta_study, far above
     1 (the issue saw 847): the record and the report say there is no meaningful per-patient guarantee, and
     the verdict line names the unit it holds for. An independent computation of (k eps, k e^((k-1)eps) delta)."""
-    m = DPAlignmentModule(heads={"image_dim": D, "text_dim": D, "embed_dim": 4}, dp={"target_epsilon": 3.0})
-    m.max_studies_cap, m.delta, m._epsilon_spent, m.privacy_unit, m.n_units_upper = 6, 4.2e-4, 3.0, "study", 2304
-    pp = m.per_patient_guarantee()
+    from models.dp import record as dp_record
+    from models.dp.plan import DataFacts, make_plan, settings
+
+    def plan(cap: int, delta: float):  # 2,300 study units in batches of 256: the public bound is 2,304
+        return make_plan(settings("dp", {"target_epsilon": 3.0, "target_delta": delta}), "public_negatives",
+                         DataFacts(n_units=2300, batch_size=256, max_studies_cap=cap), epochs=1)
+
+    pp = dp_record.per_patient_guarantee(plan(6, 4.2e-4), 3.0)
+    assert plan(6, 4.2e-4).n_units_upper == 2304
     assert pp["epsilon"] == pytest.approx(18.0) and pp["delta"] == pytest.approx(6 * math.exp(15.0) * 4.2e-4)
     assert pp["meaningful"] is False and "no meaningful per-patient guarantee" in pp["why_not"]
     text = "\n".join(privacy_lines(record(pp)))
@@ -145,11 +151,10 @@ def test_per_patient_group_bound_with_delta_above_one_over_patients_is_not_a_gua
     assert "per patient: epsilon" not in text  # no (eps, delta) pair printed as if it were a guarantee
 
     # eps 0.34, k = 6: delta 1.42e-3 >= 1/2304 -> not meaningful either (the issue's second case)
-    m._epsilon_spent, m.delta = 0.34, 4.34e-5
-    assert 6 * math.exp(5 * 0.34) * 4.34e-5 >= 1 / 2304 and m.per_patient_guarantee()["meaningful"] is False
+    assert 6 * math.exp(5 * 0.34) * 4.34e-5 >= 1 / 2304
+    assert dp_record.per_patient_guarantee(plan(6, 4.34e-5), 0.34)["meaningful"] is False
     # a small k and delta: meaningful, and printed with its delta
-    m.max_studies_cap, m.delta = 2, 1e-6
-    pp = m.per_patient_guarantee()
+    pp = dp_record.per_patient_guarantee(plan(2, 1e-6), 0.34)
     assert pp["meaningful"] and pp["delta"] == pytest.approx(2 * math.exp(0.34) * 1e-6)
     assert "per patient: epsilon 0.68, delta" in "\n".join(privacy_lines(record(pp)))
 

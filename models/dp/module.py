@@ -57,20 +57,13 @@ from opacus.validators import ModuleValidator
 from audit.embeddings import validation_outputs
 from models.checkpoint import (KEY, import_module_class, load_checkpoint_dict, load_module, plain,
                                restore_external_weights, save_extras)
-from models.dp.accounting import (
-    ACCOUNTANTS,
-    accountant_state,
-    default_delta,
-    epsilon_kwargs,
-    group_privacy,
-    load_accountant_state,
-    noise_multiplier_for,
-)
+from models.dp import record
+from models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs, load_accountant_state
+from models.dp.plan import DataFacts, DPPlan, make_plan, settings
 from models.dp.features import file_sha256
 from models.dp.losses import (
     LOSS_MODES,
     SENSITIVITY_FACTOR,
-    VALID_DP_MODES,
     group_assignment,
     group_loss,
     in_batch_loss,
@@ -80,55 +73,8 @@ from models.heads import ProjectionHead
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOSS = {"mode": "public_negatives", "bank_size": 1024, "group_size": 16, "seed": 0}
-DEFAULT_DP = {
-    "enabled": True,
-    "target_epsilon": 3.0,
-    "target_delta": None,  # null: 1 / (10 N_train)
-    "accountant": "rdp",
-    "max_grad_norm": 1.0,
-    "epochs": None,  # null: trainer.max_epochs (sigma is set for the whole planned run)
-    "epsilon_tolerance": 1e-3,
-    "secure_mode": False,
-    # Debugging only: noise and Poisson batches drawn from this seed, so the run can be replayed by
-    # anyone who reads the config -- and so it is marked guarantee_valid = False.
-    "INSECURE_replayable_seed": None,
-    # delta >= 1/N admits a mechanism that publishes one whole record: refused unless this is set
-    # (and the run is then marked guarantee_valid = False).
-    "allow_delta_ge_1_over_n": False,
-    # Opacus' per-sample clipping: "hooks" materialises per-sample gradients (grad_sample);
-    # "ghost" (ghost clipping, Li et al. 2021) computes the same per-sample norms from activations
-    # and output gradients and takes a second, rescaled backward: the same clipped sum, faster.
-    "grad_sample_mode": "ghost",
-    # Which heads DP training starts from (docs/dp.md, "Which heads are trained"): "fresh" re-initialises
-    # them with the head architecture's own init, drawn from head_init_seed; "stage2" fine-tunes the
-    # trained heads of the stage-2 checkpoint / existing model. The initial weights depend on no data, so
-    # DP needs no secret here: the seed is public (the config's seed) and recorded.
-    "head_init": "fresh",
-    "head_init_seed": 0,
-    # N, the number of private training units, is not public under add/remove adjacency. Unless the data
-    # holder declares it public (true), records carry only N rounded up to a multiple of the expected
-    # batch B (what q = 1/ceil(N/B) and the step count reveal anyway) and the default delta is set from
-    # that upper bound; true releases N exactly and defaults delta to 1/(10 N).
-    "n_public": False,
-    # q = 1/ceil(N/B) and the step count are functions of the private N: neighbouring datasets on either side
-    # of a multiple of B run different mechanisms (the number of released steps tells them apart). A bound
-    # the data holder declares public (N <= n_units_bound) fixes q = 1/ceil(bound/B) and the steps instead:
-    # then nothing but the Poisson batches depends on N and the adjacency is plain add/remove.
-    "n_units_bound": None,
-}
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 HEAD_INITS = ("fresh", "stage2")
-INVALID_LABEL = "in_batch: NO valid epsilon (InfoNCE is not per-example decomposable)"
-# Outputs of a DP run that touch private data outside the mechanism (stated next to epsilon).
-OUTSIDE_GUARANTEE = (
-    "the frozen stage-2 checkpoint (and, with dp.head_init=stage2, the heads training starts from): epsilon is "
-    "end to end only if it was trained without these units",
-    "audits of the val/test splits (re-linkage, probe scores): those patients are not DP training units "
-    "and are not protected by epsilon; only aggregate numbers are written",
-    "repeated runs and hyper-parameter sweeps on the same units: each run spends its own epsilon "
-    "(k runs: up to k * epsilon by composition; choosing the best run is a further release)",
-)
 
 
 def reinit_head_(head: nn.Module, clip_projection: bool = False) -> str:
@@ -185,7 +131,7 @@ class DPAlignmentModule(L.LightningModule):
         backbone_ckpt: stage-2 checkpoint (``models.checkpoint.load_module``); its towers are frozen.
         loss: ``mode`` (public_negatives | group_clipping | in_batch), ``bank_size`` (public pairs per
             step), ``group_size`` (expected units per group), ``seed`` (public randomness).
-        dp: see DEFAULT_DP.
+        dp: models/dp/plan.py DP_DEFAULTS (the one source of the defaults).
         optimizer: a partial optimizer config (``_target_``, ``_partial_: true``).
         backbone: filled automatically ({module_class, hparams, checkpoint_sha256}); lets a DP
             checkpoint rebuild its frozen towers without the stage-2 file.
@@ -215,8 +161,8 @@ class DPAlignmentModule(L.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        loss = {**DEFAULT_LOSS, **plain(loss or {})}
-        dp = {**DEFAULT_DP, **plain(dp or {})}
+        loss = settings("loss", plain(loss or {}))
+        dp = settings("dp", plain(dp or {}))
         # The experiment config's default (chosen by the DP optimizer sweep, docs/dp_results.md).
         optimizer = plain(optimizer) or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2}
         if loss["mode"] not in LOSS_MODES:
@@ -267,7 +213,7 @@ class DPAlignmentModule(L.LightningModule):
                        temperature_init=temperature_init, external=external, export_dir=export_dir))
         )
         self.__dict__["_external"] = ext
-        self.outside_base = list(OUTSIDE_GUARANTEE)
+        self.outside_base = list(record.OUTSIDE_GUARANTEE)
         if ext is not None:
             self.backbone_module = ext.trunk
             self.tokenizer = ext.trunk.tokenizer
@@ -305,15 +251,8 @@ class DPAlignmentModule(L.LightningModule):
         self.__dict__["_heads"] = heads_mod
         self.__dict__["_gsm"] = None
         self.__dict__["_accountant"] = None
-        self.noise_multiplier: float | None = None
-        self.sample_rate: float | None = None
-        self.delta: float | None = None
-        self.n_train_units: int | None = None  # exact; released only with dp.n_public (see n_released)
-        self.n_units_upper: int | None = None  # N rounded up to a multiple of the expected batch
-        self.max_studies_cap: int | None = None  # public per-patient cap of the study units (data.max_studies_per_patient)
-        self.observed_max_studies: int | None = None  # the most studies of one train patient (private data)
-        self.expected_batch_size: int | None = None
-        self.steps_planned: int | None = None
+        # Every DP quantity (sigma, q, steps, delta, unit, divisor): set once in configure_optimizers, read after.
+        self.plan: DPPlan | None = None
         self.outside_guarantee: list[str] = list(self.outside_base)
         self._outside_data: list[str] = []  # set from the data in configure_optimizers
         self._restored_dp: dict | None = None
@@ -398,62 +337,19 @@ class DPAlignmentModule(L.LightningModule):
 
     def invalid_reasons(self) -> list[str]:
         """Why the printed epsilon does not hold for the released heads (empty: it holds)."""
-        dp = self.hparams.dp
-        reasons = []
-        if self.mode not in VALID_DP_MODES:
-            reasons.append(INVALID_LABEL)
-        if dp["INSECURE_replayable_seed"] is not None:
-            reasons.append("dp.INSECURE_replayable_seed is set: noise and batches can be replayed by anyone with the config")
-        if self.delta is not None and self.n_train_units and self.delta >= 1.0 / self.n_train_units:
-            reasons.append(f"delta {self.delta:.3g} >= 1/N ({self.n_text()})")
-        return reasons
+        return record.invalid_reasons(self.hparams.dp, self.mode, self.plan)
 
-    @property
-    def n_public(self) -> bool:
-        return bool(self.hparams.dp["n_public"])
-
-    def n_text(self) -> str:
-        """N as a release may state it: exact only when the data holder declared it public."""
-        if self.n_public:
-            return f"N = {self.n_train_units}"
-        return f"N <= {self.n_units_upper}, exact N withheld (model.dp.n_public=false)"
+    # Read-only views of the plan (None before configure_optimizers).
+    noise_multiplier = property(lambda self: self.plan.noise_multiplier if self.plan else None)
+    sample_rate = property(lambda self: self.plan.sample_rate if self.plan else None)
+    delta = property(lambda self: self.plan.delta if self.plan else None)
+    n_train_units = property(lambda self: self.plan.n_units if self.plan else None)
+    steps_planned = property(lambda self: self.plan.steps_planned if self.plan else None)
+    expected_batch_size = property(lambda self: self.plan.expected_batch_size if self.plan else None)
+    privacy_unit = property(lambda self: self.plan.privacy_unit if self.plan else "study")
 
     def per_patient_guarantee(self) -> dict[str, Any] | None:
-        """(epsilon, delta) for one patient and all their studies: the unit's own with patient units; the
-        group-privacy bound over k study units otherwise, k a public cap when one is set."""
-        if not self.dp_enabled or self.delta is None:
-            return None
-        eps = self._epsilon_spent
-        if getattr(self, "privacy_unit", "study") == "patient":
-            return {"epsilon": eps, "delta": self.delta, "k": 1, "meaningful": True,
-                    "basis": "patient units: all studies of a patient are one unit"}
-        k = self.max_studies_cap or self.observed_max_studies
-        if not k:
-            return None
-        g_eps, g_delta = group_privacy(eps, self.delta, int(k))
-        source = ("public cap data.max_studies_per_patient" if self.max_studies_cap else
-                  "observed: the most studies of one train patient, read from the private data (outside the guarantee)")
-        out = {"epsilon": g_eps, "delta": g_delta, "k": int(k), "k_source": source,
-               "basis": "group privacy over k study units: (k eps, k e^((k-1) eps) delta)"}
-        # The same rule as for the unit itself (delta < 1/N): a delta of 1/#patients or more admits a mechanism
-        # that publishes one patient whole. #patients is private; the study units' public bound B*ceil(N/B) is
-        # >= #patients, so delta < 1/bound implies delta < 1/#patients (conservative, and it reads no private count).
-        bound = self.n_train_units if self.n_public else self.n_units_upper
-        if bound and g_delta >= 1.0 / bound:
-            out["meaningful"] = False
-            out["why_not"] = (f"group privacy gives delta {g_delta:.3g} >= 1/{bound} (1 / the public bound on the number of "
-                              "train patients): no meaningful per-patient guarantee; use data.privacy_unit=patient")
-        else:
-            out["meaningful"] = True
-        return out
-
-    @property
-    def noise_source(self) -> str:
-        if self.hparams.dp["INSECURE_replayable_seed"] is not None:
-            return "INSECURE: seeded from dp.INSECURE_replayable_seed (replayable)"
-        if self.hparams.dp["secure_mode"]:
-            return "Opacus secure_mode (cryptographically secure generator)"
-        return "secret: generators seeded from the OS entropy pool, seeds recorded nowhere"
+        return record.per_patient_guarantee(self.plan, self._epsilon_spent) if self.plan else None
 
     @property
     def grad_sample_mode(self) -> str:
@@ -473,60 +369,11 @@ class DPAlignmentModule(L.LightningModule):
         return float(self._accountant.get_epsilon(delta=self.delta, **epsilon_kwargs(dp["accountant"], float(dp["target_epsilon"]))))
 
     def dp_state(self) -> dict[str, Any]:
-        """Everything a privacy team needs to check the claim (saved in every checkpoint)."""
-        dp = self.hparams.dp
-        state = {
-            "enabled": self.dp_enabled,
-            "loss_mode": self.mode,
-            "guarantee_valid": self.guarantee_valid,
-            "invalid_reasons": self.invalid_reasons() if self.dp_enabled else ["DP disabled"],
-            "noise_source": self.noise_source if self.dp_enabled else None,
-            "privacy_unit": getattr(self, "privacy_unit", "study"),
-            "adjacency": self.adjacency(),
-            "per_patient": self.per_patient_guarantee(),
-            # Study units only (patient units need no k, and their observed k would be a release).
-            "max_studies_per_patient": ((self.max_studies_cap or self.observed_max_studies)
-                                        if getattr(self, "privacy_unit", "study") == "study" else None),
-            "head_init": dict(self.head_init_record),
-            "n_public": self.n_public,
-            "n_train_units": self.n_train_units if self.n_public else None,
-            "n_train_units_upper": self.n_units_upper,
-            "target_epsilon": dp["target_epsilon"],
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "expected_batch_size": self.expected_batch_size,
-            # What the noisy sum is divided by: the configured expected batch (public), never a count derived from N.
-            "gradient_divisor": (f"B = {self.expected_batch_size} (configured expected batch)" if self.mode != "group_clipping"
-                                 else "the number of groups, round(B / group_size) (public)") if self.dp_enabled else None,
-            "n_units_bound": self.hparams.dp.get("n_units_bound"),
-            "steps_planned": self.steps_planned,
-            "max_grad_norm": dp["max_grad_norm"],
-            "sensitivity": (SENSITIVITY_FACTOR.get(self.mode, float("nan")) * dp["max_grad_norm"]) if self.mode in VALID_DP_MODES else None,
-            "accountant": accountant_state(self._accountant) if self._accountant is not None else None,
-            "epsilon_spent": self._epsilon_spent if self.dp_enabled else None,
-            "backbone_checkpoint_sha256": (self.hparams.backbone or {}).get("checkpoint_sha256"),
-            **({"backbone_model": {k: (self.hparams.backbone or {}).get(k) for k in ("external", "projections")}}
-               if self._external is not None else {}),
-            "scope": "epsilon covers this stage given the frozen checkpoint; end-to-end only if that checkpoint never saw these units",
-            "outside_guarantee": list(self.outside_guarantee),
-        }
-        if self.mode == "in_batch" and self.dp_enabled:
-            state["warning"] = INVALID_LABEL
-        return state
-
-    def adjacency(self) -> str:
-        if self.hparams.dp.get("n_units_bound") is not None:
-            out = (f"add/remove one unit (Poisson sampling) among datasets of at most {int(self.hparams.dp['n_units_bound'])} "
-                   "units (model.dp.n_units_bound, declared public: q and the step count are set from it, not from N)")
-        else:
-            out = ("add/remove one unit (Poisson sampling) among datasets with the same ceil(N/B) (q = 1/ceil(N/B) and the "
-                   "step count are set from N: a neighbour across a multiple of B runs another mechanism, told apart by the "
-                   "number of steps; declare a public bound, model.dp.n_units_bound, for plain add/remove)")
-        if self.max_studies_cap and getattr(self, "privacy_unit", "study") == "study":
-            out += (f"; with the cap of {self.max_studies_cap} studies per patient, a study added to a patient at the cap "
-                    "can displace one of that patient's studies (two units change: (2 eps, 2 e^eps delta) for it)")
-        return out
+        """Everything a privacy team needs to check the claim (saved in every checkpoint): models/dp/record.py."""
+        return record.build(self.plan, self.hparams.dp, self.mode, epsilon_spent=self._epsilon_spent,
+                            accountant=accountant_state(self._accountant) if self._accountant is not None else None,
+                            head_init=self.head_init_record, outside_guarantee=self.outside_guarantee,
+                            backbone=self.hparams.backbone, external=self._external is not None)
 
     # ---- optimisation -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -548,74 +395,47 @@ class DPAlignmentModule(L.LightningModule):
     def configure_optimizers(self):
         dm = self._datamodule()
         opt = instantiate(self.hparams.optimizer)(params=[p for p in self._heads.parameters() if p.requires_grad])
-        self.privacy_unit = getattr(dm, "privacy_unit", "study")
-        bank = dm.public_bank()
-        if self.mode == "public_negatives" and bank is None:
+        if self.mode == "public_negatives" and dm.public_bank() is None:
             raise ValueError("loss.mode=public_negatives needs a public cohort (data.public_reader)")
-        self.n_train_units = dm.n_train_units
-        self.max_studies_cap = getattr(dm, "max_studies_per_patient", None)
-        self.observed_max_studies = getattr(dm, "train_max_studies_per_patient", None)
-        # The expected batch is the configured one (public), not q * N: group_clipping's number of
-        # groups must not move when one unit comes or goes.
-        self.expected_batch_size = int(getattr(dm, "batch_size", 0) or self.n_train_units)
-        loader = dm.plain_train_loader()
         dp = self.hparams.dp
-        steps_per_epoch = self._steps_per_epoch(len(loader))
-        # q = 1/steps_per_epoch and the step count reveal ceil(N / B) (or the declared bound's): this bound
-        # (>= N) is what a record states of N unless N is declared public.
-        self.n_units_upper = self.expected_batch_size * steps_per_epoch
-        self.delta = (float(dp["target_delta"]) if dp["target_delta"] is not None
-                      else default_delta(self.n_train_units if self.n_public else self.n_units_upper))
-        self._outside_data = self._outside_guarantee_data(steps_per_epoch)
-        if not self.dp_enabled:
-            dm.set_train_loader(loader)
-            log.info("DP disabled: non-private head finetune (same loss %r, same data)", self.mode)
-            return opt
-        if self.delta >= 1.0 / self.n_train_units:
-            msg = (f"dp.target_delta={self.delta:.3g} is not below 1/N = {1 / self.n_train_units:.3g} (N = {self.n_train_units} "
-                   f"{self.privacy_unit} units): such a delta admits a mechanism that publishes a whole record")
-            if not dp["allow_delta_ge_1_over_n"]:
-                raise ValueError(msg + "; lower it (null = 1/(10 N)) or set model.dp.allow_delta_ge_1_over_n=true "
-                                 "(the run is then marked guarantee_valid=0)")
-            log.warning("%s; allowed by dp.allow_delta_ge_1_over_n, run marked guarantee_valid=0", msg)
-        epochs = int(dp["epochs"] or self.trainer.max_epochs)
         prev = self._restored_dp
-        if prev is not None and (not prev.get("enabled") or prev.get("loss_mode") != self.mode):
+        if self.dp_enabled and prev is not None and (not prev.get("enabled") or prev.get("loss_mode") != self.mode):
             raise ValueError(
                 f"resuming a run saved with dp.enabled={prev.get('enabled')}, loss.mode={prev.get('loss_mode')!r} as "
                 f"dp.enabled=True, loss.mode={self.mode!r}: earlier epochs are not covered by this accounting (start a new run)"
             )
-        restored = prev if (prev or {}).get("accountant") else None
-        self.sample_rate = 1.0 / steps_per_epoch  # the rate of the Poisson loader below
-        self.steps_planned = epochs * steps_per_epoch
-        if restored:
-            self.noise_multiplier = float(restored["noise_multiplier"])
-        else:
-            self.noise_multiplier = noise_multiplier_for(
-                float(dp["target_epsilon"]), self.delta, self.sample_rate, steps=self.steps_planned,
-                accountant=dp["accountant"], epsilon_tolerance=float(dp["epsilon_tolerance"]),
-            )
+        restored = prev if self.dp_enabled and (prev or {}).get("accountant") else None
+        self.plan = plan = make_plan(dp, self.mode, DataFacts.of(dm), int(dp["epochs"] or self.trainer.max_epochs), restored)
+        self._outside_data = record.outside_guarantee_of_data(plan)
+        loader = dm.plain_train_loader()
+        if not plan.enabled:
+            dm.set_train_loader(loader)
+            log.info("DP disabled: non-private head finetune (same loss %r, same data)", self.mode)
+            return opt
+        if plan.delta_ge_1_over_n:  # make_plan refused it unless allowed
+            log.warning("dp.target_delta=%.3g is not below 1/N; allowed by dp.allow_delta_ge_1_over_n, run marked "
+                        "guarantee_valid=0", plan.delta)
         sample_gen, self._noise_gen = self._generators()
         engine = None
         if self.mode in ("public_negatives", "in_batch"):
-            engine = PrivacyEngine(accountant=dp["accountant"], secure_mode=bool(dp["secure_mode"]))
+            engine = PrivacyEngine(accountant=plan.accountant, secure_mode=bool(dp["secure_mode"]))
             if dp["secure_mode"]:
                 sample_gen = engine.secure_rng
         elif dp["secure_mode"]:
             raise ValueError("dp.secure_mode is wired for Opacus' optimizer noise (public_negatives, in_batch) only")
-        # Poisson sampling at the accounted rate, from our generator (not Opacus' default, the global RNG).
-        dp_loader = DPDataLoader(loader.dataset, sample_rate=self.sample_rate, collate_fn=loader.collate_fn,
+        # Poisson sampling at the planned rate, from our generator (not Opacus' default, the global RNG).
+        dp_loader = DPDataLoader(loader.dataset, sample_rate=plan.sample_rate, collate_fn=loader.collate_fn,
                                  generator=sample_gen)
-        if len(dp_loader) != steps_per_epoch:
-            raise RuntimeError(f"Poisson loader of {len(dp_loader)} steps per epoch != accounted {steps_per_epoch}")
+        if len(dp_loader) != plan.steps_per_epoch:
+            raise RuntimeError(f"Poisson loader of {len(dp_loader)} steps per epoch != planned {plan.steps_per_epoch}")
         if engine is not None:
             if restored:
                 load_accountant_state(engine.accountant, restored["accountant"])
             # The Poisson loader goes in (poisson_sampling=False: not replaced), so Opacus' accountant hook
-            # takes q = 1/len(dp_loader), the rate accounted above.
+            # takes q = 1/len(dp_loader), the planned rate.
             out = engine.make_private(
-                module=self._heads, optimizer=opt, data_loader=dp_loader, noise_multiplier=self.noise_multiplier,
-                max_grad_norm=float(dp["max_grad_norm"]), poisson_sampling=False, grad_sample_mode=self.grad_sample_mode,
+                module=self._heads, optimizer=opt, data_loader=dp_loader, noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm, poisson_sampling=False, grad_sample_mode=self.grad_sample_mode,
                 noise_generator=None if dp["secure_mode"] else self._noise_gen,
             )
             # ghost mode also returns a criterion wrapper; our per-unit losses are wrapped directly.
@@ -624,74 +444,35 @@ class DPAlignmentModule(L.LightningModule):
             out_opt = out[1]
             # Opacus divides the noisy sum by int(len(dataset) * q) = int(N / ceil(N/B)): a function of the
             # private N (up to ~N/B^2 units off B), so neighbouring datasets N, N-1 would give differently
-            # scaled updates from the same clipped sum and noise. The configured B is public.
-            out_opt.expected_batch_size = self.expected_batch_size
+            # scaled updates from the same clipped sum and noise. The plan's divisor is the configured B.
+            out_opt.expected_batch_size = plan.expected_batch_size
         else:  # group_clipping: explicit accountant and noise (the sum is divided by the public group count)
-            acc = create_accountant(mechanism=dp["accountant"])
+            acc = create_accountant(mechanism=plan.accountant)
             if restored:
                 load_accountant_state(acc, restored["accountant"])
             self.__dict__["_accountant"] = acc
             out_opt = opt
-        if restored:
+        if restored:  # the saved budget carries over only to the same mechanism
+            now = record.build(plan, dp, self.mode, epsilon_spent=None, accountant=None, head_init={}, outside_guarantee=[])
             for key in ("sample_rate", "n_train_units", "n_train_units_upper", "delta"):
-                now = self.dp_state_value(key)
-                if restored.get(key) is not None and now is not None and not math.isclose(float(restored[key]), float(now), rel_tol=1e-12):
+                if restored.get(key) is not None and now[key] is not None and \
+                        not math.isclose(float(restored[key]), float(now[key]), rel_tol=1e-12):
                     raise ValueError(
-                        f"resumed DP run: {key} was {restored[key]} and is now {now}; the saved budget "
+                        f"resumed DP run: {key} was {restored[key]} and is now {now[key]}; the saved budget "
                         "does not carry over to different data, batch size or delta (start a new run)"
                     )
         dm.set_train_loader(dp_loader)
         self._epsilon_spent = self.epsilon_spent()
         if self.mode == "in_batch":
-            log.warning("DP with %s. The epsilon Opacus reports for it does not hold.", INVALID_LABEL)
+            log.warning("DP with %s. The epsilon Opacus reports for it does not hold.", record.INVALID_LABEL)
         log.info(
             "DP-SGD: mode=%s sigma=%.4f q=%.5f C=%g delta=%.3g target eps=%g over %d epochs = %d steps (%s %s units); "
             "heads %s; noise %s",
-            self.mode, self.noise_multiplier, self.sample_rate, dp["max_grad_norm"], self.delta, dp["target_epsilon"],
-            epochs, self.steps_planned, self.n_text(), self.privacy_unit, self.head_init_record["mode"], self.noise_source,
+            self.mode, plan.noise_multiplier, plan.sample_rate, plan.max_grad_norm, plan.delta, plan.target_epsilon,
+            plan.epochs, plan.steps_planned, plan.n_text(), plan.privacy_unit, self.head_init_record["mode"],
+            record.noise_source(dp),
         )
         return out_opt
-
-    def _steps_per_epoch(self, n_batches: int) -> int:
-        """ceil(N/B) (what the plain loader's length is), or ceil(bound/B) for a declared public bound on N."""
-        bound = self.hparams.dp.get("n_units_bound")
-        if bound is None:
-            return n_batches
-        bound = int(bound)
-        if self.n_train_units > bound:
-            raise ValueError(f"model.dp.n_units_bound={bound} is below the number of {getattr(self, 'privacy_unit', 'study')} "
-                             f"units in the train split: raise the declared bound (it must hold for every dataset the "
-                             "guarantee covers)")
-        return math.ceil(bound / self.expected_batch_size)
-
-    def dp_state_value(self, key: str):
-        """The value a resumed run compares with its checkpoint's dp_state[key] (None: not comparable)."""
-        return {"sample_rate": self.sample_rate, "n_train_units": self.n_train_units if self.n_public else None,
-                "n_train_units_upper": self.n_units_upper, "delta": self.delta}[key]
-
-    def _outside_guarantee_data(self, steps_per_epoch: int) -> list[str]:
-        """What this run releases about the private data beyond the heads (listed beside epsilon)."""
-        extra = []
-        if self.n_public:
-            extra.append(f"N = {self.n_train_units} private training units (and q, delta and the step count derived from "
-                         "it) is released exactly: declared public by the data holder (model.dp.n_public=true); "
-                         "add/remove adjacency does not protect it")
-        else:
-            extra.append(f"q = 1/{steps_per_epoch} and the number of steps are set from N: they reveal N rounded up to a "
-                         f"multiple of the expected batch {self.expected_batch_size} (N <= {self.n_units_upper}); exact N is "
-                         "withheld from the DP record, checkpoint and this stage's log lines (model.dp.n_public=false)")
-            extra.append("the cohort loader's setup log lines (datamodules/datamodule.py: studies per split, reports "
-                         "truncated) count the train split's studies: keep the run's console and log files with the "
-                         "private data, or declare N public")
-        if getattr(self, "privacy_unit", "study") == "study":
-            if self.max_studies_cap:
-                extra.append(f"the cap data.max_studies_per_patient={self.max_studies_cap} drops studies from the DP train "
-                             "split; how many is logged for the operator (console), not covered by epsilon")
-            elif self.observed_max_studies:
-                extra.append(f"max_studies_per_patient = {self.observed_max_studies} (the most studies of one train patient) is "
-                             "read from the private data to state the per-patient guarantee: set a public cap "
-                             "(data.max_studies_per_patient) or use data.privacy_unit=patient to release none")
-        return extra
 
     def _generators(self) -> tuple[torch.Generator, torch.Generator]:
         """(Poisson sampling generator on the CPU, noise generator on the heads' device)."""
@@ -879,7 +660,7 @@ class DPAlignmentModule(L.LightningModule):
             log.warning("epsilon spent %.4f exceeds the target %.4g (more steps than planned: max_epochs raised on resume?)",
                         self._epsilon_spent, self.hparams.dp["target_epsilon"])
         if not self.guarantee_valid:
-            log.warning("epoch %d: %s (nominal eps %.3f)", self.current_epoch, INVALID_LABEL, self._epsilon_spent)
+            log.warning("epoch %d: %s (nominal eps %.3f)", self.current_epoch, record.INVALID_LABEL, self._epsilon_spent)
         else:
             log.info("epoch %d: eps spent %.4f (delta %.3g, %s)", self.current_epoch, self._epsilon_spent, self.delta, self.hparams.dp["accountant"])
 
