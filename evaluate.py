@@ -207,23 +207,25 @@ def allow_partial_load(cfg: DictConfig) -> bool:
 
 
 def load_audited_module(cfg: DictConfig):
-    """The module to audit: the checkpoint's (models/checkpoint.py) or an existing model's
-    (models/external.py), each with its tokenizer and `data_preprocessing`."""
+    """The model to audit, an embedding model (models/contract.py): the checkpoint's
+    (models/checkpoint.py) or an existing model's (models/external.py)."""
     if cfg.get("ckpt_path"):
-        from models.checkpoint import load_module
+        from models.checkpoint import load_embedding_model
 
         # `+model.<key>=...` changes one of the checkpoint's hyper-parameters, e.g. a moved LLM base
         # folder (`+model.text_tower.pretrained=/new/dir`; its fingerprint must still match).
         overrides = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                      if k not in ("tokenizer_spec", "allow_partial_load")}  # (tokenizer_spec: the data configs'
         # key, configs/evaluate.yaml; allow_partial_load: `+model.allow_partial_load=true`, models/load_guard.py)
-        return load_module(cfg.ckpt_path, overrides=overrides or None, allow_partial_load=allow_partial_load(cfg))
+        return load_embedding_model(cfg.ckpt_path, overrides=overrides or None, allow_partial_load=allow_partial_load(cfg))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if not str(model_cfg.get("_target_", "")).startswith("models.external."):
         raise ValueError(f"model={model_cfg.get('_target_')} is a model to train: evaluate.py audits a checkpoint "
                          "(ckpt_path=...), an existing model (model=hf_clip|open_clip model.path=...) or embeddings")
     model_cfg.pop("tokenizer_spec", None)
-    return instantiate(model_cfg)
+    from models.contract import as_embedding_model
+
+    return as_embedding_model(instantiate(model_cfg), f"model={model_cfg['_target_']}")
 
 
 def prepared_datamodule(cfg: DictConfig, module):
@@ -232,7 +234,7 @@ def prepared_datamodule(cfg: DictConfig, module):
     dm.tokenizer = module.tokenizer  # the checkpoint's tokenizer, whatever the cohort
     # ... and its preprocessing (image size, normalisation, text field, max length; an existing
     # model's own image transform): a model is only audited on inputs prepared the way it expects.
-    for key, value in (getattr(module, "data_preprocessing", None) or {}).items():
+    for key, value in (module.data_preprocessing or {}).items():
         if getattr(dm, key, value) != value:
             log.info("using the model's data.%s=%r (the data config says %r)", key, value, getattr(dm, key))
             setattr(dm, key, value)
@@ -340,8 +342,10 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     trainer.test(module, datamodule=dm, verbose=False)
     if not trainer.is_global_zero:  # under DDP only rank 0 holds the results and writes them
         return None, None, None
-    rel = rel_cb.last_result["relinkage"] if rel_cb is not None else None
-    probe = probe_cb.last_result.get("probe") if probe_cb is not None else None
+    from audit.bundle import callback_sections
+
+    sec = callback_sections([cb.last_result for cb in callbacks])
+    rel, probe = sec["relinkage"], sec["probe"]
     if cfg.get("ckpt_path"):
         meta: dict[str, Any] = {"source": "checkpoint", "checkpoint": str(cfg.ckpt_path),
                                 "model": type(module).__name__, "split": cfg.split, "epoch": module.saved_epoch}
@@ -349,9 +353,8 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
         meta = {"source": "model", "model": f"{module.family}:{Path(module.path).name}", "model_path": module.path,
                 "split": cfg.split}
     # Audits the split could not support (no labels: hard negatives, probe), with the reason.
-    skipped = {k: v for cb in callbacks for k, v in (cb.last_result["meta"].get("skipped") or {}).items()}
-    if skipped:
-        meta["skipped"] = skipped
+    if sec["skipped"]:
+        meta["skipped"] = sec["skipped"]
     cohort = OmegaConf.select(cfg, "data.reader.cohort")
     if cohort is not None:
         meta["cohort"] = cohort
@@ -361,11 +364,11 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
         from callbacks.adaptive import adaptive_section
 
         meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
-    if rq_cb is not None:  # evaluate() pops it into the result's report_quality section
-        meta["report_quality"] = rq_cb.last_result["report_quality"]
-    if getattr(module, "load_notes", None):  # allow_partial_load: audit/result.py flags every section
+    if sec["report_quality"] is not None:  # evaluate() pops it into the result's report_quality section
+        meta["report_quality"] = sec["report_quality"]
+    if module.load_notes:  # allow_partial_load: audit/result.py flags every section
         meta["weights_not_loaded"] = list(module.load_notes)
-    if getattr(module, "preprocessing_notes", None):  # an existing model's (models/external.py)
+    if module.preprocessing_notes:  # an existing model's (models/external.py)
         meta["preprocessing_unproven"] = list(module.preprocessing_notes)
     # A DP checkpoint's privacy statement (saved at training time) travels with every audit of it.
     if module.saved_dp_state is not None:
@@ -440,12 +443,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         rel, probe, meta = audit_checkpoint(cfg, rel_cb, probe_cb, rq_cb)
         if meta is None:
             return {}, {}
-    settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
-    res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None),
-                         report_quality=meta.pop("report_quality", None), adaptive=meta.pop("adaptive", None))
+    from audit.bundle import final_bundle
+
     out = Path(cfg.output_dir)
-    R.write_bundle(res, out)
-    log.info("%s", R.console_summary(res, out))
+    res = final_bundle(out, meta, {"audit": OmegaConf.to_container(audit, resolve=True)}, relinkage=rel, probe=probe,
+                       privacy=meta.pop("privacy", None), report_quality=meta.pop("report_quality", None),
+                       adaptive=meta.pop("adaptive", None), logger=log)
     return R.scalars(res), {"cfg": cfg, "result": res, "output_dir": str(out)}
 
 

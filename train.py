@@ -152,10 +152,10 @@ def checkpoint_selection(trainer: L.Trainer) -> tuple[str | None, str]:
 def final_audit(cfg: DictConfig, trainer: L.Trainer, model, datamodule, callbacks: list, loggers: list) -> dict[str, Any]:
     """Audit the selected checkpoint on the held-out test split (``trainer.test``: the audit
     callbacks run in the test stage and log under test/...), write the one bundle into
-    ``<run>/final_audit/`` (audit.result.write_bundle, as evaluate.py), attach it to W&B, and print
-    the headline and the table once. A DP model's privacy statement (``dp_state``) goes into both,
-    next to the numbers it qualifies. Returns the test metrics."""
-    from audit import result as R
+    ``<run>/final_audit/`` (audit.bundle.final_bundle, as evaluate.py), print the headline and the
+    table once, and attach the bundle to W&B. A DP model's privacy statement (``dp_state``) goes into
+    both, next to the numbers it qualifies. Returns the test metrics."""
+    from audit.bundle import callback_sections, final_bundle
 
     ckpt_path, how = checkpoint_selection(trainer)
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
@@ -163,23 +163,17 @@ def final_audit(cfg: DictConfig, trainer: L.Trainer, model, datamodule, callback
     results = [cb.last_result for cb in callbacks if getattr(cb, "last_result", None)]
     if not results or not trainer.is_global_zero:
         return metrics
-    rel = next((r for r in results if r.get("relinkage")), None)
-    probe = next((r for r in results if r.get("probe")), None)
-    meta = dict((rel or probe or results[0])["meta"])
-    meta["skipped"] = {k: v for r in results for k, v in (r["meta"].get("skipped") or {}).items()}
-    if not meta["skipped"]:
-        del meta["skipped"]
+    sec = callback_sections(results)
+    meta = sec["meta"]
+    meta.pop("skipped", None)
+    if sec["skipped"]:
+        meta["skipped"] = sec["skipped"]
     meta["checkpoint_selection"] = how
-    merged = R.build_result(
-        relinkage=rel["relinkage"] if rel else None, probe=probe["probe"] if probe else None, meta=meta,
-        settings={"relinkage": rel["settings"] if rel else None, "probe": probe["settings"] if probe else None},
-        privacy=model.dp_state() if hasattr(model, "dp_state") else None,
-        report_quality=next((r["report_quality"] for r in results if r.get("report_quality")), None),
-    )
     out = Path(cfg.paths.output_dir) / "final_audit"
-    R.write_bundle(merged, out)
+    final_bundle(out, meta, sec["settings"], relinkage=sec["relinkage"], probe=sec["probe"],
+                 report_quality=sec["report_quality"], privacy=model.dp_state() if hasattr(model, "dp_state") else None,
+                 logger=log)
     attach_to_wandb(loggers, out)
-    log.info("%s", R.console_summary(merged, out))
     return metrics
 
 

@@ -25,6 +25,7 @@ probe       linear probe, macro AUROC over the CheXpert labels
 membership  member vs non-member linkage test (the e^eps bound of a DP model)
 one_run     empirical epsilon lower bound from one training run with canaries
 result      the versioned audit.json schema, scalars, plot, report, and the one bundle writer
+bundle      the final bundle (train.py's final audit, evaluate.py): callbacks' results put together, written once
 reference   Monte Carlo and explicit-pool references (tests and cross-checks)
 """
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
-from audit.report_quality import ERROR_CATEGORIES
-
-# GREEN's sub-categories (a)-(f), in the order of audit.report_quality.ERROR_CATEGORIES' letters.
-LETTERS = ("a", "b", "c", "d", "e", "f")
+from audit.green_categories import ERROR_CATEGORIES, LETTERS
 
 
 def _section(text: str, name: str) -> str | None:

@@ -53,21 +53,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from audit.green_categories import ERROR_CATEGORIES  # GREEN's categories, as counted here, with its letter
 from audit.labels import CHEXPERT_LABELS, NUM_LABELS
 from audit.settings import config_settings
 from audit.settings import resolve as resolve_settings
 from audit.stats import bootstrap_patient_means, percentile_ci
 
-# GREEN's clinically significant error categories, as counted here, with GREEN's letter.
-ERROR_CATEGORIES = {
-    "false_finding": "a",
-    "missed_finding": "b",
-    "wrong_location": "c",
-    "wrong_device_position": "c",
-    "wrong_severity": "d",
-    "false_comparison": "e",
-    "missed_comparison": "f",
-}
 INFO_CATEGORIES = ("certainty_mismatch", "other_attribute")  # counted, not in the score
 COUNT_KEYS = ("matched", *ERROR_CATEGORIES, *INFO_CATEGORIES)
 

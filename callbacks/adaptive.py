@@ -61,7 +61,7 @@ class _Released:
 
 def model_trunk(cfg: DictConfig, module: Any) -> _Trunk:
     """The attacker's view of the audited module (see the module docstring)."""
-    from models.dp.features import file_sha256
+    from models.hashing import file_sha256
 
     if hasattr(module, "encode_image_features"):  # DP checkpoint: frozen backbone + DP heads
         return _Trunk(module, module.encode_image_features, module.encode_report_features,

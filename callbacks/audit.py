@@ -34,9 +34,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from audit import result as R
 from audit.embeddings import VALIDATION_KEYS, EmbeddingSet, embedding_set_from_outputs, report_hash
 from audit.labels import has_labels
-from audit.probe import linear_probe, probe_skip_reason, subsample_rows
+from audit.probe import Probe, subsample_rows
 from audit.relinkage import Relinkage
-from configs import audit_settings
 
 log = logging.getLogger(__name__)
 
@@ -336,27 +335,17 @@ class LinearProbe(_CollectingCallback):
         **settings: Any,
     ):
         super().__init__(("image_emb", "labels", "patient_idx", "index"), every_n_epochs, out_dir, write_json, split)
-        s = audit_settings("probe", settings)
-        self.settings = {
-            "train_split": str(s["train_split"]),
-            "eval_labels": list(s["eval_labels"]) if s["eval_labels"] is not None else None,
-            "uncertain": s["uncertain"], "blank": s["blank"], "l2": float(s["l2"]), "max_iter": int(s["max_iter"]),
-            "max_train_samples": int(s["max_train_samples"]), "n_boot": int(s["n_boot"]), "seed": int(s["seed"]),
-        }
+        self.library = Probe(**settings)  # the library's probe with these settings (what evaluate.py runs on embeddings)
+        self.settings = self.library.settings
         self._warned = False
 
     def probe(self, train_x: Any, train_y: Any, test_x: Any, test_y: Any, test_patient: Any) -> dict[str, Any]:
-        """linear_probe with these settings, on a seeded random subset of at most
+        """audit.probe.Probe.probe: linear_probe with these settings, on a seeded random subset of at most
         ``max_train_samples`` training rows (evaluate.py passes rows already subsampled)."""
-        s = self.settings
-        idx = subsample_rows(len(train_x), s["max_train_samples"], s["seed"])
-        return linear_probe(train_x[idx], train_y[idx], test_x, test_y, eval_labels=s["eval_labels"],
-                            uncertain=s["uncertain"], blank=s["blank"], l2=s["l2"], max_iter=s["max_iter"],
-                            test_patient=test_patient, n_boot=s["n_boot"], seed=s["seed"])
+        return self.library.probe(train_x, train_y, test_x, test_y, test_patient)
 
     def skip_reason(self, train_y: Any, test_y: Any) -> str | None:
-        s = self.settings
-        return probe_skip_reason(train_y, test_y, eval_labels=s["eval_labels"], uncertain=s["uncertain"], blank=s["blank"])
+        return self.library.skip_reason(train_y, test_y)
 
     def encode_train(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         dm = trainer.datamodule

@@ -31,20 +31,19 @@ projection, ICU state, cardiothoracic ratio, drawn-but-unmentioned incidentals),
 "acquisition" (per view), "patient_traits", "variants" [{"style", "kind", "text"}] and
 "error_variants" [{"error", "text", "labels", "changed"}].
 
-Layout: sampling in synthetic_sampling.py, report writing in synthetic_reports.py, rendering
+Layout: the parameters (CohortParams, GENERATOR_VERSION) in synthetic_params.py, sampling in
+synthetic_sampling.py, report writing in synthetic_reports.py, rendering
 in synthetic_render.py. Readers never print report text or images.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -52,6 +51,7 @@ import numpy as np
 
 from datamodules.records import CHEXPERT_LABELS, SPLITS, Study
 from datamodules import synthetic_reports as rep
+from datamodules.synthetic_params import GENERATOR_VERSION, CohortParams
 from datamodules.synthetic_sampling import (
     LABEL_PROFILES,
     labels_json,
@@ -69,53 +69,7 @@ from datamodules.synthetic_render import (
     render_views,
 )
 
-GENERATOR_VERSION = "3"  # bump whenever the generated files change for the same parameters
-
 DEFAULT_STYLE_MIX = {"structured": 0.6, "impression_only": 0.25, "abbreviated": 0.15}
-
-
-@dataclass(frozen=True)
-class CohortParams:
-    """Every parameter that changes the generated files (hashed into the cache key)."""
-
-    num_patients: int
-    seed: int
-    image_size: int
-    cohort: str
-    style_mix: tuple[tuple[str, float], ...]
-    train_style_mix: tuple[tuple[str, float], ...] | None
-    exposure_mean: float
-    exposure_sd: float
-    noise_sd: float
-    ap_fraction: float
-    icu_fraction: float
-    rotation_sd_deg: float
-    multi_view_fraction: float
-    lateral_fraction: float
-    max_views_per_study: int
-    num_variants: int
-    split_fractions: tuple[float, float, float]
-    label_profile: str = "legacy"
-    test_patients: int = 0
-
-    @property
-    def total_patients(self) -> int:
-        return self.num_patients + self.test_patients
-
-    def public(self) -> dict:
-        """The parameters as hashed and recorded; `label_profile` only when not legacy and
-        `test_patients` only when not 0, so a cohort without them keeps its cache key and
-        meta.json from before these options existed."""
-        d = asdict(self)
-        if d["label_profile"] == "legacy":
-            del d["label_profile"]
-        if d["test_patients"] == 0:
-            del d["test_patients"]
-        return d
-
-    def key(self) -> str:
-        blob = json.dumps({"params": self.public(), "version": GENERATOR_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _check_mix(name: str, mix: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:

@@ -22,7 +22,7 @@ from datamodules import synthetic_reports as rep
 from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
 
 if TYPE_CHECKING:
-    from datamodules.synthetic import CohortParams
+    from datamodules.synthetic_params import CohortParams
     from datamodules.synthetic_render import Geometry
 
 # Studies per patient 1..6 (a long tail, as in MIMIC-CXR).

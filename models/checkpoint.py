@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.text import tokenizer_from_state, tokenizer_to_state
+from models.contract import EmbeddingModel, as_embedding_model
 from models.load_guard import compare_state_dict, enforce
 
 FORMAT_VERSION = 1
@@ -167,7 +168,9 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu", overrides: dict[str, Any] | None = None,
                 allow_partial_load: bool = False):
-    """Rebuild the LightningModule stored in `path` (eval mode), with its tokenizer.
+    """Rebuild the LightningModule stored in `path` (eval mode), with its tokenizer, and set what the
+    checkpoint records about it (models/contract.py, LoadedState): `data_preprocessing`, `saved_dp_state`,
+    `saved_epoch`, `load_notes`. An embedding model to audit: `load_embedding_model`.
 
     overrides: hyper-parameters to change before rebuilding, e.g. {"text_tower.pretrained": "/new/dir"}
     when the base LLM folder has moved (its fingerprint must still match). Weights that do not fit the
@@ -207,3 +210,11 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", over
     module.saved_dp_state = ckpt.get("dp_state")  # a DP stage's privacy statement (None otherwise)
     module.saved_epoch = ckpt.get("epoch")  # Lightning's 0-based epoch, as in epoch_NNN.ckpt
     return module.to(map_location).eval()
+
+
+def load_embedding_model(path: str | Path, map_location: str | torch.device = "cpu",
+                         overrides: dict[str, Any] | None = None, allow_partial_load: bool = False) -> EmbeddingModel:
+    """`load_module` of a checkpoint whose module is an embedding model (models/contract.py: a dual
+    tower, a DP stage); a TypeError for any other (a stage-1 text adaptation checkpoint)."""
+    module = load_module(path, map_location, overrides, allow_partial_load)
+    return as_embedding_model(module, f"checkpoint {path}")

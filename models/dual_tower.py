@@ -16,16 +16,17 @@ from hydra.utils import instantiate
 
 from audit.embeddings import validation_outputs
 from models.checkpoint import plain, restore_external_weights, save_extras
+from models.contract import LoadedState
 from models.heads import ProjectionHead
 from models.optim import configure_optimizers
 from models.losses import ClipLoss, in_batch_accuracy
 
 
-class DualTowerModule(L.LightningModule):
+class DualTowerModule(LoadedState, L.LightningModule):
     """Image tower + text tower, each followed by a projection head, trained with symmetric InfoNCE.
 
     temperature_init 0.07 as in CLIP; the learnable logit scale is clamped to <= ln(1/min_temperature)
-    (CLIP uses 100) so it cannot diverge on small, easy batches.
+    (CLIP uses 100) so it cannot diverge on small, easy batches. An embedding model (models/contract.py).
     """
 
     def __init__(

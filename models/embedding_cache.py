@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from models.hashing import update_from_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: content keys (cohort rows, code, package versions), validated hits
@@ -79,9 +81,7 @@ def files_hash(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for f in _files(root):
         h.update(f.relative_to(base).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        update_from_file(h, f)
         h.update(b"\0")
     return h.hexdigest()
 

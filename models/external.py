@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from audit.embeddings import validation_outputs
+from models.contract import LoadedState
 from models.load_guard import LoadProblems, compare_state_dict, enforce
 
 log = logging.getLogger(__name__)
@@ -515,9 +516,9 @@ class OpenCLIPBackend(_Backend):
         return self.name
 
 
-class ExternalDualEncoder(L.LightningModule):
-    """An existing dual encoder (configs/model/hf_clip.yaml, open_clip.yaml) as an embedding module:
-    `encode_images` / `encode_reports` return L2-normalised embeddings, `test_step` /
+class ExternalDualEncoder(LoadedState, L.LightningModule):
+    """An existing dual encoder (configs/model/hf_clip.yaml, open_clip.yaml) as an embedding model
+    (models/contract.py): `encode_images` / `encode_reports` return L2-normalised embeddings, `test_step` /
     `validation_step` the outputs the audit callbacks collect. Frozen, eval mode, never trained here.
 
     family: "hf" | "open_clip"; path: the model folder (or, for open_clip with `arch`, the

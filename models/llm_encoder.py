@@ -118,15 +118,13 @@ def base_fingerprint(path: str | Path) -> dict:
     ~25 s for 16 GB), once per process."""
     import hashlib
 
+    from models.hashing import file_sha256
+
     root = Path(path)
     files = sorted({p for p in root.rglob("*.safetensors")} | {root / f for f in FINGERPRINT_FILES if (root / f).exists()})
     hashes = {}
     for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        hashes[f.relative_to(root).as_posix()] = h.hexdigest()
+        hashes[f.relative_to(root).as_posix()] = file_sha256(f, chunk=1 << 24)
     digest = hashlib.sha256("\n".join(f"{k}:{v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
     return {"algorithm": "sha256", "files": hashes, "digest": digest}
 

@@ -288,22 +288,25 @@ def test_same_study_in_train_and_test_rows_raises(tmp_path):
 
 
 def test_probe_zero_vector_in_the_file_raises_before_any_audit(tmp_path, monkeypatch):
-    from callbacks.audit import RelinkageAudit
+    # What the embeddings path runs (evaluate.audit_embeddings -> audit.relinkage.Relinkage; the
+    # callback RelinkageAudit wraps the same class, so this also stands for the Trainer path).
+    from audit.relinkage import Relinkage
 
     tr, te = _train_test()
     tr["image_emb"] = tr["image_emb"].copy()
     tr["image_emb"][3] = 0
-    monkeypatch.setattr(RelinkageAudit, "audit", lambda *a, **k: pytest.fail("re-linkage computed before the probe's inputs were checked"))
+    monkeypatch.setattr(Relinkage, "audit", lambda *a, **k: pytest.fail("re-linkage computed before the probe's inputs were checked"))
     with pytest.raises(ValueError, match=r"probe train embeddings has 1 all-zero rows"):
         _evaluate(tmp_path, _cat(tr, te), "audit=all", "audit.relinkage.n_boot=0")
 
 
 # ---- split labelling and audit=all ---------------------------------------------------------------------
 def test_file_without_split_is_labelled_all_and_audit_all_skips_the_probe(tmp_path, caplog, monkeypatch):
-    from callbacks.audit import LinearProbe
+    # audit.probe.Probe is what evaluate.audit_embeddings calls (and callbacks.audit.LinearProbe wraps).
+    from audit.probe import Probe
 
     data = {k: v for k, v in _rows().items() if k != "split"}
-    monkeypatch.setattr(LinearProbe, "probe", lambda *a, **k: pytest.fail("the probe ran without train rows"))
+    monkeypatch.setattr(Probe, "probe", lambda *a, **k: pytest.fail("the probe ran without train rows"))
     caplog.set_level(logging.INFO)
     res = _evaluate(tmp_path, data, "audit=all", "audit.relinkage.n_boot=0")
     # before: labelled split=test; and the probe raised after the whole re-linkage audit was computed

@@ -48,6 +48,7 @@ from audit.embeddings import report_hash
 from datamodules.datamodule import CXRDataModule, study_text
 from datamodules.records import SPLITS, Study
 from models.embedding_cache import code_hash, image_signature, package_versions
+from models.hashing import file_sha256  # noqa: F401  (also imported from here: models/dp/module.py, experiments/)
 
 # The code that shapes the cached features: the readers and datamodule, the towers, this module.
 FEATURE_CODE = ("datamodules", "models/dual_tower.py", "models/image_towers.py", "models/text_towers.py",
@@ -73,17 +74,6 @@ def stable_key(*parts: str) -> int:
 
 def stable_keys(ids: Sequence[str | tuple[str, ...]]) -> torch.Tensor:
     return torch.tensor([stable_key(*((i,) if isinstance(i, str) else i)) for i in ids], dtype=torch.long)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def cohort_fingerprint(studies: Sequence[Study], settings: dict[str, Any]) -> str:

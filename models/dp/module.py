@@ -57,6 +57,7 @@ from opacus.validators import ModuleValidator
 from audit.embeddings import validation_outputs
 from models.checkpoint import (KEY, import_module_class, load_checkpoint_dict, load_module, plain,
                                restore_external_weights, save_extras)
+from models.contract import LoadedState
 from models.dp import record
 from models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs, load_accountant_state
 from models.dp.plan import DataFacts, DPPlan, make_plan, settings
@@ -124,7 +125,7 @@ class _Heads(nn.Module):
         return self.image_head(img), self.text_head(txt)
 
 
-class DPAlignmentModule(L.LightningModule):
+class DPAlignmentModule(LoadedState, L.LightningModule):  # an embedding model (models/contract.py)
     """Heads-only finetune on cached features: DP-SGD (``dp.enabled``) or the same run without noise.
 
     Args:
