@@ -440,6 +440,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         rel, probe, meta = audit_checkpoint(cfg, rel_cb, probe_cb, rq_cb)
         if meta is None:
             return {}, {}
+    # What the chosen audit config leaves out on purpose (audit=all: the adaptive attacker), with why:
+    # the headline and report.md say so, as for an audit the data could not support.
+    for name, why in (audit.get("not_included") or {}).items():
+        if not audit.get(name):
+            log.info("%s not run: %s", name, why)
+            meta["skipped"] = {**(meta.get("skipped") or {}), name: str(why)}
     settings = {"audit": OmegaConf.to_container(audit, resolve=True)}
     res = R.build_result(relinkage=rel, probe=probe, meta=meta, settings=settings, privacy=meta.pop("privacy", None),
                          report_quality=meta.pop("report_quality", None), adaptive=meta.pop("adaptive", None))

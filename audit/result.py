@@ -266,6 +266,13 @@ def weights_not_loaded(res: dict[str, Any]) -> list[str]:
     return list(res.get("meta", {}).get("weights_not_loaded") or [])
 
 
+# Why the hard-negative chance is not 1 / (mean effective pool): one clause, beside the numbers.
+HARDNEG_CHANCE_CLAUSE = ("chance {chance}% is the mean of 1/pool over queries, each ranked among its own "
+                         "label-matched candidates only, so small pools lift it above 1/{pool}")
+HARDNEG_CHANCE_EQUAL = ("chance {chance}% is the mean of 1/pool over queries, each ranked among its own "
+                        "label-matched candidates only")
+
+
 def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str:
     """The one-paragraph summary a run prints: R@1 × chance, hard negatives × chance, probe AUROC,
     the DP verdict, and where the full results are."""
@@ -278,8 +285,11 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
                     f"({_fmt(r['chance'])}%)")
     r = _row(res, "hardneg/i2t")
     if r:
+        pool = f"{r['effective_pool_mean']:.0f}"
+        above = r["k"] == 1 and r["chance"] * r["effective_pool_mean"] > 1.005
+        clause = HARDNEG_CHANCE_CLAUSE if above else HARDNEG_CHANCE_EQUAL
         bits.append(f"with hard negatives: {_fmt(r['value'])}% = {_fmt(r['x_chance'], False)}× chance "
-                    f"(effective pool {r['effective_pool_mean']:.0f})")
+                    f"(mean effective pool {pool}; {clause.format(chance=_fmt(r['chance']), pool=pool)})")
     probe = res.get("probe")
     if probe:
         bits.append(f"linear probe macro AUROC {_fmt(probe['macro_auroc'])}%")
@@ -364,7 +374,9 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
             t = sec["ties"]
             extra = ""
             if sec.get("variant") == "hardneg":
-                extra = (f"; label mapping {sec['label_mapping']}, {sec['n_label_groups']} label groups, "
+                extra = (f"; chance per row: the mean over queries of K / (the query's own label-matched pool), "
+                         f"so above K / (mean effective pool) when pools differ"
+                         f"; label mapping {sec['label_mapping']}, {sec['n_label_groups']} label groups, "
                          f"median population {sec['population_median']:.0f}, "
                          f"{sec['n_queries_no_negatives']} queries without hard negatives left out")
             if sec.get("variant") == "dedup":
