@@ -21,6 +21,9 @@ from typing import Sequence
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 log = logging.getLogger("train.progress")
+# The ~30 s progress lines: a top-level logger of their own, so that a program that quiets train.py's
+# loggers (experiments/reproduce.py sets `train` to WARNING: one line per run) still shows them.
+plog = logging.getLogger("progress")
 
 
 class EpochLine(Callback):
@@ -99,9 +102,10 @@ class Progress(Callback):
     "still ..." line. On a terminal (progress bar shown) the lines go to log files only.
     ``enabled=False`` (train.py: progress_every_s=0): nothing."""
 
-    def __init__(self, interval_s: float = 30.0, enabled: bool = True) -> None:
+    def __init__(self, interval_s: float = 30.0, enabled: bool = True, test_what: str = "final audit (test split)") -> None:
         self.interval_s = float(interval_s)
         self.enabled = enabled
+        self.test_what = test_what  # how the test loop is named (evaluate.py: "audit (<split> split)")
         self._last = time.monotonic()
         self._status = ""
         self._since = time.monotonic()
@@ -114,7 +118,7 @@ class Progress(Callback):
     # ---------------------------------------------------------------- output
     def _emit(self, text: str) -> None:
         self._last = time.monotonic()
-        log.info("progress: %s", text, extra={"heartbeat": True})
+        plog.info("progress: %s", text, extra={"heartbeat": True})
 
     def _due(self) -> bool:
         return time.monotonic() - self._last >= self.interval_s
@@ -205,7 +209,7 @@ class Progress(Callback):
             self._eval_start(trainer, f"{self._epoch(trainer)} validation")
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer, "final audit (test split)")
+        self._eval_start(trainer, self.test_what)
 
     def eval_line(self, trainer: Trainer, what: str, batch_idx: int, total) -> str:
         done, total = batch_idx + 1, _total(total)
@@ -226,7 +230,7 @@ class Progress(Callback):
         self._eval_batch(trainer, f"{self._epoch(trainer)} validation", batch_idx, trainer.num_val_batches)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(trainer, "final audit (test split)", batch_idx, trainer.num_test_batches)
+        self._eval_batch(trainer, self.test_what, batch_idx, trainer.num_test_batches)
 
     # The audits run in the epoch-end hooks of the callbacks after this one (train.py puts it first):
     # the thread reports them.
@@ -235,7 +239,7 @@ class Progress(Callback):
             self._set(f"{self._epoch(trainer)} validation done, audits running")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._set("final audit (test split): test split encoded, computing the audit")
+        self._set(f"{self.test_what}: split encoded, computing the audit")
 
 
 class heartbeat:
@@ -250,7 +254,7 @@ class heartbeat:
 
     def _run(self, start: float) -> None:
         while not self._stop.wait(max(self.interval_s, 1.0)):
-            log.info("progress: still %s (%s so far)", self.what, _clock(time.monotonic() - start),
+            plog.info("progress: still %s (%s so far)", self.what, _clock(time.monotonic() - start),
                      extra={"heartbeat": True})
 
     def __enter__(self) -> "heartbeat":

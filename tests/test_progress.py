@@ -24,7 +24,7 @@ TEST_BATCH = re.compile(r"progress: final audit \(test split\): batch (\d+)/(\d+
 
 
 def _messages(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "train.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "progress"]
 
 
 def test_progress_lines_name_the_step_total_and_eta(caplog) -> None:
@@ -37,7 +37,7 @@ def test_progress_lines_name_the_step_total_and_eta(caplog) -> None:
                       callbacks=[Progress(1e-9)], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     model = BoringModel()
-    with caplog.at_level(logging.INFO, logger="train.progress"):
+    with caplog.at_level(logging.INFO, logger="progress"):
         trainer.fit(model)
         trainer.test(model, verbose=False)
     msgs = _messages(caplog)
@@ -72,14 +72,21 @@ def test_eta_is_the_remaining_steps_at_the_mean_step_time(monkeypatch) -> None:
 
 def test_heartbeat_reports_a_long_block(caplog) -> None:
     """A stretch outside the Trainer's hooks (cohort generation, writing the bundle): "still ..." lines
-    from a background thread while the block runs, none after it ends."""
+    from a background thread while the block runs, none after it ends; also where the `train` loggers
+    are quieted (the reproduction)."""
     from callbacks.progress import heartbeat
 
-    with caplog.at_level(logging.INFO, logger="train.progress"):
-        with heartbeat("generating the cohort", 1.0):
-            time.sleep(2.6)
-        n = len(_messages(caplog))
-        time.sleep(1.2)
+    quiet = logging.getLogger("train")  # as experiments/reproduce.py quiets train.py's own loggers
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        with caplog.at_level(logging.INFO, logger="progress"):
+            with heartbeat("generating the cohort", 1.0):
+                time.sleep(2.6)
+            n = len(_messages(caplog))
+            time.sleep(1.2)
+    finally:
+        quiet.setLevel(level)
     msgs = _messages(caplog)
     assert len(msgs) == n >= 2
     assert all(re.fullmatch(r"progress: still generating the cohort \(0:0\d so far\)", m) for m in msgs)
