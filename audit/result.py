@@ -625,7 +625,7 @@ def plot_x_chance(ax, rows: list[dict[str, Any]], hard: bool, color: str, label:
             j = i
             while j < len(rows) and lows[j] > 0:
                 j += 1
-            if j - i >= 2:
+            if len(set(xs[i:j])) >= 2:  # (rows at one pool size, e.g. hard negatives below every N: bars)
                 ax.fill_between(xs[i:j], lows[i:j], highs[i:j], color=color, alpha=band_alpha, lw=0)
             else:
                 for m in range(i, j):

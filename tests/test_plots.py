@@ -105,3 +105,16 @@ def test_every_panel_has_x_tick_labels(fig, panel) -> None:
     assert len(shown) >= 2, f"{ax.get_title()}: x tick labels {shown}"
     if panel == 1:  # the hard-negative panel: plain numbers between 45 and 66
         assert all(40 <= float(s) <= 70 for s in shown)
+
+
+def test_ci_of_rows_at_one_pool_size_is_drawn() -> None:
+    """Hard negatives whose label groups are smaller than every N sit at one effective pool: their CI
+    (a zero-width band before) is a vertical bar from the lower to the upper bound."""
+    rows = [_row(1, n, nv, 2.45, [2.32, 2.61], pool=10.9, chance=0.24) for n, nv in (("100", 100), ("full", 1200))]
+    res = R.build_result(relinkage={"hardneg/i2t": _section(rows, "hardneg")}, meta={"split": "test"})
+    f = R.plot_recall_vs_n(res)
+    ax = f.axes[0]
+    bars = [tuple(np.round(line.get_ydata(), 6)) for line in ax.get_lines()
+            if len(line.get_xdata()) == 2 and len(set(line.get_xdata())) == 1]
+    plt.close(f)
+    assert (2.32, 2.61) in bars
