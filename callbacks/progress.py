@@ -73,10 +73,11 @@ def _total(n) -> int | None:
 
 
 class _FileOnlyOnATerminal(logging.Filter):
-    """On a terminal Lightning's progress bar shows the same: the heartbeat goes to log files only."""
+    """On a terminal Lightning's progress bar shows the same (and a line written under it breaks it):
+    the Trainer's progress lines go to log files only there."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, "heartbeat", False)
+        return not getattr(record, "beside_bar", False)
 
 
 def _quiet_terminal_handlers() -> None:
@@ -99,7 +100,7 @@ class Progress(Callback):
 
     Lines are written from the batch hooks when the interval has passed; a background thread covers
     a long stretch without batches (one slow step, the audit computed after the test loop) with a
-    "still ..." line. On a terminal (progress bar shown) the lines go to log files only.
+    "still ..." line. On a terminal with Lightning's progress bar shown the lines go to log files only.
     ``enabled=False`` (train.py: progress_every_s=0): nothing."""
 
     def __init__(self, interval_s: float = 30.0, enabled: bool = True, test_what: str = "final audit (test split)") -> None:
@@ -114,11 +115,12 @@ class Progress(Callback):
         self._fit_step0 = 0
         self._stop = None
         self._thread = None
+        self._bar = False  # whether a progress bar is shown (then: log files only, on a terminal)
 
     # ---------------------------------------------------------------- output
     def _emit(self, text: str) -> None:
         self._last = time.monotonic()
-        plog.info("progress: %s", text, extra={"heartbeat": True})
+        plog.info("progress: %s", text, extra={"beside_bar": self._bar})
 
     def _due(self) -> bool:
         return time.monotonic() - self._last >= self.interval_s
@@ -137,7 +139,6 @@ class Progress(Callback):
 
         if not self.enabled or self.interval_s <= 0 or self._thread is not None:
             return
-        _quiet_terminal_handlers()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="progress-heartbeat", daemon=True)
         self._thread.start()
@@ -149,6 +150,9 @@ class Progress(Callback):
             self._thread = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._bar = trainer.progress_bar_callback is not None
+        if self._bar:
+            _quiet_terminal_handlers()
         if trainer.is_global_zero:
             self._last = time.monotonic()
             self._start_thread()
@@ -245,7 +249,7 @@ class Progress(Callback):
 class heartbeat:
     """``with heartbeat("preparing the data"):`` logs "progress: still preparing the data (0:30 so
     far)" every ``interval_s`` seconds until the block ends (a background thread; python logging, so
-    files get it): for stretches outside the Trainer's hooks (generating a cohort, writing the final
+    files and the terminal get it): for stretches outside the Trainer's hooks (generating a cohort, writing the final
     bundle). ``interval_s`` <= 0: nothing."""
 
     def __init__(self, what: str, interval_s: float = 30.0) -> None:
@@ -254,14 +258,12 @@ class heartbeat:
 
     def _run(self, start: float) -> None:
         while not self._stop.wait(max(self.interval_s, 1.0)):
-            plog.info("progress: still %s (%s so far)", self.what, _clock(time.monotonic() - start),
-                     extra={"heartbeat": True})
+            plog.info("progress: still %s (%s so far)", self.what, _clock(time.monotonic() - start))
 
     def __enter__(self) -> "heartbeat":
         import threading
 
         if self.interval_s > 0:
-            _quiet_terminal_handlers()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(time.monotonic(),), daemon=True,
                                             name="progress-heartbeat")

@@ -134,3 +134,34 @@ def test_log_file_and_redirected_stdout_carry_progress(tmp_path, cache_dir) -> N
         steps = [m.group(3, 4) for m in TRAIN_STEP.finditer(text)]
         assert steps == [("1", "3"), ("2", "3"), ("3", "3")]
         assert TEST_BATCH.search(text)
+
+
+def test_on_a_terminal_with_the_bar_the_lines_go_to_the_log_file_only(tmp_path) -> None:
+    """Lightning's bar redraws a terminal line (a log line under it breaks it): with the bar shown, a
+    terminal handler gets no progress line, the run's log file gets them all."""
+    import io
+
+    from callbacks.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    root = logging.getLogger()
+    term, file = logging.StreamHandler(Terminal()), logging.FileHandler(tmp_path / "train.log")
+    level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(term)
+    root.addHandler(file)
+    try:
+        trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[Progress(1e-9)],
+                          logger=False, enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False)
+        trainer.fit(BoringModel())
+    finally:
+        root.removeHandler(term)
+        root.removeHandler(file)
+        root.setLevel(level)
+        file.close()
+    logged = (tmp_path / "train.log").read_text()
+    assert [m.group(3) for m in TRAIN_STEP.finditer(logged)] == ["1", "2", "3"]
+    assert "progress:" not in term.stream.getvalue()
