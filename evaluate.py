@@ -338,7 +338,11 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     module = load_audited_module(cfg)
     dm = prepared_datamodule(cfg, module)
     callbacks = [cb for cb in (rel_cb, probe_cb, rq_cb) if cb is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    from callbacks.progress import Progress
+
+    every = float(cfg.get("progress_every_s", 30) or 0)  # a progress line every ~30 s (callbacks/progress.py)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[
+        Progress(every, enabled=every > 0, test_what=f"audit ({cfg.split} split)"), *callbacks])
     trainer.test(module, datamodule=dm, verbose=False)
     if not trainer.is_global_zero:  # under DDP only rank 0 holds the results and writes them
         return None, None, None
@@ -363,7 +367,10 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk (callbacks/adaptive.py)
         from callbacks.adaptive import adaptive_section
 
-        meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
+        from callbacks.progress import heartbeat
+
+        with heartbeat("running the adaptive attacker (fitting attacks, auditing each)", every):
+            meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
     if sec["report_quality"] is not None:  # evaluate() pops it into the result's report_quality section
         meta["report_quality"] = sec["report_quality"]
     if module.load_notes:  # allow_partial_load: audit/result.py flags every section
@@ -445,6 +452,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             return {}, {}
     from audit.bundle import final_bundle
 
+    # What the chosen audit config leaves out on purpose (audit=all: the adaptive attacker), with why:
+    # the headline and report.md say so, as for an audit the data could not support.
+    for name, why in (audit.get("not_included") or {}).items():
+        if not audit.get(name):
+            log.info("%s not run: %s", name, why)
+            meta["skipped"] = {**(meta.get("skipped") or {}), name: str(why)}
     out = Path(cfg.output_dir)
     res = final_bundle(out, meta, {"audit": OmegaConf.to_container(audit, resolve=True)}, relinkage=rel, probe=probe,
                        privacy=meta.pop("privacy", None), report_quality=meta.pop("report_quality", None),

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 from configs import cli  # noqa: E402
 from callbacks.console import quiet_known_warnings  # noqa: E402
-from callbacks.progress import EpochLine  # noqa: E402
+from callbacks.progress import EpochLine, Progress, heartbeat  # noqa: E402
+from callbacks.run_config import SaveRunConfig, log_resume_changes  # noqa: E402
 from callbacks.seed import EpochSeed  # noqa: E402
 
 log = logging.getLogger("train")
@@ -170,9 +171,10 @@ def final_audit(cfg: DictConfig, trainer: L.Trainer, model, datamodule, callback
         meta["skipped"] = sec["skipped"]
     meta["checkpoint_selection"] = how
     out = Path(cfg.paths.output_dir) / "final_audit"
-    final_bundle(out, meta, sec["settings"], relinkage=sec["relinkage"], probe=sec["probe"],
-                 report_quality=sec["report_quality"], privacy=model.dp_state() if hasattr(model, "dp_state") else None,
-                 logger=log)
+    with heartbeat("writing the final audit's files (report, plot)", float(cfg.get("progress_every_s", 30) or 0)):
+        final_bundle(out, meta, sec["settings"], relinkage=sec["relinkage"], probe=sec["probe"],
+                     report_quality=sec["report_quality"], privacy=model.dp_state() if hasattr(model, "dp_state") else None,
+                     logger=log)
     attach_to_wandb(loggers, out)
     return metrics
 
@@ -207,6 +209,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise cli.UsageError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (a run keeps its own in "
                          "<run>/checkpoints/last.ckpt)")
     L.seed_everything(cfg.seed, workers=True)
+    every = float(cfg.get("progress_every_s", 30) or 0)  # a progress line every ~30 s (callbacks/progress.py)
     datamodule = instantiate(cfg.data)
     if cfg.get("ckpt_path"):
         # Resuming: token ids must keep their meaning, so reuse the checkpoint's tokenizer rather
@@ -214,17 +217,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         from datamodules.text import tokenizer_from_state
         from models.checkpoint import KEY, load_checkpoint_dict
 
-        extras = load_checkpoint_dict(cfg.ckpt_path).get(KEY)
+        saved = load_checkpoint_dict(cfg.ckpt_path)
+        log_resume_changes(saved, cfg, cfg.ckpt_path)  # each key that differs from the checkpoint's run
+        extras = saved.get(KEY)
         if extras is not None:  # (a DP run on an existing model's heads brings that model's tokenizer)
             datamodule.tokenizer = tokenizer_from_state(extras["tokenizer"])
-    datamodule.setup("fit")  # builds the tokenizer the text tower is sized by (unless resuming)
-    model = instantiate(cfg.model, tokenizer=datamodule.tokenizer)
+    with heartbeat("preparing the data and the model (a first run generates or reads the cohort)", every):
+        datamodule.setup("fit")  # builds the tokenizer the text tower is sized by (unless resuming)
+        model = instantiate(cfg.model, tokenizer=datamodule.tokenizer)
     if (llm := describe_llm_tower(model)) is not None:
         log.info("%s", llm)
     # Each epoch's randomness from (seed, epoch): a run resumed at an epoch boundary replays it.
-    # ... and one log line per epoch where no progress bar is seen (a log file, nohup, Slurm).
+    # ... one log line per epoch where no progress bar is seen (a log file, nohup, Slurm), a progress
+    # line (steps done, elapsed, ETA) every `progress_every_s` in log files, and the resolved config in
+    # every checkpoint (a resume lists what it changes).
     watch = [cfg.get("optimized_metric"), "probe/macro_auroc", "dp/epsilon"]
-    callbacks = [EpochSeed(cfg.seed), EpochLine(watch), *instantiate_group(cfg.get("callbacks"))]
+    callbacks = [EpochSeed(cfg.seed), EpochLine(watch), Progress(every, enabled=every > 0), SaveRunConfig(cfg),
+                 *instantiate_group(cfg.get("callbacks"))]
     continue_wandb_run(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -266,6 +266,13 @@ def weights_not_loaded(res: dict[str, Any]) -> list[str]:
     return list(res.get("meta", {}).get("weights_not_loaded") or [])
 
 
+# Why the hard-negative chance is not 1 / (mean effective pool): one clause, beside the numbers.
+HARDNEG_CHANCE_CLAUSE = ("chance {chance}% is the mean of 1/pool over queries, each ranked among its own "
+                         "label-matched candidates only, so small pools lift it above 1/{pool}")
+HARDNEG_CHANCE_EQUAL = ("chance {chance}% is the mean of 1/pool over queries, each ranked among its own "
+                        "label-matched candidates only")
+
+
 def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str:
     """The one-paragraph summary a run prints: R@1 × chance, hard negatives × chance, probe AUROC,
     the DP verdict, and where the full results are."""
@@ -278,8 +285,11 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
                     f"({_fmt(r['chance'])}%)")
     r = _row(res, "hardneg/i2t")
     if r:
+        pool = f"{r['effective_pool_mean']:.0f}"
+        above = r["k"] == 1 and r["chance"] * r["effective_pool_mean"] > 1.005
+        clause = HARDNEG_CHANCE_CLAUSE if above else HARDNEG_CHANCE_EQUAL
         bits.append(f"with hard negatives: {_fmt(r['value'])}% = {_fmt(r['x_chance'], False)}× chance "
-                    f"(effective pool {r['effective_pool_mean']:.0f})")
+                    f"(mean effective pool {pool}; {clause.format(chance=_fmt(r['chance']), pool=pool)})")
     probe = res.get("probe")
     if probe:
         bits.append(f"linear probe macro AUROC {_fmt(probe['macro_auroc'])}%")
@@ -364,7 +374,9 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
             t = sec["ties"]
             extra = ""
             if sec.get("variant") == "hardneg":
-                extra = (f"; label mapping {sec['label_mapping']}, {sec['n_label_groups']} label groups, "
+                extra = (f"; chance per row: the mean over queries of K / (the query's own label-matched pool), "
+                         f"so above K / (mean effective pool) when pools differ"
+                         f"; label mapping {sec['label_mapping']}, {sec['n_label_groups']} label groups, "
                          f"median population {sec['population_median']:.0f}, "
                          f"{sec['n_queries_no_negatives']} queries without hard negatives left out")
             if sec.get("variant") == "dedup":
@@ -537,6 +549,23 @@ def privacy_lines(p: dict[str, Any]) -> list[str]:
     return lines + [f"  - {item}" for item in p.get("outside_guarantee") or []]
 
 
+def _label_minor_x_when_no_decade(ax) -> None:
+    """x tick labels on a log axis whose view holds fewer than two decades (a hard-negative panel with
+    effective pools of 40-70 had no label at all): the 2×, 3×, 5× ticks between decades are labelled
+    then, as plain numbers."""
+    import matplotlib.ticker
+
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2.0, 3.0, 5.0), numticks=30))
+
+    def minor_label(v: float, _pos) -> str:
+        lo, hi = ax.get_xlim()
+        decades = sum(1 for e in range(-3, 9) if lo <= 10.0**e <= hi)
+        return f"{v:g}" if decades < 2 else ""
+
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+
+
 def x_chance_axes(ax, title: str, hard: bool, ylabel: str) -> None:
     """A log-log Recall ÷ chance panel: x is N, or the mean effective pool for hard negatives."""
     import matplotlib.ticker
@@ -558,21 +587,55 @@ def x_chance_axes(ax, title: str, hard: bool, ylabel: str) -> None:
 
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
     ax.tick_params(axis="y", which="minor", labelsize=7)
+    _label_minor_x_when_no_decade(ax)
 
 
-def plot_x_chance(ax, rows: list[dict[str, Any]], hard: bool, color: str, label: str, band_alpha: float) -> None:
+def x_chance_floor(rows: list[dict[str, Any]]) -> float:
+    """The bottom of a Recall ÷ chance panel: below its smallest positive value (points and CI
+    bounds) and below chance (1×). A ratio of 0, or a CI's lower bound of 0, has no place on a log
+    axis: it is drawn at or through this edge, never at an invented value such as 0.01×."""
+    pos = [v for r in rows for v in [r.get("x_chance"), *(r.get("x_chance_ci") or [])]
+           if v is not None and v > 0]
+    return min(pos + [1.0]) / 1.6
+
+
+def plot_x_chance(ax, rows: list[dict[str, Any]], hard: bool, color: str, label: str, band_alpha: float,
+                  floor: float | None = None) -> None:
     """One curve of Recall ÷ chance over the pool sizes of ``rows`` (recall rows of one K), with its
-    95% CI band when every row has one. Hard-negative rows sit at their mean effective pool."""
+    95% CI band when every row has one. Hard-negative rows sit at their mean effective pool. ``floor``
+    (default: x_chance_floor(rows); the caller sets the panel's ylim to start there): a ratio of 0 is
+    an open triangle on that edge; a CI whose lower bound is 0 leaves the panel through it (the band
+    runs off the bottom edge, a ▼ on the edge marks it): the interval is unbounded below on a log axis."""
+    floor = x_chance_floor(rows) if floor is None else floor
     x_of = (lambda r: r["effective_pool_mean"]) if hard else (lambda r: r["n_value"])
     rows = sorted((r for r in rows if r.get("x_chance") is not None), key=x_of)
     xs, ys = [x_of(r) for r in rows], [r["x_chance"] for r in rows]
-    # A ratio of 0 has no place on a log axis; such points sit at the bottom edge, marked open.
-    ax.plot(xs, [max(y, 1e-2) for y in ys], "-", color=color, label=label)
+    off = floor / 100  # below the panel: lines and bands to it are clipped at the bottom edge
+    ax.plot(xs, [y if y > 0 else off for y in ys], "-", color=color, label=label)
     ax.plot([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], "o", color=color)
-    ax.plot([x for x, y in zip(xs, ys) if y <= 0], [1e-2 for y in ys if y <= 0], "o", mfc="none", color=color)
+    ax.plot([x for x, y in zip(xs, ys) if y <= 0], [floor for y in ys if y <= 0], "v", mfc="none", ms=8,
+            color=color, clip_on=False)
     if rows and all(r.get("x_chance_ci") for r in rows):
-        ax.fill_between(xs, [max(r["x_chance_ci"][0], 1e-2) for r in rows],
-                        [max(r["x_chance_ci"][1], 1e-2) for r in rows], color=color, alpha=band_alpha)
+        lows, highs = [r["x_chance_ci"][0] for r in rows], [r["x_chance_ci"][1] for r in rows]
+        # A band between consecutive points whose lower bounds are > 0; a point whose lower bound is 0
+        # (or that stands alone) gets a vertical bar instead, from its upper bound down through the
+        # bottom edge, with a ▼ there: a band interpolated towards 0 drew a wedge to an invented floor.
+        i = 0
+        while i < len(rows):
+            j = i
+            while j < len(rows) and lows[j] > 0:
+                j += 1
+            if len(set(xs[i:j])) >= 2:  # (rows at one pool size, e.g. hard negatives below every N: bars)
+                ax.fill_between(xs[i:j], lows[i:j], highs[i:j], color=color, alpha=band_alpha, lw=0)
+            else:
+                for m in range(i, j):
+                    ax.plot([xs[m], xs[m]], [lows[m], highs[m]], "-", color=color, alpha=band_alpha * 2, lw=5,
+                            solid_capstyle="butt")
+            if j < len(rows):  # lows[j] <= 0
+                ax.plot([xs[j], xs[j]], [off, max(highs[j], off)], "-", color=color, alpha=band_alpha * 2, lw=5,
+                        solid_capstyle="butt")
+                ax.plot([xs[j]], [floor], "v", color=color, ms=7, clip_on=False)
+            i = max(j + 1, i + 1)
 
 
 def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None):
@@ -581,38 +644,56 @@ def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None)
     chance level at 1×. The hard-negative panel plots each point at its mean *effective* pool (the
     label-matched population can be smaller than N), not at the nominal N. Pool sizes at or above
     the split's candidates are not points of their own (the full database covers them); the panel
-    says which were clipped. The title names model, split and checkpoint. Returns the matplotlib
-    Figure (Agg backend); saved to ``path`` when given."""
+    says which were clipped. One legend for the figure, below the panels (inside a panel it covered
+    the N = 100 points); the notes sit under each panel's title. The title names model, split and
+    checkpoint. Returns the matplotlib Figure (Agg backend); saved to ``path`` when given."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     rl = res.get("relinkage", {})
     keys = list(rl) or ["(none)"]
     # Fixed margins (inches over the figure's width) instead of tight_layout, which measured every
     # text box and took most of the plotting time (≈ 1 s of evaluate.py's fixed cost on 2 cores).
-    width = 4.4 * len(keys)
-    fig, axes = plt.subplots(1, len(keys), figsize=(width, 4.0), squeeze=False, gridspec_kw=dict(
-        left=0.75 / width, right=1 - 0.15 / width, bottom=0.12, top=0.86, wspace=0.3))
+    width, height = 4.4 * len(keys), 4.6
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, height), squeeze=False, gridspec_kw=dict(
+        left=0.75 / width, right=1 - 0.15 / width, bottom=0.95 / height, top=1 - 0.95 / height, wspace=0.3))
+    ks_all: list[int] = []
+    zero_ci = False
     for ax, key in zip(axes[0], keys):
         sec = rl.get(key)
         hard = bool(sec) and sec.get("variant") == "hardneg"
         x_chance_axes(ax, VARIANT_TITLES.get(key, key), hard, "Recall@K ÷ chance")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if not sec:
             continue
         ks = sorted({r["k"] for r in sec["recall"]})
-        for i, k in enumerate(ks):
-            plot_x_chance(ax, [r for r in sec["recall"] if r["k"] == k], hard, f"C{i}", f"K={k}", band_alpha=0.2)
-        ax.axhline(1.0, color="k", ls="--", lw=1, label="chance (1×)")
+        ks_all += [k for k in ks if k not in ks_all]
+        floor = x_chance_floor(sec["recall"])
+        top = max([v for r in sec["recall"] for v in [r.get("x_chance"), *(r.get("x_chance_ci") or [])]
+                   if v is not None] + [1.0]) * 1.6
+        for k in ks:
+            plot_x_chance(ax, [r for r in sec["recall"] if r["k"] == k], hard, f"C{ks_all.index(k)}", f"K={k}",
+                          band_alpha=0.2, floor=floor)
+        zero_ci |= any((r.get("x_chance_ci") or [1])[0] <= 0 or (r.get("x_chance") or 0) <= 0 for r in sec["recall"])
+        ax.set_ylim(floor, top)
+        ax.axhline(1.0, color="k", ls="--", lw=1)
         notes = [f"{sec['n_queries']} queries, {sec['n_candidates']} candidates"]
         if sec.get("clipped_n"):
             notes.append(f"N = {', '.join(str(n) for n in sec['clipped_n'])} ≥ candidates: shown as full")
-        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom")
-        ax.legend(fontsize=8, loc="upper left")  # the curves rise to the right
+        ax.text(0.5, 1.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, ha="center", va="bottom")
+        ax.set_title(VARIANT_TITLES.get(key, key), fontsize=10, pad=6 + 9 * len(notes))
         ax.grid(True, which="both", alpha=0.3)
+    handles = [Line2D([], [], color=f"C{i}", marker="o", label=f"K={k}") for i, k in enumerate(ks_all)]
+    handles.append(Line2D([], [], color="k", ls="--", lw=1, label="chance (1×)"))
+    if ks_all:
+        handles.append(Patch(color="C0", alpha=0.2, label="95% CI"))
+    if zero_ci:
+        handles.append(Line2D([], [], color="0.3", marker="v", ls="none", label="95% CI (▽: value) reaches 0, off the log axis"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     title = describe(res.get("meta", {}))
     if title:
         fig.suptitle(f"Re-linkage: {title}", fontsize=9)

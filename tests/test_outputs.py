@@ -44,7 +44,7 @@ def test_headline_reads_r1_at_100_hard_negatives_probe_and_where(tmp_path) -> No
     )
     text = R.headline(res, tmp_path / "final_audit")
     assert "R@1 at N = 100: 12.83% = 12.83× chance (1.00%)" in text
-    assert "hard negatives: 5.00% = 2.00× chance (effective pool 40)" in text
+    assert "hard negatives: 5.00% = 2.00× chance (mean effective pool 40; chance 2.50% is the mean of 1/pool" in text
     assert "macro AUROC 74.70%" in text and "checkpoint=epoch_005.ckpt, epoch=5 (0-based)" in text
     assert f"{tmp_path / 'final_audit'}/" in text
     summary = R.console_summary(res, tmp_path)

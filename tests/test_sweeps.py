@@ -364,7 +364,8 @@ def test_offline_multirun_sweep_writes_a_comparison_table(tmp_path, cache_dir, m
     env = {**os.environ, "WANDB_MODE": "offline", "CXR_RELINK_CACHE": str(cache_dir)}
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in (sweep_dir / "sweep_table.md").read_text().splitlines()[2:]]
+    table = (sweep_dir / "sweep_table.md").read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:] if line.startswith("|")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("0", "0.001"), ("1", "0.003")]
     losses = []
     for job in ("0", "1"):
@@ -374,4 +375,6 @@ def test_offline_multirun_sweep_writes_a_comparison_table(tmp_path, cache_dir, m
         assert r[2].strip().split()[0] == f"{loss:.4f}" and r[3].strip() == "completed"
     best = min(range(2), key=lambda i: losses[i])
     assert [("(best)" in r[2]) for r in rows] == [i == best for i in range(2)]
+    # val/loss has no bootstrap CI: the table says so under the best row instead of showing one
+    assert f"Best: job {best}, val/loss {losses[best]:.4f} (no CI" in table
     assert "sweep results" in p.stdout + p.stderr
