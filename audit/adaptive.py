@@ -24,7 +24,8 @@ Attacks (each fitted on study-level pairs: the mean of a study's views' features
 * ``procrustes``  an orthogonal map (after centring on aux means) from released image embeddings to
                   released report embeddings: what a rotation of the released space recovers;
 * ``head``        fresh linear heads on both towers' trunk features trained with symmetric InfoNCE on the
-                  auxiliary pairs (seeded; the step count chosen on a held-out fifth of them).
+                  auxiliary pairs: several seeded restarts, each stopped by a convergence criterion on a
+                  held-out fifth of them (whether the step budget was binding is recorded), ensembled.
 
 The best attack per (aux, n_aux) and per Recall@K-at-N row is reported as ``best``: the number a
 defender must assume. It is a maximum selected on the audited split, so it (and its CI, which is the
@@ -52,8 +53,9 @@ BASELINE = "cosine"
 AUX_KINDS = ("leaked", "public")
 # Penalties tried by ridge: multiples of the largest squared singular value of the centred aux features.
 RIDGE_GRID = tuple(10.0 ** e for e in np.linspace(-6, 2, 17))
-DEFAULT_HEAD = {"dim": None, "steps": 300, "batch_size": 256, "lr": 3e-3, "weight_decay": 1e-4,
-                "val_fraction": 0.2, "eval_every": 25, "temperature_init": 0.07}
+DEFAULT_HEAD = {"dim": None, "steps": 2000, "batch_size": 256, "lr": 3e-3, "weight_decay": 1e-4,
+                "val_fraction": 0.2, "eval_every": 25, "temperature_init": 0.07, "restarts": 3, "patience": 6,
+                "min_delta": 1e-3}
 DEFAULT_RIDGE = {"cv_folds": 5}
 
 
@@ -288,9 +290,13 @@ def _val_mrr(zi: torch.Tensor, zt: torch.Tensor) -> float:
 
 
 def _train_loop(xi, xt, wi, wt, scale, opt, order, starts, counts, fit_t, b, steps, eval_every, xi_val, xt_val,
-                n_val, best, gen):
-    """train_heads' optimisation: symmetric InfoNCE steps, the held-out MRR every ``eval_every`` steps."""
-    curve = []
+                n_val, gen, patience, min_delta):
+    """One restart of train_heads: symmetric InfoNCE steps, the held-out MRR every ``eval_every`` steps, stopped
+    once it has not improved by more than ``min_delta`` for ``patience`` evaluations (converged) or at the
+    ``steps`` budget (not converged: the budget was binding). Returns (best MRR, its step, its weights),
+    the curve, the steps run and whether it converged (None without held-out studies)."""
+    curve, best, since = [], (-1.0, 0, wi.detach().clone(), wt.detach().clone()), 0
+    converged, step = (False if n_val >= 2 else None), 0
     for step in range(1, steps + 1):
         pick = fit_t[torch.randperm(fit_t.numel(), generator=gen)[:b]]
         view = (torch.rand(b, generator=gen) * counts[pick]).long()
@@ -307,18 +313,40 @@ def _train_loop(xi, xt, wi, wt, scale, opt, order, starts, counts, fit_t, b, ste
                 mrr = _val_mrr(xi_val @ wi, xt_val @ wt)
             curve.append([step, mrr])
             if mrr > best[0]:
+                since = 0 if mrr > best[0] + min_delta else since + 1
                 best = (mrr, step, wi.detach().clone(), wt.detach().clone())
-    return best, curve
+            else:
+                since += 1
+            if since >= patience:
+                converged = True
+                break
+    if n_val < 2:  # too few patients to hold any out: the last step
+        best = (float("nan"), step, wi.detach().clone(), wt.detach().clone())
+    return best, curve, step, converged
 
 
-def train_heads(aux: PairedFeatures, dim: int, seed: int = 0, steps: int = 300, batch_size: int = 256,
+def _ensemble(maps: list[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The restarts' unit embeddings side by side, over sqrt(#restarts): the cosine of two such embeddings is
+    the mean of the restarts' cosines, a smooth function of each restart (no pick among them)."""
+    return lambda f: torch.cat([F.normalize(m(f), dim=1) for m in maps], 1) / math.sqrt(len(maps))
+
+
+def train_heads(aux: PairedFeatures, dim: int, seed: int = 0, steps: int = 2000, batch_size: int = 256,
                 lr: float = 3e-3, weight_decay: float = 1e-4, val_fraction: float = 0.2, eval_every: int = 25,
-                temperature_init: float = 0.07) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                          Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+                temperature_init: float = 0.07, restarts: int = 3, patience: int = 6,
+                min_delta: float = 1e-3) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                  Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """Fresh linear heads (image and report trunk features -> ``dim``) trained with symmetric InfoNCE on
-    the auxiliary studies, one random view of each study per step. A held-out ``val_fraction`` of the
-    studies (by patient) picks the step count (best held-out MRR, evaluated every ``eval_every`` steps).
-    Returns the two maps (trunk features -> embeddings) and what was chosen."""
+    the auxiliary studies, one random view of each study per step, ``restarts`` times from independent
+    seeded initialisations and batch orders. A held-out ``val_fraction`` of the studies (by patient; the
+    same for every restart) stops each restart once its held-out MRR has not improved by ``min_delta`` in
+    ``patience`` evaluations (every ``eval_every`` steps; ``steps`` is the budget) and picks its best step.
+    The attack's embedding is the restarts' ensemble (``_ensemble``): a single restart's result moved by
+    several points between features 5e-7 apart at paper scale. Returns the two maps (trunk features ->
+    embeddings) and what was chosen; ``budget_binding`` is true when a restart ran out of steps before it
+    converged (None without held-out patients)."""
+    if int(restarts) < 1:
+        raise ValueError(f"the head attack needs restarts >= 1, got {restarts}")
     gen = torch.Generator().manual_seed(int(seed))
     n = aux.n_studies
     if n < 4:
@@ -338,13 +366,8 @@ def train_heads(aux: PairedFeatures, dim: int, seed: int = 0, steps: int = 300, 
     order = torch.argsort(aux.item_study, stable=True)
     counts = torch.bincount(aux.item_study, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
-    wi = torch.nn.Parameter(torch.randn(xi.shape[1], dim, generator=gen) / math.sqrt(xi.shape[1]))
-    wt = torch.nn.Parameter(torch.randn(xt.shape[1], dim, generator=gen) / math.sqrt(xt.shape[1]))
-    scale = torch.nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
-    opt = torch.optim.AdamW([wi, wt, scale], lr=lr, weight_decay=weight_decay)
     xi_val = _standardise(aux.study_mean(aux.image_trunk), xi_ref)[torch.as_tensor(val_s)]
     xt_val = xt[torch.as_tensor(val_s)]
-    best = (-1.0, 0, wi.detach().clone(), wt.detach().clone())
     fit_t = torch.as_tensor(fit_s)
     b = min(batch_size, fit_s.size)
     threads = torch.get_num_threads()
@@ -352,18 +375,35 @@ def train_heads(aux: PairedFeatures, dim: int, seed: int = 0, steps: int = 300, 
         # Small steps: one intra-op thread. Several threads spend more on synchronising than on the
         # matmuls: on a shared 2-core CPU, 300 steps of 256 x 128 -> 64 took 15 s, and 2 s on one thread.
         torch.set_num_threads(1)
+    runs, maps_i, maps_t = [], [], []
     try:
-        best, curve = _train_loop(xi, xt, wi, wt, scale, opt, order, starts, counts, fit_t, b, steps, eval_every,
-                                  xi_val, xt_val, val_s.size, best, gen)
+        for r in range(int(restarts)):
+            if r:  # restart 0 continues the split's generator (the single-run attack); others their own seed
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), r]).generate_state(1)[0]))
+            wi = torch.nn.Parameter(torch.randn(xi.shape[1], dim, generator=gen) / math.sqrt(xi.shape[1]))
+            wt = torch.nn.Parameter(torch.randn(xt.shape[1], dim, generator=gen) / math.sqrt(xt.shape[1]))
+            scale = torch.nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
+            opt = torch.optim.AdamW([wi, wt, scale], lr=lr, weight_decay=weight_decay)
+            best, curve, ran, conv = _train_loop(xi, xt, wi, wt, scale, opt, order, starts, counts, fit_t, b, steps,
+                                                 eval_every, xi_val, xt_val, val_s.size, gen, patience, min_delta)
+            mrr, step, wi_b, wt_b = best
+            maps_i.append(lambda f, w=wi_b: _standardise(f, xi_ref) @ w)
+            maps_t.append(lambda f, w=wt_b: _standardise(f, xt_ref) @ w)
+            runs.append({"steps_chosen": int(step), "steps_run": int(ran), "converged": conv,
+                         "val_mrr": mrr if val_s.size >= 2 else None, "val_curve": curve})
     finally:
         torch.set_num_threads(threads)
-    if val_s.size < 2:  # too few patients to hold any out: the last step
-        best = (float("nan"), steps, wi.detach().clone(), wt.detach().clone())
-    _, step, wi_b, wt_b = best
-    info = {"dim": int(dim), "steps_chosen": int(step), "steps_max": int(steps), "val_studies": int(val_s.size),
-            "fit_studies": int(fit_s.size), "val_mrr": best[0] if val_s.size >= 2 else None, "val_curve": curve,
-            "seed": int(seed)}
-    return (lambda f: _standardise(f, xi_ref) @ wi_b), (lambda f: _standardise(f, xt_ref) @ wt_b), info
+    fi, ft = _ensemble(maps_i), _ensemble(maps_t)
+    with torch.no_grad():
+        ens_mrr = _val_mrr(fi(aux.study_mean(aux.image_trunk)[torch.as_tensor(val_s)]),
+                           ft(aux.text_trunk[torch.as_tensor(val_s)])) if val_s.size >= 2 else None
+    conv = [x["converged"] for x in runs]
+    info = {"dim": int(dim), "restarts": len(runs), "steps_max": int(steps),
+            "steps_chosen": int(np.median([x["steps_chosen"] for x in runs])),
+            "budget_binding": None if val_s.size < 2 else not all(conv), "val_studies": int(val_s.size),
+            "fit_studies": int(fit_s.size), "val_mrr": ens_mrr,
+            "val_mrr_restarts": [x["val_mrr"] for x in runs], "runs": runs, "seed": int(seed)}
+    return fi, ft, info
 
 
 # --------------------------------------------------------------------------- attacks

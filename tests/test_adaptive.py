@@ -14,7 +14,7 @@ from scipy.linalg import orthogonal_procrustes as scipy_procrustes
 from sklearn.linear_model import Ridge
 
 from audit.adaptive import (PairedFeatures, adaptive_audit, check_disjoint, fit_attack, orthogonal_procrustes,
-                            patient_folds, resolve_n_aux, ridge_cv_retrieval, ridge_fit, ridge_loo_mse)
+                            patient_folds, resolve_n_aux, ridge_cv_retrieval, ridge_fit, ridge_loo_mse, train_heads)
 from audit.relinkage import relinkage_audit
 from tests.test_external_models import hf_models  # noqa: F401  (the tiny CLIP and SigLIP folders)
 
@@ -197,6 +197,53 @@ def test_no_signal_stays_at_chance():
         x = [_r1({"relinkage": _relink(t.embedding_set(*(e.float() for e in embed(t))))})["x_chance"]
              for t in (_cohort(60, s, signal=False) for s in range(10, 22))]
         assert 0.6 < np.mean(x) < 1.6, (attack, np.mean(x))
+
+
+def test_head_convergence_flags_a_binding_budget():
+    """Each restart stops once the held-out MRR stops improving; a budget too small to get there says so."""
+    aux = _cohort(150, 1, first_patient=10_000)
+    _, _, short = train_heads(aux, 6, steps=10, eval_every=5, restarts=2)
+    assert short["budget_binding"] is True and short["restarts"] == 2
+    assert all(r["steps_run"] == 10 and r["converged"] is False for r in short["runs"])
+    _, _, long = train_heads(aux, 6, steps=5000, eval_every=25, patience=4, restarts=2)
+    assert long["budget_binding"] is False
+    for r in long["runs"]:
+        assert r["converged"] and r["steps_run"] < 5000
+        mrr = [v for _, v in r["val_curve"]]  # stopped after `patience` evaluations without a 1e-3 gain
+        assert r["val_curve"][-1][0] == r["steps_run"] and max(mrr[-4:]) <= max(mrr[:-4]) + 1e-3
+        assert r["val_mrr"] == max(mrr) and r["steps_chosen"] <= r["steps_run"]
+    assert long["val_mrr"] > 0.5  # the ensemble on the held-out aux patients
+    # Without held-out patients (< 5) nothing can say whether it converged.
+    _, _, tiny = train_heads(_cohort(3, 2), 6, steps=20, restarts=1)
+    assert tiny["budget_binding"] is None and tiny["val_mrr"] is None
+
+
+def test_head_restarts_ensemble_is_the_mean_cosine():
+    """The head attack's score is the mean over restarts of each restart's cosine (no pick among restarts)."""
+    aux, target = _cohort(60, 1, first_patient=10_000), _cohort(20, 0)
+    fi, ft, info = train_heads(aux, 6, steps=60, restarts=3)
+    assert len(info["runs"]) == 3 and len(set(round(r["val_mrr"], 12) for r in info["runs"])) > 1  # restarts differ
+    with torch.no_grad():
+        zi, zt = fi(target.image_trunk), ft(target.text_trunk)
+    d = 6
+    per = [torch.nn.functional.normalize(zi[:, r * d:(r + 1) * d], dim=1) @ torch.nn.functional.normalize(
+        zt[:, r * d:(r + 1) * d], dim=1).T for r in range(3)]
+    ens = torch.nn.functional.normalize(zi, dim=1) @ torch.nn.functional.normalize(zt, dim=1).T
+    torch.testing.assert_close(ens, sum(per) / 3, atol=1e-5, rtol=0)
+
+
+def test_head_attack_stable_under_tiny_feature_perturbations():
+    """Features 1e-6 apart (the reviewer's 4.8e-7): the same attack to within a re-linkage point."""
+    target, aux = _cohort(60, 0), _cohort(150, 1, first_patient=10_000)
+    rng = np.random.default_rng(9)
+    shifted = PairedFeatures(aux.image_trunk + 1e-6 * torch.tensor(rng.normal(size=tuple(aux.image_trunk.shape))),
+                             aux.text_trunk + 1e-6 * torch.tensor(rng.normal(size=tuple(aux.text_trunk.shape))),
+                             aux.image_released, aux.text_released, aux.item_study, aux.study_patient)
+    got = []
+    for a in (aux, shifted):
+        embed, _ = fit_attack("head", a, 6, head={"steps": 400, "restarts": 3})
+        got.append(_r1({"relinkage": _relink(target.embedding_set(*(e.float() for e in embed(target))))})["value"])
+    assert abs(got[0] - got[1]) <= 0.01, got
 
 
 def test_aux_sharing_a_patient_with_the_audited_split_raises():
