@@ -27,8 +27,13 @@ Attacks (each fitted on study-level pairs: the mean of a study's views' features
                   auxiliary pairs: several seeded restarts, each stopped by a convergence criterion on a
                   held-out fifth of them (whether the step budget was binding is recorded), ensembled.
 
-The best attack per (aux, n_aux) and per Recall@K-at-N row is reported as ``best``: the number a
-defender must assume. It is a maximum selected on the audited split, so it (and its CI, which is the
+Every (aux, n_aux) row is fitted on ``n_draws`` (default 5) seeded auxiliary draws: one draw of 100
+studies is one sample of what such an attacker holds (over 8 draws of leaked@100 at paper scale, R@1 of
+Procrustes ranged 2.98-5.15%), so a row reports the mean over draws, the min / median / max and an
+interval over draws and audited patients (``over_draws``).
+
+The best attack per (aux, n_aux) and per Recall@K-at-N row (by its mean over draws) is reported as
+``best``: the number a defender must assume. It is a maximum selected on the audited split, so it (and its CI, which is the
 selected attack's own) is optimistic for the attacker; each attack's own row and CI are unselected.
 
 No Lightning, no project imports beyond the audit package: the glue that extracts the features from a
@@ -475,9 +480,66 @@ def resolve_n_aux(requested: Sequence[int | str], available: int) -> tuple[list[
     return uniq, clipped
 
 
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of auxiliary draw ``draw``: ``seed`` itself for draw 0 (the single draw of earlier versions),
+    else one derived from (seed, draw) by numpy's SeedSequence."""
+    return int(seed) if draw == 0 else int(np.random.SeedSequence([int(seed), int(draw)]).generate_state(1)[0])
+
+
+def draw_order(n: int, seed: int, draw: int) -> np.ndarray:
+    """Draw ``draw``'s seeded order of ``n`` auxiliary studies; its subsets of every size are nested prefixes."""
+    return np.random.default_rng(draw_seed(seed, draw)).permutation(n)
+
+
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def summarise_draws(relinkages: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per re-linkage section and Recall@K-at-N row, over the auxiliary draws: the values, their min / median /
+    max / mean / sd, ``ci_draws`` (Student t 95% interval of the mean over draws: draw-to-draw variation
+    only, None for one draw) and ``ci`` (that half-width and the draws' mean patient-bootstrap half-width
+    added in quadrature: an approximate 95% interval over draws and audited patients), with chance and x
+    chance of the mean."""
+    ok = [r for r in relinkages if r]
+    out: dict[str, list[dict[str, Any]]] = {}
+    if not ok:
+        return out
+    for key, sec in ok[0].items():
+        rows = []
+        for row in sec.get("recall", []):
+            same = [next((o for o in (r.get(key) or {}).get("recall", []) if o["k"] == row["k"] and o["n"] == row["n"]),
+                         None) for r in ok]
+            same = [o for o in same if o is not None]
+            v = np.array([o["value"] for o in same], dtype=np.float64)
+            d = v.size
+            mean, sd = float(v.mean()), float(v.std(ddof=1)) if d > 1 else 0.0
+            half_d = _t975(d - 1) * sd / math.sqrt(d) if d > 1 else 0.0
+            cis = [o["ci"] for o in same if o.get("ci")]
+            half_p = float(np.mean([(c[1] - c[0]) / 2 for c in cis])) if cis else None
+            half = math.hypot(half_d, half_p) if half_p is not None else (half_d if d > 1 else None)
+            chance = row["chance"]
+            ci = None if half is None else [max(0.0, mean - half), min(1.0, mean + half)]
+            rows.append({"k": row["k"], "n": row["n"], "n_value": row["n_value"], "n_draws": int(d),
+                         "values": v.tolist(), "min": float(v.min()), "median": float(np.median(v)),
+                         "max": float(v.max()), "mean": mean, "sd": sd,
+                         "ci_draws": [mean - half_d, mean + half_d] if d > 1 else None, "ci": ci,
+                         "chance": chance, "x_chance": mean / chance if chance else None,
+                         "x_chance_ci": [c / chance for c in ci] if ci and chance else None})
+        out[key] = rows
+    return out
+
+
 def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (aux, n_aux) group and per re-linkage row (section, K, N): the attack with the largest Recall
-    (the baseline cosine is a candidate in every group). Selected on the audited split: optimistic."""
+    """Per (aux, n_aux) group and per re-linkage row (section, K, N): the attack with the largest mean Recall
+    over its auxiliary draws (the baseline cosine, one "draw", is a candidate in every group), with that
+    attack's spread over draws and its interval over draws and patients (``summarise_draws``). Selected on
+    the audited split: optimistic."""
+    def over(c: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        return c.get("over_draws") or summarise_draws([c.get("relinkage") or {}])
+
     base = [r for r in rows if r["attack"] == BASELINE]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -486,22 +548,23 @@ def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (aux, req, used), members in groups.items():
         cands = base + members
-        for key, sec in cands[0]["relinkage"].items():
-            for row in sec["recall"]:
+        for key, sec in over(cands[0]).items():
+            for row in sec:
                 best, who, base_v = None, None, None
                 for c in cands:
-                    rr = next((o for o in (c["relinkage"].get(key) or {}).get("recall", [])
-                               if o["k"] == row["k"] and o["n"] == row["n"]), None)
+                    rr = next((o for o in over(c).get(key, []) if o["k"] == row["k"] and o["n"] == row["n"]), None)
                     if rr is None:
                         continue
                     if c["attack"] == BASELINE:
-                        base_v = rr["value"]
-                    if best is None or rr["value"] > best["value"]:
+                        base_v = rr["mean"]
+                    if best is None or rr["mean"] > best["mean"]:
                         best, who = rr, c["attack"]
                 out.append({"aux": aux, "n_aux_requested": req, "n_aux": used, "key": key, "k": row["k"],
-                            "n": row["n"], "n_value": best["n_value"], "attack": who, "value": best["value"],
-                            "ci": best.get("ci"), "chance": best["chance"], "x_chance": best["x_chance"],
-                            "x_chance_ci": best.get("x_chance_ci"), "baseline_value": base_v,
+                            "n": row["n"], "n_value": best["n_value"], "attack": who, "value": best["mean"],
+                            "ci": best["ci"], "n_draws": best["n_draws"], "min": best["min"],
+                            "median": best["median"], "max": best["max"], "ci_draws": best["ci_draws"],
+                            "chance": best["chance"], "x_chance": best["x_chance"],
+                            "x_chance_ci": best["x_chance_ci"], "baseline_value": base_v,
                             "selected_on_audited_split": True})
     return out
 
@@ -509,40 +572,65 @@ def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def adaptive_audit(target: PairedFeatures, aux: dict[str, PairedFeatures], relink: Callable[[EmbeddingSet], dict],
                    n_aux: Sequence[int | str] = (100, 1000, "all"), attacks: Sequence[str] = ATTACKS, seed: int = 0,
                    head: dict[str, Any] | None = None, aux_info: dict[str, dict] | None = None,
-                   ridge: dict[str, Any] | None = None) -> dict[str, Any]:
+                   ridge: dict[str, Any] | None = None, n_draws: int = 5) -> dict[str, Any]:
     """The adaptive-attacker section of audit.json: the baseline cosine row, one row per (attack, aux,
     n_aux) and the best attack per group (see the module docstring). ``relink`` audits an EmbeddingSet
-    (e.g. ``audit.relinkage.Relinkage(...).audit``): every row has the same re-linkage format as
-    audit.json's ``relinkage``. Auxiliary subsets are nested (the first n of one seeded order of the
-    auxiliary studies)."""
+    (e.g. ``audit.relinkage.Relinkage(...).audit``): every row's ``relinkage`` (its first draw's) has the
+    same format as audit.json's ``relinkage``. Each (aux, n_aux) row is fitted on ``n_draws`` seeded
+    auxiliary draws (``draw_order``: nested subsets within a draw; one draw when the size is the whole
+    source, as every draw would be the same studies), each draw's attack seeded by ``draw_seed``;
+    ``over_draws`` summarises them (``summarise_draws``), ``draws`` lists each."""
     for a in attacks:
         if a not in ATTACKS:
             raise ValueError(f"unknown attack {a!r}; expected a subset of {ATTACKS}")
+    if int(n_draws) < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
     for name, feats in aux.items():
         check_disjoint(target, feats, name)
-    rows = [{"attack": BASELINE, "aux": None, "n_aux_requested": 0, "n_aux": 0, "fit": {"space": "released"},
-             "relinkage": relink(target.embedding_set(target.image_released, target.text_released))}]
+    base = relink(target.embedding_set(target.image_released, target.text_released))
+    rows = [{"attack": BASELINE, "aux": None, "n_aux_requested": 0, "n_aux": 0, "n_draws": 1,
+             "fit": {"space": "released"}, "relinkage": base, "over_draws": summarise_draws([base])}]
     clipped_all = {}
     for name, feats in aux.items():
-        order = np.random.default_rng(seed).permutation(feats.n_studies)
         sizes, clipped = resolve_n_aux(n_aux, feats.n_studies)
         if clipped:
             clipped_all[name] = clipped
+        orders = [draw_order(feats.n_studies, seed, d) for d in range(int(n_draws))]
         for req, used in sizes:
-            sub = feats.select(np.sort(order[:used]))
+            draws_here = 1 if used >= feats.n_studies else int(n_draws)
+            per: dict[str, list[dict[str, Any]]] = {a: [] for a in attacks}
+            for d in range(draws_here):
+                sub = feats.select(np.sort(orders[d][:used]))
+                for a in attacks:
+                    embed, fit = fit_attack(a, sub, target.image_released.shape[1], seed=draw_seed(seed, d), head=head,
+                                            ridge=ridge)
+                    qi, qt = embed(target)
+                    dr = {"draw": d, "seed": draw_seed(seed, d), "n_aux_patients": int(np.unique(sub.study_patient).size),
+                          "fit": fit}
+                    try:
+                        dr["relinkage"] = relink(target.embedding_set(qi.float(), qt.float()))
+                    except DegenerateEmbeddingsError as e:  # the attack failed (e.g. collapsed): no number, the reason
+                        dr.update(relinkage={}, failed=str(e))
+                    per[a].append(dr)
             for a in attacks:
-                embed, fit = fit_attack(a, sub, target.image_released.shape[1], seed=seed, head=head, ridge=ridge)
-                qi, qt = embed(target)
-                row = {"attack": a, "aux": name, "n_aux_requested": req, "n_aux": used,
-                       "n_aux_patients": int(np.unique(sub.study_patient).size), "fit": fit}
-                try:
-                    row["relinkage"] = relink(target.embedding_set(qi.float(), qt.float()))
-                except DegenerateEmbeddingsError as e:  # the attack failed (e.g. collapsed): no number, the reason
-                    row.update(relinkage={}, failed=str(e))
+                ds = per[a]
+                row = {"attack": a, "aux": name, "n_aux_requested": req, "n_aux": used, "n_draws": len(ds),
+                       "n_aux_patients": ds[0]["n_aux_patients"], "fit": ds[0]["fit"], "relinkage": ds[0]["relinkage"],
+                       "over_draws": summarise_draws([x["relinkage"] for x in ds]),
+                       "n_failed_draws": sum(1 for x in ds if x.get("failed")),
+                       "draws": [{"draw": x["draw"], "seed": x["seed"], "n_aux_patients": x["n_aux_patients"],
+                                  "fit": {k: v for k, v in x["fit"].items() if k != "runs"},
+                                  **({"failed": x["failed"]} if x.get("failed") else {}),
+                                  "recall": {k: [{"k": o["k"], "n": o["n"], "value": o["value"], "ci": o.get("ci")}
+                                                 for o in sec.get("recall", [])]
+                                             for k, sec in x["relinkage"].items()}} for x in ds]}
+                if ds[0].get("failed"):
+                    row["failed"] = ds[0]["failed"]
                 rows.append(row)
     return {
         "attacks": [BASELINE, *attacks],
         "n_aux_requested": list(n_aux),
+        "n_draws": int(n_draws),
         "clipped_n_aux": clipped_all,
         "aux": {name: {"n_studies": f.n_studies, "n_items": f.n_items,
                        "n_patients": int(np.unique(f.study_patient).size), **((aux_info or {}).get(name) or {})}
@@ -551,6 +639,8 @@ def adaptive_audit(target: PairedFeatures, aux: dict[str, PairedFeatures], relin
         "seed": int(seed),
         "rows": rows,
         "best": best_rows(rows),
-        "note": ("best: the largest Recall over the attacks (baseline included) per group and row, selected on the "
-                 "audited split, so optimistic for the attacker; its CI is the selected attack's own"),
+        "note": ("each row: n_draws seeded auxiliary draws (one for the whole source); over_draws: mean, min / "
+                 "median / max and a 95% interval over draws and audited patients; relinkage: the first draw's. "
+                 "best: the largest mean Recall over the attacks (baseline included) per group and row, selected "
+                 "on the audited split, so optimistic for the attacker; its interval is the selected attack's own"),
     }

@@ -14,12 +14,13 @@ from scipy.linalg import orthogonal_procrustes as scipy_procrustes
 from sklearn.linear_model import Ridge
 
 from audit.adaptive import (PairedFeatures, adaptive_audit, check_disjoint, fit_attack, orthogonal_procrustes,
-                            patient_folds, resolve_n_aux, ridge_cv_retrieval, ridge_fit, ridge_loo_mse, train_heads)
+                            draw_order, patient_folds, resolve_n_aux, ridge_cv_retrieval, ridge_fit, ridge_loo_mse,
+                            summarise_draws, train_heads)
 from audit.relinkage import relinkage_audit
 from tests.test_external_models import hf_models  # noqa: F401  (the tiny CLIP and SigLIP folders)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HEAD = {"steps": 150, "eval_every": 25}
+HEAD = {"steps": 150, "eval_every": 25, "restarts": 2}
 
 
 def _relink(es):
@@ -166,7 +167,7 @@ def test_procrustes_equals_scipy():
 # ----------------------------------------------------------------------------------------- attacks
 def test_planted_signal_hidden_by_released_heads_is_recovered():
     target, aux = _cohort(60, 0), _cohort(300, 1, first_patient=10_000)
-    res = adaptive_audit(target, {"leaked": aux}, _relink, n_aux=[100, "all"], head=HEAD)
+    res = adaptive_audit(target, {"leaked": aux}, _relink, n_aux=[100, "all"], head=HEAD, n_draws=2)
     rows = {(r["attack"], r["n_aux"]): r for r in res["rows"]}
     base = _r1(rows[("cosine", 0)])
     assert base["value"] < 0.1  # the released space: near chance (1%)
@@ -187,7 +188,7 @@ def test_no_signal_stays_at_chance():
     patient-bootstrap CI is conditional on its candidates: in a hub-prone space such as the 6-d head's
     it can sit below chance; the average over splits shows the expectation is chance.)"""
     target, aux = _cohort(60, 3, signal=False), _cohort(300, 4, signal=False, first_patient=10_000)
-    res = adaptive_audit(target, {"public": aux}, _relink, n_aux=["all"], head=HEAD)
+    res = adaptive_audit(target, {"public": aux}, _relink, n_aux=["all"], head=HEAD, n_draws=2)
     assert [r["attack"] for r in res["rows"]] == ["cosine", "ridge", "procrustes", "head"]
     for row in res["rows"]:
         r = _r1(row)
@@ -246,6 +247,52 @@ def test_head_attack_stable_under_tiny_feature_perturbations():
     assert abs(got[0] - got[1]) <= 0.01, got
 
 
+def test_rows_are_over_seeded_aux_draws():
+    """Each (aux, n_aux) row: n_draws seeded draws of different studies (nested within a draw), the same for the
+    same seed, their spread and an interval over draws; the whole source is one draw."""
+    target, aux = _cohort(60, 0), _cohort(60, 1, first_patient=10_000)
+    o = [draw_order(120, 0, d) for d in range(4)]
+    assert np.array_equal(o[0], np.random.default_rng(0).permutation(120))  # draw 0: the earlier single draw
+    assert len({tuple(np.sort(x[:20])) for x in o}) == 4  # four different subsets of 20
+    assert np.array_equal(draw_order(120, 0, 3), o[3])
+    run = lambda seed: adaptive_audit(target, {"leaked": aux}, _relink, n_aux=[12, "all"],  # noqa: E731
+                                      attacks=["ridge", "procrustes"], n_draws=4, seed=seed)
+    res, again, other = run(0), run(0), run(1)
+    assert json.dumps(res, sort_keys=True, default=str) == json.dumps(again, sort_keys=True, default=str)
+    for row in res["rows"][1:]:
+        od = next(r for r in row["over_draws"]["i2t"] if r["k"] == 1 and r["n"] == "100")
+        if row["n_aux"] == 12:
+            assert row["n_draws"] == od["n_draws"] == 4 and [d["seed"] for d in row["draws"]][0] == 0
+            assert len(set(od["values"])) > 1, row["attack"]  # the draws differ
+            assert od["min"] <= od["median"] <= od["max"] and od["ci_draws"][0] < od["mean"] < od["ci_draws"][1]
+            assert od["values"][0] == _r1(row)["value"]  # relinkage: the first draw's
+        else:
+            assert row["n_aux"] == 120 and row["n_draws"] == 1 and od["ci_draws"] is None
+    seeds = [d["seed"] for d in next(r for r in other["rows"] if r["n_aux"] == 12)["draws"]]
+    assert seeds[0] == 1 and len(set(seeds)) == 4
+    b = next(b for b in res["best"] if b["n_aux"] == 12 and b["key"] == "i2t" and b["k"] == 1 and b["n"] == "100")
+    means = {r["attack"]: next(o for o in r["over_draws"]["i2t"] if o["k"] == 1 and o["n"] == "100")["mean"]
+             for r in res["rows"] if r["n_aux"] in (0, 12)}
+    assert b["value"] == max(means.values()) and b["attack"] == max(means, key=means.get) and b["n_draws"] >= 1
+
+
+def test_summarise_draws_against_reference():
+    from scipy import stats
+
+    vals, cis = [0.03, 0.05, 0.04, 0.06, 0.02], [[0.01, 0.05], [0.03, 0.08], [0.02, 0.06], [0.04, 0.09], [0.0, 0.04]]
+    rel = [{"i2t": {"recall": [{"k": 1, "n": "100", "n_value": 100, "value": v, "ci": c, "chance": 0.01}]}}
+           for v, c in zip(vals, cis)]
+    (r,) = summarise_draws(rel + [{}])["i2t"]  # a failed draw ({}) is left out
+    m, se = np.mean(vals), stats.sem(vals)
+    lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=m, scale=se)
+    assert r["n_draws"] == 5 and r["mean"] == pytest.approx(m) and r["median"] == 0.04
+    assert (r["min"], r["max"]) == (0.02, 0.06)
+    np.testing.assert_allclose(r["ci_draws"], [lo, hi])
+    half = np.hypot(hi - m, np.mean([(c[1] - c[0]) / 2 for c in cis]))
+    np.testing.assert_allclose(r["ci"], [m - half, m + half])
+    assert r["x_chance"] == pytest.approx(m / 0.01)
+
+
 def test_aux_sharing_a_patient_with_the_audited_split_raises():
     target, aux = _cohort(10, 0), _cohort(20, 1, first_patient=9)  # patient 9 in both
     with pytest.raises(ValueError, match="shares 1 patient"):
@@ -298,6 +345,7 @@ def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
         f"ckpt_path={tiny_ckpt}", "audit=adaptive", "data.reader.num_patients=40", "data.reader.image_size=32",
         "data.image_size=32", "audit.adaptive.public_cohort.reader.num_patients=20", "audit.relinkage.n_boot=20",
         "audit.adaptive.n_aux=[10,all]", "audit.adaptive.head.steps=20", "audit.adaptive.head.eval_every=5",
+        "audit.adaptive.n_draws=2", "audit.adaptive.head.restarts=2",
         f"paths.output_dir={out}", "trainer.enable_progress_bar=false"]))
     res = json.loads((out / "audit.json").read_text())
     ad = res["adaptive"]
@@ -315,6 +363,7 @@ def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
         for a, b in zip(sec["recall"], base[key]["recall"]):
             assert (a["k"], a["n"]) == (b["k"], b["n"]) and a["value"] == pytest.approx(b["value"], abs=1e-6)
     assert any(k.startswith("adaptive/best/leaked@all/i2t/R@1/N=") for k in scalars)
+    assert {(r["n_aux_requested"], r["n_draws"]) for r in ad["rows"] if r["aux"] == "leaked"} == {(10, 2), ("all", 1)}
     report = (out / "report.md").read_text()
     assert "## Adaptive attacker" in report and "adaptive attacker (best of" in report
 
@@ -343,6 +392,7 @@ def test_evaluate_audit_adaptive_existing_model(hf_models, cache_dir, tmp_path, 
         "model=hf_clip", f"model.path={hf_models[name]}", "audit=adaptive", "data.reader.num_patients=40",
         "data.reader.image_size=32", "audit.adaptive.public_cohort.reader.num_patients=20", "audit.relinkage.n_boot=20",
         "audit.adaptive.n_aux=[all]", "audit.adaptive.aux=[leaked]", "audit.adaptive.head.steps=10",
+        "audit.adaptive.head.restarts=1",
         f"paths.output_dir={out}", "trainer.enable_progress_bar=false"]))
     ad = json.loads((out / "audit.json").read_text())["adaptive"]
     assert {r["attack"] for r in ad["rows"]} == {"cosine", "ridge", "procrustes", "head"}
