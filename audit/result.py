@@ -29,11 +29,14 @@ Shape (schema_version 1)::
                          "lexical"?: {"bleu4", "rouge_l", "rouge_l_ci", "library"},
                          "skipped"?: {part: reason}}                      # or absent (audit/report_quality.py)
       "adaptive": {"attacks", "n_aux_requested", "aux": {source: {...}}, "audited", "seed", "trunk", "note",
-                   "rows": [{"attack" ("cosine" | "ridge" | "procrustes" | "head"), "aux" (null | "leaked" |
-                             "public"), "n_aux_requested", "n_aux", "fit": {...}, "failed"?,
-                             "relinkage": {...same format as "relinkage"...}}, ...],
-                   "best": [{"aux", "n_aux_requested", "n_aux", "key", "k", "n", "n_value", "attack", "value",
-                             "ci", "chance", "x_chance", "x_chance_ci", "baseline_value"}, ...]}
+                   "n_draws", "rows": [{"attack" ("cosine" | "ridge" | "procrustes" | "head"), "aux" (null |
+                             "leaked" | "public"), "n_aux_requested", "n_aux", "n_draws", "fit": {...}, "failed"?,
+                             "relinkage": {...same format as "relinkage": the first draw's...},
+                             "over_draws": {"<key>": [{"k", "n", "values", "min", "median", "max", "mean", "sd",
+                                            "ci_draws", "ci", "chance", "x_chance", ...}]}, "draws"?: [...]}, ...],
+                   "best": [{"aux", "n_aux_requested", "n_aux", "key", "k", "n", "n_value", "attack", "value" (mean
+                             over draws), "ci", "n_draws", "min", "median", "max", "ci_draws", "chance", "x_chance",
+                             "x_chance_ci", "baseline_value"}, ...]}
                                                                   # or absent (audit/adaptive.py)
     }
 
@@ -441,7 +444,10 @@ def adaptive_lines(ad: dict[str, Any]) -> list[str]:
              f"An attacker holding the released model and n auxiliary paired studies ({', '.join(ad['aux'])}; none "
              f"shares a patient with the {ad['audited']['n_studies']} audited studies) fits each attack on them; "
              f"trunk: {ad.get('trunk', '?')}. {ad['note']}.", "",
-             "| attack | aux | n aux studies | R@1 (%) | 95% CI | × chance | N | fit |", "|---|---|---:|---:|---|---:|---:|---|"]
+             "R@1: the mean over the row's auxiliary draws, its 95% interval over draws and audited patients, and "
+             "the draws' min / median / max.", "",
+             "| attack | aux | n aux studies | draws | R@1 (%) | 95% CI | min / median / max | × chance | N | fit |",
+             "|---|---|---:|---:|---:|---|---|---:|---:|---|"]
 
     def pick(recall: list[dict]) -> dict | None:
         r1 = [r for r in recall if r["k"] == 1]
@@ -449,22 +455,28 @@ def adaptive_lines(ad: dict[str, Any]) -> list[str]:
 
     for row in ad["rows"]:
         r = pick(((row.get("relinkage") or {}).get("i2t") or {}).get("recall", []))
+        od = pick((row.get("over_draws") or {}).get("i2t") or [])
         fit = row.get("fit") or {}
         how = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fit.items()
-                        if k in ("space", "penalty", "steps_chosen", "val_mrr") and v is not None)
+                        if k in ("space", "penalty", "steps_chosen", "val_mrr", "budget_binding") and v is not None)
         if r is None:
-            lines.append(f"| {row['attack']} | {row['aux'] or '–'} | {row['n_aux']} | failed: {row.get('failed', '–')} "
-                         f"| | | | {how} |")
+            lines.append(f"| {row['attack']} | {row['aux'] or '–'} | {row['n_aux']} | {row.get('n_draws', 1)} | failed: "
+                         f"{row.get('failed', '–')} | | | | | {how} |")
             continue
-        ci = r.get("ci")
-        lines.append(f"| {row['attack']} | {row['aux'] or '–'} | {row['n_aux']} | {_fmt(r['value'])} | "
-                     f"{'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '–'} | {_fmt(r['x_chance'], False)} | "
+        if od is None:  # a result written before the draws (one draw: its own CI)
+            od = {"mean": r["value"], "ci": r.get("ci"), "min": r["value"], "median": r["value"], "max": r["value"],
+                  "x_chance": r["x_chance"], "n_draws": 1}
+        ci = od.get("ci")
+        lines.append(f"| {row['attack']} | {row['aux'] or '–'} | {row['n_aux']} | {od['n_draws']} | {_fmt(od['mean'])} | "
+                     f"{'[' + _fmt(ci[0]) + ', ' + _fmt(ci[1]) + ']' if ci else '–'} | "
+                     f"{_fmt(od['min'])} / {_fmt(od['median'])} / {_fmt(od['max'])} | {_fmt(od['x_chance'], False)} | "
                      f"{r['n_value']} | {how} |")
     best = [b for b in ad["best"] if b["key"] == "i2t" and b["k"] == 1 and str(b["n"]) in ("100", "full")]
     if best:
         lines += ["", "Best attack per auxiliary set (selected on the audited split: optimistic for the attacker):", ""]
         for b in best:
-            lines.append(f"- {b['aux']}, {b['n_aux']} studies, N = {b['n_value']}: {b['attack']} {_fmt(b['value'])}% "
+            spread = (f" over {b['n_draws']} draws [{_fmt(b['min'])}–{_fmt(b['max'])}]" if b.get("n_draws", 1) > 1 else "")
+            lines.append(f"- {b['aux']}, {b['n_aux']} studies, N = {b['n_value']}: {b['attack']} {_fmt(b['value'])}%{spread} "
                          f"(baseline cosine {_fmt(b['baseline_value'])}%), {_fmt(b['x_chance'], False)}× chance")
     return lines
 

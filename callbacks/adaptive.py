@@ -143,6 +143,6 @@ def adaptive_section(cfg: DictConfig, module: Any, dm, make_datamodule: Callable
     log.info("adaptive attacker: %s on %d audited studies, aux %s", s["attacks"], target.n_studies,
              {k: v.n_studies for k, v in aux.items()})
     sec = adaptive_audit(target, aux, rel.audit, n_aux=s["n_aux"], attacks=s["attacks"], seed=s["seed"],
-                         head=s["head"], aux_info=info)
+                         head=s["head"], ridge=s["ridge"], n_draws=s["n_draws"], aux_info=info)
     sec["trunk"] = trunk.what
     return sec

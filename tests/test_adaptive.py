@@ -14,12 +14,13 @@ from scipy.linalg import orthogonal_procrustes as scipy_procrustes
 from sklearn.linear_model import Ridge
 
 from audit.adaptive import (PairedFeatures, adaptive_audit, check_disjoint, fit_attack, orthogonal_procrustes,
-                            resolve_n_aux, ridge_fit, ridge_loo_mse)
+                            draw_order, patient_folds, resolve_n_aux, ridge_cv_retrieval, ridge_fit, ridge_loo_mse,
+                            summarise_draws, train_heads)
 from audit.relinkage import relinkage_audit
 from tests.test_external_models import hf_models  # noqa: F401  (the tiny CLIP and SigLIP folders)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HEAD = {"steps": 150, "eval_every": 25}
+HEAD = {"steps": 150, "eval_every": 25, "restarts": 2}
 
 
 def _relink(es):
@@ -79,6 +80,81 @@ def test_ridge_leave_one_out_equals_refits():
     assert m.penalty == m.grid[int(np.argmin(ridge_loo_mse(torch.tensor(x), torch.tensor(y), m.grid)))]
 
 
+def test_ridge_equals_augmented_least_squares():
+    """Ridge with an unpenalised intercept = least squares on centred data stacked over sqrt(lambda) I."""
+    rng = np.random.default_rng(5)
+    for n, d in ((30, 8), (9, 25)):
+        x, y = rng.normal(size=(n, d)), rng.normal(size=(n, 4))
+        lam = 2.5
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        w, *_ = np.linalg.lstsq(np.vstack([xc, np.sqrt(lam) * np.eye(d)]), np.vstack([yc, np.zeros((d, 4))]), rcond=None)
+        m = ridge_fit(torch.tensor(x), torch.tensor(y), penalty=lam)
+        np.testing.assert_allclose(m.weight.numpy(), w, rtol=1e-8, atol=1e-10)
+
+
+def _ridge_data(n_pat, seed, noise=3.0, di=40, dt=30, dz=10):
+    """Two studies per patient; report features linear in the image's latent plus heavy noise (the regime of
+    real trunk features, where a single aux pair says little)."""
+    rng, fixed = np.random.default_rng(seed), np.random.default_rng(7)
+    a, b = fixed.normal(size=(dz, di)), fixed.normal(size=(dz, dt))
+    z = rng.normal(size=(2 * n_pat, dz))
+    x = z @ a + rng.normal(size=(2 * n_pat, di))
+    y = z @ b + noise * np.sqrt(dz) * rng.normal(size=(2 * n_pat, dt))
+    return x, y, np.repeat(np.arange(n_pat) * 7 + 3, 2)
+
+
+def test_ridge_cv_folds_never_split_a_patient():
+    rng = np.random.default_rng(0)
+    pat = rng.integers(0, 37, size=200)  # 1-12 studies per patient, unsorted
+    for k in (2, 5, 10):
+        folds = patient_folds(pat, k, seed=3)
+        assert set(folds.tolist()) == set(range(k))
+        for p in np.unique(pat):
+            assert np.unique(folds[pat == p]).size == 1, (k, p)
+        n_pat = np.array([np.unique(pat[folds == f]).size for f in range(k)])
+        assert n_pat.max() - n_pat.min() <= 1  # patients dealt evenly
+    assert np.array_equal(patient_folds(pat, 5, seed=3), patient_folds(pat, 5, seed=3))
+    assert patient_folds(np.array([4, 4, 9]), 5).max() == 1  # no more folds than patients
+
+
+def test_ridge_cv_retrieval_equals_refits():
+    """The patient-grouped CV retrieval score against per-fold scikit-learn refits and a brute-force rank."""
+    x, y, pat = _ridge_data(25, 0)
+    lams = [1.0, 300.0, 1e5]
+    got, folds = ridge_cv_retrieval(torch.tensor(x), torch.tensor(y), pat, lams, k=4, seed=1)
+    for lam, g in zip(lams, got):
+        total, n = 0.0, 0
+        for f in range(4):
+            te, tr = folds == f, folds != f
+            fit = Ridge(alpha=lam, fit_intercept=True, solver="svd").fit(x[tr], y[tr])
+            pred, act = fit.predict(x[te]) - y[tr].mean(0), y[te] - y[tr].mean(0)
+            pred /= np.linalg.norm(pred, axis=1, keepdims=True)
+            act /= np.linalg.norm(act, axis=1, keepdims=True)
+            s = pred @ act.T
+            ranks = (s >= np.diag(s)[:, None]).sum(1)  # own report's rank, ties pessimistic
+            total += (1.0 / ranks).sum()
+            n += te.sum()
+        assert g == pytest.approx(total / n, rel=1e-9)
+
+
+def test_ridge_penalty_by_retrieval_cv_not_loo_mse():
+    """Heavy report noise: leave-one-out squared error asks for much more shrinkage than the retrieval the
+    attack is for (the reviewer's finding at paper scale: 10-1000x); the attack's penalty is the retrieval
+    CV's argmax, and the LOO choice is recorded beside it."""
+    x, y, pat = _ridge_data(50, 0)
+    m = ridge_fit(torch.tensor(x), torch.tensor(y), study_patient=pat)
+    assert m.selection == "retrieval_cv" and m.cv_folds == 5
+    assert m.penalty == m.grid[int(np.argmax(m.cv_score))]
+    loo = m.grid[int(np.argmin(m.loo_mse))]
+    assert loo >= 3 * m.penalty, (loo, m.penalty)
+    assert max(m.cv_score) > m.cv_score[m.grid.index(loo)]
+    # Without patients (or one patient) the penalty falls back to leave-one-out, and says so.
+    m1 = ridge_fit(torch.tensor(x), torch.tensor(y))
+    assert m1.selection == "loo_mse" and m1.penalty == loo
+    _, fit = fit_attack("ridge", _cohort(40, 0), 6)
+    assert fit["penalty_selection"] == "retrieval_cv" and fit["loo_mse_penalty"] is not None
+
+
 def test_procrustes_equals_scipy():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
@@ -91,7 +167,7 @@ def test_procrustes_equals_scipy():
 # ----------------------------------------------------------------------------------------- attacks
 def test_planted_signal_hidden_by_released_heads_is_recovered():
     target, aux = _cohort(60, 0), _cohort(300, 1, first_patient=10_000)
-    res = adaptive_audit(target, {"leaked": aux}, _relink, n_aux=[100, "all"], head=HEAD)
+    res = adaptive_audit(target, {"leaked": aux}, _relink, n_aux=[100, "all"], head=HEAD, n_draws=2)
     rows = {(r["attack"], r["n_aux"]): r for r in res["rows"]}
     base = _r1(rows[("cosine", 0)])
     assert base["value"] < 0.1  # the released space: near chance (1%)
@@ -112,7 +188,7 @@ def test_no_signal_stays_at_chance():
     patient-bootstrap CI is conditional on its candidates: in a hub-prone space such as the 6-d head's
     it can sit below chance; the average over splits shows the expectation is chance.)"""
     target, aux = _cohort(60, 3, signal=False), _cohort(300, 4, signal=False, first_patient=10_000)
-    res = adaptive_audit(target, {"public": aux}, _relink, n_aux=["all"], head=HEAD)
+    res = adaptive_audit(target, {"public": aux}, _relink, n_aux=["all"], head=HEAD, n_draws=2)
     assert [r["attack"] for r in res["rows"]] == ["cosine", "ridge", "procrustes", "head"]
     for row in res["rows"]:
         r = _r1(row)
@@ -122,6 +198,99 @@ def test_no_signal_stays_at_chance():
         x = [_r1({"relinkage": _relink(t.embedding_set(*(e.float() for e in embed(t))))})["x_chance"]
              for t in (_cohort(60, s, signal=False) for s in range(10, 22))]
         assert 0.6 < np.mean(x) < 1.6, (attack, np.mean(x))
+
+
+def test_head_convergence_flags_a_binding_budget():
+    """Each restart stops once the held-out MRR stops improving; a budget too small to get there says so."""
+    aux = _cohort(150, 1, first_patient=10_000)
+    _, _, short = train_heads(aux, 6, steps=10, eval_every=5, restarts=2)
+    assert short["budget_binding"] is True and short["restarts"] == 2
+    assert all(r["steps_run"] == 10 and r["converged"] is False for r in short["runs"])
+    _, _, long = train_heads(aux, 6, steps=5000, eval_every=25, patience=4, restarts=2)
+    assert long["budget_binding"] is False
+    for r in long["runs"]:
+        assert r["converged"] and r["steps_run"] < 5000
+        mrr = [v for _, v in r["val_curve"]]  # stopped after `patience` evaluations without a 1e-3 gain
+        assert r["val_curve"][-1][0] == r["steps_run"] and max(mrr[-4:]) <= max(mrr[:-4]) + 1e-3
+        assert r["val_mrr"] == max(mrr) and r["steps_chosen"] <= r["steps_run"]
+    assert long["val_mrr"] > 0.5  # the ensemble on the held-out aux patients
+    # Without held-out patients (< 5) nothing can say whether it converged.
+    _, _, tiny = train_heads(_cohort(3, 2), 6, steps=20, restarts=1)
+    assert tiny["budget_binding"] is None and tiny["val_mrr"] is None
+
+
+def test_head_restarts_ensemble_is_the_mean_cosine():
+    """The head attack's score is the mean over restarts of each restart's cosine (no pick among restarts)."""
+    aux, target = _cohort(60, 1, first_patient=10_000), _cohort(20, 0)
+    fi, ft, info = train_heads(aux, 6, steps=60, restarts=3)
+    assert len(info["runs"]) == 3 and len(set(round(r["val_mrr"], 12) for r in info["runs"])) > 1  # restarts differ
+    with torch.no_grad():
+        zi, zt = fi(target.image_trunk), ft(target.text_trunk)
+    d = 6
+    per = [torch.nn.functional.normalize(zi[:, r * d:(r + 1) * d], dim=1) @ torch.nn.functional.normalize(
+        zt[:, r * d:(r + 1) * d], dim=1).T for r in range(3)]
+    ens = torch.nn.functional.normalize(zi, dim=1) @ torch.nn.functional.normalize(zt, dim=1).T
+    torch.testing.assert_close(ens, sum(per) / 3, atol=1e-5, rtol=0)
+
+
+def test_head_attack_stable_under_tiny_feature_perturbations():
+    """Features 1e-6 apart (the reviewer's 4.8e-7): the same attack to within a re-linkage point."""
+    target, aux = _cohort(60, 0), _cohort(150, 1, first_patient=10_000)
+    rng = np.random.default_rng(9)
+    shifted = PairedFeatures(aux.image_trunk + 1e-6 * torch.tensor(rng.normal(size=tuple(aux.image_trunk.shape))),
+                             aux.text_trunk + 1e-6 * torch.tensor(rng.normal(size=tuple(aux.text_trunk.shape))),
+                             aux.image_released, aux.text_released, aux.item_study, aux.study_patient)
+    got = []
+    for a in (aux, shifted):
+        embed, _ = fit_attack("head", a, 6, head={"steps": 400, "restarts": 3})
+        got.append(_r1({"relinkage": _relink(target.embedding_set(*(e.float() for e in embed(target))))})["value"])
+    assert abs(got[0] - got[1]) <= 0.01, got
+
+
+def test_rows_are_over_seeded_aux_draws():
+    """Each (aux, n_aux) row: n_draws seeded draws of different studies (nested within a draw), the same for the
+    same seed, their spread and an interval over draws; the whole source is one draw."""
+    target, aux = _cohort(60, 0), _cohort(60, 1, first_patient=10_000)
+    o = [draw_order(120, 0, d) for d in range(4)]
+    assert np.array_equal(o[0], np.random.default_rng(0).permutation(120))  # draw 0: the earlier single draw
+    assert len({tuple(np.sort(x[:20])) for x in o}) == 4  # four different subsets of 20
+    assert np.array_equal(draw_order(120, 0, 3), o[3])
+    run = lambda seed: adaptive_audit(target, {"leaked": aux}, _relink, n_aux=[12, "all"],  # noqa: E731
+                                      attacks=["ridge", "procrustes"], n_draws=4, seed=seed)
+    res, again, other = run(0), run(0), run(1)
+    assert json.dumps(res, sort_keys=True, default=str) == json.dumps(again, sort_keys=True, default=str)
+    for row in res["rows"][1:]:
+        od = next(r for r in row["over_draws"]["i2t"] if r["k"] == 1 and r["n"] == "100")
+        if row["n_aux"] == 12:
+            assert row["n_draws"] == od["n_draws"] == 4 and [d["seed"] for d in row["draws"]][0] == 0
+            assert len(set(od["values"])) > 1, row["attack"]  # the draws differ
+            assert od["min"] <= od["median"] <= od["max"] and od["ci_draws"][0] < od["mean"] < od["ci_draws"][1]
+            assert od["values"][0] == _r1(row)["value"]  # relinkage: the first draw's
+        else:
+            assert row["n_aux"] == 120 and row["n_draws"] == 1 and od["ci_draws"] is None
+    seeds = [d["seed"] for d in next(r for r in other["rows"] if r["n_aux"] == 12)["draws"]]
+    assert seeds[0] == 1 and len(set(seeds)) == 4
+    b = next(b for b in res["best"] if b["n_aux"] == 12 and b["key"] == "i2t" and b["k"] == 1 and b["n"] == "100")
+    means = {r["attack"]: next(o for o in r["over_draws"]["i2t"] if o["k"] == 1 and o["n"] == "100")["mean"]
+             for r in res["rows"] if r["n_aux"] in (0, 12)}
+    assert b["value"] == max(means.values()) and b["attack"] == max(means, key=means.get) and b["n_draws"] >= 1
+
+
+def test_summarise_draws_against_reference():
+    from scipy import stats
+
+    vals, cis = [0.03, 0.05, 0.04, 0.06, 0.02], [[0.01, 0.05], [0.03, 0.08], [0.02, 0.06], [0.04, 0.09], [0.0, 0.04]]
+    rel = [{"i2t": {"recall": [{"k": 1, "n": "100", "n_value": 100, "value": v, "ci": c, "chance": 0.01}]}}
+           for v, c in zip(vals, cis)]
+    (r,) = summarise_draws(rel + [{}])["i2t"]  # a failed draw ({}) is left out
+    m, se = np.mean(vals), stats.sem(vals)
+    lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=m, scale=se)
+    assert r["n_draws"] == 5 and r["mean"] == pytest.approx(m) and r["median"] == 0.04
+    assert (r["min"], r["max"]) == (0.02, 0.06)
+    np.testing.assert_allclose(r["ci_draws"], [lo, hi])
+    half = np.hypot(hi - m, np.mean([(c[1] - c[0]) / 2 for c in cis]))
+    np.testing.assert_allclose(r["ci"], [m - half, m + half])
+    assert r["x_chance"] == pytest.approx(m / 0.01)
 
 
 def test_aux_sharing_a_patient_with_the_audited_split_raises():
@@ -176,6 +345,7 @@ def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
         f"ckpt_path={tiny_ckpt}", "audit=adaptive", "data.reader.num_patients=40", "data.reader.image_size=32",
         "data.image_size=32", "audit.adaptive.public_cohort.reader.num_patients=20", "audit.relinkage.n_boot=20",
         "audit.adaptive.n_aux=[10,all]", "audit.adaptive.head.steps=20", "audit.adaptive.head.eval_every=5",
+        "audit.adaptive.n_draws=2", "audit.adaptive.head.restarts=2",
         f"paths.output_dir={out}", "trainer.enable_progress_bar=false"]))
     res = json.loads((out / "audit.json").read_text())
     ad = res["adaptive"]
@@ -193,6 +363,7 @@ def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
         for a, b in zip(sec["recall"], base[key]["recall"]):
             assert (a["k"], a["n"]) == (b["k"], b["n"]) and a["value"] == pytest.approx(b["value"], abs=1e-6)
     assert any(k.startswith("adaptive/best/leaked@all/i2t/R@1/N=") for k in scalars)
+    assert {(r["n_aux_requested"], r["n_draws"]) for r in ad["rows"] if r["aux"] == "leaked"} == {(10, 2), ("all", 1)}
     report = (out / "report.md").read_text()
     assert "## Adaptive attacker" in report and "adaptive attacker (best of" in report
 
@@ -221,6 +392,7 @@ def test_evaluate_audit_adaptive_existing_model(hf_models, cache_dir, tmp_path, 
         "model=hf_clip", f"model.path={hf_models[name]}", "audit=adaptive", "data.reader.num_patients=40",
         "data.reader.image_size=32", "audit.adaptive.public_cohort.reader.num_patients=20", "audit.relinkage.n_boot=20",
         "audit.adaptive.n_aux=[all]", "audit.adaptive.aux=[leaked]", "audit.adaptive.head.steps=10",
+        "audit.adaptive.head.restarts=1",
         f"paths.output_dir={out}", "trainer.enable_progress_bar=false"]))
     ad = json.loads((out / "audit.json").read_text())["adaptive"]
     assert {r["attack"] for r in ad["rows"]} == {"cosine", "ridge", "procrustes", "head"}

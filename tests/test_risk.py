@@ -1,0 +1,117 @@
+"""The risk audit's three numbers (audit/risk.py): release-attributable is ~0 for a release that carries
+nothing beyond the release-free features and clearly > 0 for one that does; the members-vs-non-members
+difference detects planted duplicate pairs and is at chance on an independent split; the two-sample
+patient bootstrap and the per-query hits against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audit.adaptive import PairedFeatures
+from audit.relinkage import relinkage_audit
+from audit.risk import memorisation, per_query_hits, pool_centring_embed, risk_audit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HEAD = {"steps": 150, "eval_every": 25, "restarts": 1}
+
+
+def _relink(es):
+    return relinkage_audit(es, ks=[1], ns=[100, "full"], directions=["i2t"], n_boot=200, seed=0)
+
+
+def _cohort(n_patients, seed, first_patient=0, noise=0.3, released=None, di=24, dt=20, dz=8):
+    """Two studies per patient, one view each. Trunk features linear in a per-study latent plus ``noise``;
+    released = fixed random projections of the trunk (they hide the pairing), or ``released`` (img, txt)."""
+    rng, fixed = np.random.default_rng(seed), np.random.default_rng(100)
+    a, b = fixed.normal(size=(dz, di)), fixed.normal(size=(dz, dt))
+    hi, ht = fixed.normal(size=(di, 6)), fixed.normal(size=(dt, 6))
+    n = 2 * n_patients
+    z = rng.normal(size=(n, dz))
+    img = z @ a + noise * rng.normal(size=(n, di)) * np.sqrt(dz)
+    txt = z @ b + noise * rng.normal(size=(n, dt)) * np.sqrt(dz)
+    ri, rt = released if released is not None else (img @ hi, txt @ ht)
+    return PairedFeatures(torch.tensor(img), torch.tensor(txt), torch.tensor(ri), torch.tensor(rt),
+                          torch.arange(n), np.repeat(np.arange(n_patients), 2) + first_patient)
+
+
+def test_release_attributable_is_zero_when_the_release_adds_nothing():
+    """The released model's trunk features *are* the release-free features (and its released embeddings
+    hide them): whatever an attacker does with the release, it can do without it."""
+    target, aux = _cohort(60, 0), _cohort(150, 1, first_patient=10_000)
+    res = risk_audit(target, aux, _relink, no_release_target=target, no_release_aux=aux, n_aux=60, n_draws=5,
+                     head=HEAD, seed=0)
+    ra = res["release_attributable"]
+    assert ra["n_draws"] == 5 and len({d["seed"] for d in ra["draws"]}) == 5
+    assert ra["without_mean"] > 0.3  # the no-release attack works: the aux pairs alone link these studies
+    assert abs(ra["value"]) < 0.05 and ra["ci"][0] <= 0.0 <= ra["ci"][1], ra
+    assert res["capability"]["value"] < 0.1  # the released space hides the pairing
+
+
+def test_release_attributable_positive_when_the_release_carries_the_link():
+    """Release-free features are the same studies seen through heavy noise; the released trunk is clean."""
+    target, aux = _cohort(60, 0), _cohort(150, 1, first_patient=10_000)
+    blur_t, blur_a = _cohort(60, 0, noise=3.0), _cohort(150, 1, first_patient=10_000, noise=3.0)
+    res = risk_audit(target, aux, _relink, no_release_target=blur_t, no_release_aux=blur_a, n_aux=60, n_draws=5,
+                     head=HEAD, attacks=("ridge",))
+    ra = res["release_attributable"]
+    assert ra["ci"][0] > 0.2 and ra["min"] > 0, ra
+
+
+def test_pool_centring_equals_the_aux_bridge_score():
+    """cos(description_i, description_t) is sum_j cos(x_i, x_j) cos(y_t, y_j) over the aux pairs, up to norms,
+    with every feature centred on the audited pool."""
+    target, aux = _cohort(10, 0), _cohort(12, 1, first_patient=100)
+    qi, qt = pool_centring_embed(aux, target)
+    x, y = target.image_trunk.double().numpy(), target.text_trunk.double().numpy()
+    xa, ya = aux.image_trunk.double().numpy() - x.mean(0), aux.text_trunk.double().numpy() - y.mean(0)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    ref = (unit(xc) @ unit(xa).T) @ (unit(ya) @ unit(yc).T)
+    np.testing.assert_allclose((qi @ qt.T).numpy(), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_per_query_hits_and_two_sample_bootstrap():
+    rng = np.random.default_rng(0)
+    img, rep = torch.tensor(rng.normal(size=(30, 5))), torch.tensor(rng.normal(size=(12, 5)))
+    study = torch.tensor(rng.integers(0, 12, size=30))
+    s = img.numpy() @ (rep.numpy() / np.linalg.norm(rep.numpy(), axis=1, keepdims=True)).T
+    ref = (np.argsort(-s, axis=1)[:, 0] == study.numpy()).astype(float)
+    np.testing.assert_array_equal(per_query_hits(img, rep, study).numpy(), ref)
+    # Members identical to non-members: the difference is exactly 0, and so is its bootstrap.
+    g = _cohort(40, 3)
+    m = memorisation(g, _cohort(40, 3, first_patient=1000), {"cosine": lambda t: (t.image_released, t.text_released)},
+                     n_boot=200)
+    row = m["attacks"]["cosine"]
+    assert row["difference"] == 0 and row["members"]["r1"] == row["nonmembers"]["r1"]
+    assert m["pool"] == 80 and m["chance"] == pytest.approx(1 / 80)
+
+
+def _memorising(n_patients, seed, first_patient, planted):
+    """A released model whose cosine links a study weakly (noisy shared latent), or, for ``planted`` studies,
+    almost exactly (a duplicate pair it saw in training: its image embedding ~ its report's)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_patients
+    z = rng.normal(size=(n, 6))
+    ri, rt = z + 2.0 * rng.normal(size=(n, 6)), z + 2.0 * rng.normal(size=(n, 6))
+    if planted:
+        ri = rt + 0.05 * rng.normal(size=(n, 6))
+    return _cohort(n_patients, seed, first_patient, released=(ri, rt))
+
+
+def test_memorisation_detects_planted_duplicates_and_is_at_chance_on_an_independent_split():
+    aux = _cohort(60, 1, first_patient=10_000)
+    target = _cohort(60, 2, first_patient=20_000)
+    planted = risk_audit(target, aux, _relink, members=_memorising(50, 3, 0, planted=True),
+                         nonmembers=_memorising(50, 4, 5_000, planted=False), attacks=(), n_aux=60, n_boot=300)
+    mem = planted["memorisation"]
+    assert mem["best"]["attack"] == "cosine" and mem["best"]["difference_ci"][0] > 0.3, mem["best"]
+    diffs, covered = [], 0
+    for s in range(8):  # both groups drawn from one distribution: no difference in expectation
+        m = risk_audit(target, aux, _relink, members=_memorising(50, 30 + s, 0, planted=False),
+                       nonmembers=_memorising(50, 60 + s, 5_000, planted=False), attacks=(), n_aux=60,
+                       n_boot=300, seed=s)["memorisation"]["attacks"]["cosine"]
+        diffs.append(m["difference"])
+        covered += m["difference_ci"][0] <= 0 <= m["difference_ci"][1]
+    assert abs(np.mean(diffs)) < 0.03 and covered >= 7, (diffs, covered)
