@@ -310,13 +310,6 @@ def execute(run: Run, resume: bool) -> Run:
     return run
 
 
-def _config_has(rel: str, dotted: str) -> bool:
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.load(ROOT / "configs" / rel)
-    return OmegaConf.select(node, dotted, default="__missing__") != "__missing__"
-
-
 def availability() -> dict[str, str | None]:
     """None when a stage can run, else the reason it cannot (its rows then say "not available: <reason>")."""
     out: dict[str, str | None] = {}
@@ -333,9 +326,13 @@ def availability() -> dict[str, str | None]:
             except Exception as e:  # noqa: BLE001
                 reason = reason or f"import {m} failed ({type(e).__name__}: {e})"
         out[stage] = reason
-    # Fresh projection heads for stage 3 (issue #22): the config must offer model.dp.head_init.
-    out["dp_fresh"] = out["dp"] or (None if _config_has("experiment/dp_alignment.yaml", "model.dp.head_init")
-                                    else "configs/experiment/dp_alignment.yaml has no model.dp.head_init")
+    # Fresh projection heads for stage 3 (issue #22): the DP settings must offer head_init.
+    if out["dp"] is None:
+        from models.dp.plan import DP_DEFAULTS
+
+        out["dp_fresh"] = None if "head_init" in DP_DEFAULTS else "models/dp/plan.py's DP settings have no head_init"
+    else:
+        out["dp_fresh"] = out["dp"]
     return out
 
 
@@ -518,6 +515,16 @@ class Reproduction:
             return self.runs[name]
         r = Run(name, entry, overrides, scale_overrides(self.scale, kind), self.out / "runs" / name)
         self.runs[name] = execute(r, self.resume)
+        kept = self.kept_runs.get(name)
+        if kept is not None:  # re-run only for its checkpoint (complete_kept): the kept record and audit stay
+            kept.extra["rebuilt"] = (f"re-run failed: {r.error}" if r.error else same_audit(kept.result, r.result)
+                                     if kept.result is not None else "re-run for its output (no audit to compare)")
+            self.rebuilt_check[name] = kept.extra["rebuilt"]
+            print(f"[reproduce] {name}: re-run for its checkpoint; against the kept audit: {kept.extra['rebuilt']}",
+                  flush=True)
+            self.runs[name] = kept  # same folder (Run.out is named by the run): its checkpoint serves the new runs
+            self.keep_progress(seed)
+            return kept
         self.n_ran += 0 if r.extra.get("reused") else 1
         if r.extra.get("reused"):  # its run time as recorded when it ran (a partial kept seed's record)
             rec = self.recorded(seed, name)
@@ -679,19 +686,13 @@ class Reproduction:
         arms, the before-DP model under the DP arms' probe): run those only. Their stage-2 model is re-trained
         (same config and seed; kept seeds hold no checkpoints) and its audit compared with the kept one, which
         is what says it is the model the kept DP arms were trained from."""
+        # The kept runs stay registered (runs.json is rewritten after every run from what is registered: a seed
+        # interrupted here keeps every record); stage 1 and stage 2 re-run into their own folders.
         self.kept_runs = {n: r for n, r in self.runs.items() if n.endswith(f"/s{s}") and n not in self.aliases}
-        for n in self.kept_runs:
-            del self.runs[n]
         self.rebuild = {f"stage1/s{s}", f"llm/s{s}"}
         print(f"[reproduce] seed {s}: kept complete but lacks {', '.join(missing)}; running those (the stage-2 model "
               "re-trained for its checkpoint)", flush=True)
         self.execute_seed(s)
-        for n in self.rebuild:
-            new, old = self.runs.get(n), self.kept_runs.get(n)
-            if new is not None and old is not None and old.result is not None:
-                self.rebuilt_check[n] = same_audit(old.result, new.result)
-                print(f"[reproduce] {n}: re-trained; audit vs kept: {self.rebuilt_check[n]}", flush=True)
-                new.extra["rebuilt"] = self.rebuilt_check[n]
         self.kept_runs, self.rebuild = {}, set()
         self.finish_seed(s)
 
@@ -778,12 +779,11 @@ class Reproduction:
                                      "trainer.check_val_every_n_epoch=1", f"seed={s}"], "dp", s)
 
     def use_kept(self, name: str, s: int) -> bool:
-        """A kept run of a seed being completed (complete_kept): registered as it is, not re-run."""
+        """A kept run of a seed being completed (complete_kept): used as it is, not re-run."""
         r = self.kept_runs.get(name)
         if r is None or name in self.rebuild:
             return False
         self.runs[name] = r
-        progress(r, s, "kept: ")
         return True
 
     def dp_arm(self, tag: str, head_init: str, mode: str, private: bool, unit: str, base: Run, s: int) -> None:
@@ -1294,36 +1294,52 @@ class Reproduction:
         ax.set_ylabel("image→report R@1 × chance (log)")
         ax.set_title("claims 1–2", fontsize=10)
         ax.legend(fontsize=7)
+        # Claim 4, paired as the analysis is: each seed's DP/before and DP/control ratio of R@1 (a line joins a
+        # seed's two comparisons), the geometric mean with its one-sided 95% upper bound, and "no cut" at 1; the
+        # AUROC drop (matched probe) per seed, its mean with the one-sided 95% upper bound, and the 1-point margin.
         n4 = self.dp_n()
-        # Labels a reader can decode without the code: np = non-private control, pub.neg. / grp.clip. = the loss,
-        # stage-2 / fresh = the heads training starts from, patient = patient units (study units otherwise).
-        short = {"base": "before DP", BEFORE_DP[0]: "before DP", "nonprivate": "non-priv.\nstage-2",
-                 "dp_public_negatives": "DP pub.neg.\nstage-2", "dp_group_clipping": "DP grp.clip.\nstage-2",
-                 "nonprivate_fresh": "non-priv.\nfresh", "dp_fresh_public_negatives": "DP pub.neg.\nfresh",
-                 "dp_fresh_group_clipping": "DP grp.clip.\nfresh", "nonprivate_fresh_patient": "non-priv.\nfresh, patient",
-                 "dp_fresh_public_negatives_patient": "DP pub.neg.\nfresh, patient"}
-        for ax, what in ((axes[1], "recall"), (axes[2], "auroc")):
-            # AUROC: the matched probe only (the stage-2 run's own probe is fitted on the private train split)
-            first = "base" if what == "recall" else BEFORE_DP[0]
-            tags = [t for t in (first, *[t for t, *_ in DP_ARMS]) if any(self.results(t))]
-            for x, tag in enumerate(tags):
-                res = self.results(tag)
-                if what == "recall":
-                    ys = [r["value"] * 100 for r in rows_of(res, n=n4) if r and r["value"] > 0]
-                    o = V.over_seeds(ys, 0.0, 100.0)
-                else:
-                    ys = [100 * probe_row(r)["value"] for r in res if probe_row(r)]
-                    o = V.over_seeds(ys, 0.0, 100.0, log=False)
-                if ys:
-                    ax.scatter([x] * len(ys), ys, s=14, color="C0" if what == "recall" else "C1", alpha=0.7)
-                    ax.plot([x - 0.25, x + 0.25], [o.center] * 2, color="k", lw=1.5)
-            ax.set_xticks(range(len(tags)), [short[t] for t in tags], fontsize=6)
+        bd = BEFORE_DP[0]
+        auroc = {t: [None if r is None else (probe_row(r) or {}).get("value") for r in self.results(t)]
+                 for t in (bd, *[t for t, *_ in DP_ARMS])}
+        ticks = []
+        for k, (label, title, dp, ctrl, _) in enumerate(READINGS):
+            b, d, c = (values(rows_of(self.results(t), n=n4)) for t in ("base", dp, ctrl))
+            for j, (what, p, x) in enumerate((("before", V.paired_log_ratio(b, d, self.seeds), None),
+                                              ("control", V.paired_log_ratio(c, d, self.seeds), None))):
+                pos = 3 * k + j
+                ticks.append((pos, f"{label}: DP /\n{what}"))
+                if p:
+                    axes[1].scatter([pos] * p.n, p.ratios, s=14, color="C0", alpha=0.7)
+                    axes[1].plot([pos - 0.3, pos + 0.3], [p.ratio] * 2, color="k", lw=1.5)
+                    if p.ub is not None:
+                        axes[1].plot([pos, pos], [p.ratio, p.ub], color="k", lw=1)
+                        axes[1].plot([pos - 0.12, pos + 0.12], [p.ub] * 2, color="k", lw=1)
+            for j, (what, ref) in enumerate((("before", bd), ("control", ctrl))):
+                x = V.paired_diff(auroc[ref], auroc[dp], self.seeds)
+                pos = 3 * k + j
+                if x:
+                    drops = [100 * (0.0 - v) for v in x.diffs]
+                    axes[2].scatter([pos] * x.n, drops, s=14, color="C1", alpha=0.7)
+                    axes[2].plot([pos - 0.3, pos + 0.3], [0.0 - 100 * x.mean] * 2, color="k", lw=1.5)
+                    if x.lb is not None:
+                        up = 0.0 - 100 * x.lb
+                        axes[2].plot([pos, pos], [0.0 - 100 * x.mean, up], color="k", lw=1)
+                        axes[2].plot([pos - 0.12, pos + 0.12], [up] * 2, color="k", lw=1)
+        for ax in axes[1:]:
+            ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=6)
+        axes[1].axhline(1.0, color="k", ls="--", lw=1, label="no cut (ratio 1)")
         axes[1].set_yscale("log")
-        axes[1].set_ylabel(f"image→report R@1 at N = {n4} (%, log)")
-        axes[1].set_title(f"claim 4 (ε = {self.epsilon}): re-linkage (dots: seeds, bar: geometric mean)", fontsize=9)
-        axes[2].set_ylabel("macro AUROC (%)")  # the axis spans the data, not 0
-        axes[2].set_title("claim 4: utility, probe fitted on the public cohort for every arm\n(dots: seeds, bar: mean)",
-                          fontsize=9)
+        axes[1].set_ylabel(f"R@1 ratio at N = {n4} (log)")
+        axes[1].set_title(f"claim 4 (ε = {self.epsilon} per unit; 4p: patient units): paired R@1 ratios\n(dots: seeds, "
+                          "bar: geometric mean, whisker: one-sided 95% upper bound)", fontsize=8)
+        axes[1].legend(fontsize=7)
+        axes[2].axhline(100 * V.AUROC_MARGIN, color="C3", ls="--", lw=1,
+                        label=f"non-inferiority margin ({100 * V.AUROC_MARGIN:.0f} point)")
+        axes[2].axhline(0.0, color="k", lw=0.5)
+        axes[2].set_ylabel("macro AUROC drop (points; matched probe)")
+        axes[2].set_title("claim 4: AUROC drop, probe fitted on the public cohort for every arm\n(dots: seeds, bar: mean, "
+                          "whisker: one-sided 95% upper bound)", fontsize=8)
+        axes[2].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
