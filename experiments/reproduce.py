@@ -486,6 +486,9 @@ EXTERNAL = ("base", "dp_public_negatives", "dp_group_clipping", "dp_fresh_public
 # offers; one set keeps the audit to 4 re-linkage passes per model).
 ADAPTIVE = ("base", "dp_public_negatives", "dp_fresh_public_negatives")
 ADAPTIVE_ATTACKS = ("cosine", "ridge", "procrustes", "head")
+# The attacks fitted on the frozen trunk's features (audit/adaptive.py): head-only DP cannot change them. Cosine
+# and Procrustes read the released (head) embeddings.
+TRUNK_ATTACKS = ("ridge", "head")
 ADAPTIVE_AUX = ("leaked", "all")
 ADAPTIVE_OVERRIDES = ("audit.adaptive.aux=[leaked]", "audit.adaptive.n_aux=[all]")
 
@@ -506,6 +509,7 @@ class Reproduction:
         # only because a new run needs their checkpoint (kept files hold audit JSONs, not checkpoints).
         self.kept_runs: dict[str, Run] = {}
         self.rebuild: set[str] = set()
+        self.completing: set[int] = set()
         self.rebuilt_check: dict[str, str] = {}  # run name -> how its re-run's audit compares with the kept one
 
     # ------------------------------------------------------------------ running
@@ -623,6 +627,9 @@ class Reproduction:
         if self.keep is None:
             return
         names = [n for n in self.runs if n.endswith(f"/s{s}") and n not in self.aliases]
+        # A complete seed being completed (complete_kept) stays complete while its new runs are added: an
+        # interruption leaves it complete with fewer new runs, which the next --resume completes again.
+        complete = complete or s in self.completing
         d = self.kept_dir(s)
         d.mkdir(parents=True, exist_ok=True)
         recs = []
@@ -690,6 +697,7 @@ class Reproduction:
         # interrupted here keeps every record); stage 1 and stage 2 re-run into their own folders.
         self.kept_runs = {n: r for n, r in self.runs.items() if n.endswith(f"/s{s}") and n not in self.aliases}
         self.rebuild = {f"stage1/s{s}", f"llm/s{s}"}
+        self.completing.add(s)
         print(f"[reproduce] seed {s}: kept complete but lacks {', '.join(missing)}; running those (the stage-2 model "
               "re-trained for its checkpoint)", flush=True)
         self.execute_seed(s)
@@ -1143,22 +1151,23 @@ class Reproduction:
                 rows = [self.adaptive_row(r, attack, n4) for r in res]
                 L.append(f"| {DP_TITLE[tag]} | {attack} | " + " | ".join(_run_cell(r, "value", 100, 3) for r in rows)
                          + f" | {_iv(V.over_seeds(values(rows), 0.0, 1.0), 100, 3)} |")
-        L += ["", "The ridge, Procrustes and head attacks are fitted on the frozen trunk's features, which head-only DP "
-              "never changes: **head-only DP cannot change them, by construction** (no test is run on a fact of "
-              "construction; the rows above are identical before and after DP wherever the attack's own draws are). Only "
-              "the cosine attack reads the released heads: it is claim 4's own comparison, at this N.", ""]
+        L += ["", "The ridge and head attacks are fitted on the frozen trunk's features, which head-only DP never "
+              "changes: **head-only DP cannot change them, by construction** (no test is run on a fact of construction; "
+              "their rows above are identical before and after DP wherever the attack's own draws are). The cosine and "
+              "Procrustes attacks read the released (head) embeddings: those are tested, paired by seed.", ""]
         for label, title, dp, _, hi in READINGS:
             if dp not in ADAPTIVE:
                 continue
             err = self.status(f"adaptive/{dp}") or self.status("adaptive/base")
-            trunk = []
+            trunk, released = [], []
             for attack in ADAPTIVE_ATTACKS:
                 p = V.paired_log_ratio(values([self.adaptive_row(r, attack, n4) for r in self.results("adaptive/base")]),
                                        values([self.adaptive_row(r, attack, n4) for r in self.results(f"adaptive/{dp}")]),
                                        self.seeds)
-                if attack == "cosine":
-                    L.append(f"- {title}, cosine on the released embeddings: DP / before, R@1: **{V.lower_verdict(p)}**: "
-                             f"{ratio_text(p)}.")
+                if attack not in TRUNK_ATTACKS:
+                    released.append((attack, V.lower_verdict(p), p))
+                    L.append(f"- {title}, {attack} on the released embeddings: DP / before, attacker's R@1: "
+                             f"**{released[-1][1]}**: {ratio_text(p)}.")
                     continue
                 same = p is not None and all(r == 1.0 for r in p.ratios)
                 trunk.append((attack, same, p))
@@ -1169,9 +1178,12 @@ class Reproduction:
             if err and err.startswith("not available"):
                 v, ev = err, "–"
             else:
-                v = "no: head-only DP cannot change the trunk attacks (by construction)"
+                v = (f"trunk attacks ({', '.join(TRUNK_ATTACKS)}): head-only DP cannot change them (by construction); "
+                     + "; ".join(f"{a} on the released embeddings: {va}" for a, va, _ in released))
                 seen = [a for a, same, p in trunk if same]
-                ev = (f"{', '.join(seen)}: identical before and after DP on every seed" if seen else "–")
+                ev = "; ".join(([f"{', '.join(seen)}: identical before and after DP on every seed"] if seen else [])
+                               + [f"{a} DP/before ×{p.ratio:.3f}" + ("" if p.ub is None else f" (≤ {p.ub:.3f})")
+                                  for a, _, p in released if p])
             L.append(f"- **Reading: {title}** (`model.dp.head_init={hi}`): {v}.")
             summary.append((f"4c{label[1:]}. DP ({title}) against the adaptive adversary's trunk attacks", v, ev,
                             self.cfg_of(f"adaptive/{dp}")))

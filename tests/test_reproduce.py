@@ -379,12 +379,14 @@ def test_adaptive_rows_identical_by_construction_are_said_so(tmp_path) -> None:
     for s in range(5):  # a DP model whose attacked rows equal the model's before DP (trunk attacks)
         rep.runs[f"adaptive/dp_public_negatives/s{s}"].result = rep.runs[f"adaptive/base/s{s}"].result
     md, summary = rep.render(1.0)
-    assert md.count("as construction implies") == len(rp.ADAPTIVE_ATTACKS) - 1  # every attack but the cosine
+    assert md.count("as construction implies") == len(rp.TRUNK_ATTACKS)  # ridge and head read the frozen trunk
     # no statistical "not shown" for a fact of construction, and no "detects beyond x1.000" from a zero spread
     trunk = [ln for ln in md.split("## Claim 4c", 1)[1].split("\n## ", 1)[0].splitlines() if "(frozen trunk)" in ln]
-    assert len(trunk) == 2 * (len(rp.ADAPTIVE_ATTACKS) - 1)
+    assert len(trunk) == 2 * len(rp.TRUNK_ATTACKS)
     assert not [ln for ln in trunk if "detect" in ln or "not shown" in ln]
-    assert dict((c.split(" ")[0], v) for c, v, *_ in summary)["4c."].startswith("no: head-only DP cannot change")
+    v4c = dict((c.split(" ")[0], v) for c, v, *_ in summary)["4c."]
+    assert v4c.startswith("trunk attacks (ridge, head): head-only DP cannot change them (by construction)")
+    assert "procrustes on the released embeddings" in v4c  # Procrustes maps the released embeddings: tested
 
 
 def test_claim4_compares_matched_probes_and_states_their_fit_data(tmp_path) -> None:
@@ -447,3 +449,13 @@ def test_complete_kept_seed_runs_only_what_the_plan_gained(tmp_path, monkeypatch
     assert rep.rebuilt_check["llm/s0"].startswith("identical")
     man = json.loads((keep / "s0" / "runs.json").read_text())
     assert man["complete"] and gained <= {r["name"] for r in man["runs"]}
+    # interrupted after its first new run, the seed is still complete, with every kept record
+    (keep / "s0" / "runs.json").write_text(json.dumps({"scale": "tiny", "protocol": rp.PROTOCOL, "complete": True,
+                                                       "aliases": {"base/s0": "llm/s0"}, "runs": recs}))
+    rep = rp.Reproduction("tiny", [0], tmp_path / "out2", True, 0.34, keep)
+    assert rep.load_kept(0)
+    rep.completing.add(0)
+    rep.kept_runs = {n: r for n, r in rep.runs.items() if n not in rep.aliases}
+    rep.run(f"{rp.BEFORE_DP[0]}/s0", "train", [], "dp", 0)
+    man = json.loads((keep / "s0" / "runs.json").read_text())
+    assert man["complete"] and {r["name"] for r in recs} | {f"{rp.BEFORE_DP[0]}/s0"} == {r["name"] for r in man["runs"]}
