@@ -1,6 +1,6 @@
 """Reproduction table of both papers on the synthetic cohort: one command -> RESULTS.md (+ plots).
 
-    python -m experiments.reproduce --scale tiny                 # 71 CPU-s; 4.5 min wall on 2 busy cores (tests/test_reproduce.py runs it)
+    python -m experiments.reproduce --scale tiny                 # a pipeline check (tests/test_reproduce.py runs it; time: docs/results.md)
     python -m experiments.reproduce --scale small --seeds 5      # 600 patients at 64 px, ~1 h per seed
     python -m experiments.reproduce --scale full --seeds 5 --resume   # the configs' defaults, ~2.5 h per seed
     python -m experiments.reproduce --scale paper --seeds 5 --resume --results RESULTS.md   # see below
@@ -107,11 +107,11 @@ SCALE_CAVEAT = {
 }
 # Keep-state across sessions: scales whose finished seeds are kept by default (experiments/results/<scale>).
 KEEP_BY_DEFAULT = ("paper",)
-# Wall time on 2 CPU cores shared with other jobs, per seed. tiny: measured (3.5 min). small: one
+# Wall time on 2 CPU cores shared with other jobs, per seed. tiny: measured (docs/results.md). small: one
 # bert_encoder stage-2 run measured at 4.5 min; ~11 runs per seed (LLM runs heavier). full: the default
 # `python train.py` is sized at ~10 min; ~9 stage-1/2 runs per seed plus DP and evaluations.
-RUNTIME_NOTE = {"tiny": "~3.5 min per seed (measured)", "small": "~1 h per seed (estimate)",
-                "full": "~2.5 h per seed (estimate)", "paper": "~22 min per seed under protocol 1 (measured 2026-12-01 on 2 AMD EPYC cores, load ~2); protocol 2 adds three DP arms, their evaluations and the adaptive adversary"}
+RUNTIME_NOTE = {"tiny": "7.7 min wall, 431 CPU-s per seed (measured 2026-12-07 beside another job, docs/results.md)", "small": "~1 h per seed (estimate)",
+                "full": "~2.5 h per seed (estimate)", "paper": "32–43 min per seed under protocol 2 (measured 2026-12-05 on 2 Intel Xeon cores); issue #28's completion of a kept seed re-trains stages 1–2 and adds three short runs"}
 
 
 def _kv(key: str, value: Any) -> list[str]:
