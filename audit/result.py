@@ -708,7 +708,10 @@ def plot_recall_vs_n(res: dict[str, Any], path: str | os.PathLike | None = None)
                bbox_to_anchor=(0.5, 0.0))
     title = describe(res.get("meta", {}))
     if title:
-        fig.suptitle(f"Re-linkage: {title}", fontsize=9)
+        import textwrap
+
+        # Wrapped to the figure's width: one long line was cut at both edges.
+        fig.suptitle("\n".join(textwrap.wrap(f"Re-linkage: {title}", 110)), fontsize=9)
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig

@@ -118,3 +118,17 @@ def test_ci_of_rows_at_one_pool_size_is_drawn() -> None:
             if len(line.get_xdata()) == 2 and len(set(line.get_xdata())) == 1]
     plt.close(f)
     assert (2.32, 2.61) in bars
+
+
+def test_title_fits_the_figure() -> None:
+    """A checkpoint's long description (the default run's) is wrapped: every title line lies inside the figure
+    (it used to be cut at both edges)."""
+    meta = {"source": "checkpoint", "split": "test", "model": "DualTowerModule", "checkpoint": "/runs/x/epoch_000.ckpt",
+            "epoch": 0, "checkpoint_selection": "lowest val/loss on the val split"}
+    res = R.build_result(relinkage={"i2t": _section(I2T), "hardneg/i2t": _section(HARD, "hardneg")}, meta=meta)
+    f = R.plot_recall_vs_n(res)
+    f.canvas.draw()
+    box = f._suptitle.get_window_extent(renderer=f.canvas.get_renderer())
+    width = f.get_size_inches()[0] * f.dpi
+    assert len(f._suptitle.get_text()) > 100 and 0 <= box.x0 and box.x1 <= width
+    plt.close(f)
