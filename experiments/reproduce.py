@@ -1023,8 +1023,8 @@ class Reproduction:
         if any(a is not None for a in own):
             L += ["", f"Not used in any comparison: the stage-2 run's own final audit fits its probe on the private train "
                   f"split (macro AUROC {_iv(V.over_seeds(own, 0.0, 1.0, log=False), 100)} over seeds); before issue #28 "
-                  "this report compared it with the DP arms' public-cohort probes, which made up a ~1.2-point \"cost of "
-                  "DP\" that a matched probe does not show."]
+                  "this report compared it with the DP arms' public-cohort probes and called the ~1.2-point difference a "
+                  "cost of DP; the comparisons below use the matched probe."]
         L += ["", f"Criterion per reading: the DP model's R@1 at N = {n4} below the model before DP (paired by seed, "
               f"one-sided 95% upper bound of the ratio below 1), and macro AUROC not more than {100 * V.AUROC_MARGIN:.0f} "
               "point below it (non-inferiority: the one-sided 95% upper bound of the AUROC drop below "
