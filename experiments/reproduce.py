@@ -999,7 +999,8 @@ class Reproduction:
         check += [f"s{r.name.split('/s')[-1]} {r.extra['rebuilt']}" for s in seeds
                   if (r := self.runs.get(f"llm/s{s}")) and r.extra.get("rebuilt") and f"llm/s{s}" not in self.rebuilt_check]
         L += ["", f"The `{bd}` row is the stage-2 model itself, re-audited through the DP stage's pipeline with its heads "
-              "unchanged (non-private, learning rate 0); its R@1 should equal the stage-2 row's."
+              "unchanged (non-private, learning rate 0); its R@1 equals that of the stage-2 model it re-audits (the stage-2 "
+              "row's, or the re-trained model's where stated next)."
               + (f" Seeds whose stage-2 model was re-trained to re-audit it (kept seeds hold no checkpoints), its audit "
                  f"against the kept one: {'; '.join(check)}. Stage 2 is not bit-for-bit reproducible on this CPU: where "
                  "the two differ, the matched-probe AUROC \"before DP\" of readings 4 and 4f is the re-trained model's "
