@@ -347,10 +347,6 @@ class DPAlignmentModule(LoadedState, L.LightningModule):  # an embedding model (
     n_train_units = property(lambda self: self.plan.n_units if self.plan else None)
     steps_planned = property(lambda self: self.plan.steps_planned if self.plan else None)
     expected_batch_size = property(lambda self: self.plan.expected_batch_size if self.plan else None)
-    privacy_unit = property(lambda self: self.plan.privacy_unit if self.plan else "study")
-
-    def per_patient_guarantee(self) -> dict[str, Any] | None:
-        return record.per_patient_guarantee(self.plan, self._epsilon_spent) if self.plan else None
 
     @property
     def grad_sample_mode(self) -> str:
