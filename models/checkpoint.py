@@ -20,17 +20,33 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from datamodules.text import tokenizer_from_state, tokenizer_to_state
-from models.contract import EmbeddingModel, as_embedding_model
-from models.load_guard import compare_state_dict, enforce
+from cxr_relink.datamodules.text import tokenizer_from_state, tokenizer_to_state
+from cxr_relink.models.contract import EmbeddingModel, as_embedding_model
+from cxr_relink.models.load_guard import compare_state_dict, enforce
 
 FORMAT_VERSION = 1
 KEY = "cxr_relink"
 # Only classes from this project's own packages are ever rebuilt from a checkpoint ...
-ALLOWED_PREFIXES = ("models.",)
+ALLOWED_PREFIXES = ("cxr_relink.models.",)
 # ... and the config it carries may only name these `_target_`s (towers, optimisers, schedules):
 # hyper-parameters are data from the file, so a `_target_` there must never reach an arbitrary callable.
-ALLOWED_TARGETS = ("models.", "torch.optim.", "torch.nn.")
+ALLOWED_TARGETS = ("cxr_relink.models.", "torch.optim.", "torch.nn.")
+# Checkpoints written before the cxr_relink namespace (issue #30) name `models.<...>`: the same classes.
+LEGACY_PREFIX = "models."
+
+
+def current_name(name: Any) -> Any:
+    """A class or `_target_` path of a checkpoint written before the namespace, as it is named now."""
+    return "cxr_relink." + name if isinstance(name, str) and name.startswith(LEGACY_PREFIX) else name
+
+
+def current_names(tree: Any) -> Any:
+    """`tree` with every `_target_` / `module_class` value renamed by current_name (a copy)."""
+    if isinstance(tree, dict):
+        return {k: current_name(v) if k in ("_target_", "module_class") else current_names(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(current_names(v) for v in tree)
+    return tree
 
 
 def plain(x: Any) -> Any:
@@ -149,6 +165,7 @@ def check_targets(config: Any, where: str) -> None:
 
 def import_module_class(qualname: str, hparams: dict[str, Any], where: str):
     """The LightningModule class named in a checkpoint, after checking it and its config are ours."""
+    qualname = current_name(qualname)
     if not qualname.startswith(ALLOWED_PREFIXES):
         raise ValueError(f"{where}: refusing to build class {qualname!r} outside {ALLOWED_PREFIXES}")
     check_targets(hparams, f"{where}: hyper_parameters")
@@ -182,7 +199,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", over
         raise ValueError(f"checkpoint {path} was not written by cxr-relink (no '{KEY}' entry)")
     if extras.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path}: format version {extras.get('format_version')}, expected {FORMAT_VERSION}")
-    hparams = apply_overrides(ckpt.get("hyper_parameters", {}), overrides, f"checkpoint {path}")
+    hparams = current_names(apply_overrides(ckpt.get("hyper_parameters", {}), overrides, f"checkpoint {path}"))
     cls = import_module_class(extras["module_class"], hparams, f"checkpoint {path}")
     tokenizer = tokenizer_from_state(extras["tokenizer"])
     external = extras.get("external_weights") or {}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {"tests", "bars"}
+PACKAGES = ("audit", "callbacks", "configs", "datamodules", "models")  # as cxr_relink.PACKAGES, read without importing
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:
@@ -23,8 +24,10 @@ def project_modules(root: Path = ROOT) -> dict[str, Path]:
         pkg = init.parent
         if pkg.name in SKIP or pkg.name.startswith("."):
             continue
+        # the namespace's packages import as cxr_relink.<name> (cxr_relink/__init__.py)
+        prefix = ("cxr_relink",) if pkg.name in PACKAGES else ()
         for p in pkg.rglob("*.py"):
-            parts = p.relative_to(root).with_suffix("").parts
+            parts = prefix + p.relative_to(root).with_suffix("").parts
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
     return out
 
@@ -134,10 +137,29 @@ def test_no_import_cycles_among_the_projects_modules():
     modules = project_modules()
     graph = import_graph(modules)
     # the walk sees the project: its packages and the known edges between them
-    assert {"train", "evaluate", "audit.relinkage", "models.dp.features", "datamodules.synthetic"} <= set(modules)
-    assert "models.hashing" in graph["models.external_heads"] and "audit.result" in graph["evaluate"]
+    assert {"train", "evaluate", "cxr_relink.audit.relinkage", "cxr_relink.models.dp.features", "cxr_relink.datamodules.synthetic"} <= set(modules)
+    assert "cxr_relink.models.hashing" in graph["cxr_relink.models.external_heads"] and "cxr_relink.audit.result" in graph["cxr_relink.evaluation"]
     found = cycles(graph)
     detail = "\n".join(
         " <-> ".join(c) + ":\n" + "\n".join(f"    {a} imports {b}" for a in c for b in sorted(graph[a]) if b in c)
         for c in found)
     assert not found, f"import cycles among the project's modules (move the shared piece to one home):\n{detail}"
+
+
+def test_nothing_imports_the_generic_top_level_names():
+    """Code, tests and scripts reach the project's packages only as cxr_relink.<name>: a bare `import models`
+    would load a second copy of a module in a checkout and fail where the wheel is installed."""
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0].startswith(".") or rel.parts[0] in ("logs", "wandb", "build"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            bad += [f"{rel}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in PACKAGES]
+    assert not bad, "\n".join(bad)

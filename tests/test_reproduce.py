@@ -159,8 +159,8 @@ def test_bootstrap_one_sided_bounds_match_brute_force() -> None:
     recomputed here by resampling patients with the same draws and looping over them."""
     import torch
 
-    from audit.embeddings import EmbeddingSet
-    from audit.relinkage import relinkage_audit
+    from cxr_relink.audit.embeddings import EmbeddingSet
+    from cxr_relink.audit.relinkage import relinkage_audit
 
     g = torch.Generator().manual_seed(0)
     n_st, dim = 40, 8
@@ -442,10 +442,10 @@ def test_complete_kept_seed_runs_only_what_the_plan_gained(tmp_path, monkeypatch
             rp.audit_json_path(run).write_text(json.dumps(run.result))
         return run
 
-    import audit.result
+    from cxr_relink.audit import result as audit_result
 
     monkeypatch.setattr(rp, "execute", fake_execute)
-    monkeypatch.setattr(audit.result, "load_result", lambda p: json.loads(Path(p).read_text()))  # fake, schema-less
+    monkeypatch.setattr(audit_result, "load_result", lambda p: json.loads(Path(p).read_text()))  # fake, schema-less
     rep = rp.Reproduction("tiny", [0], tmp_path / "out", True, 0.34, keep)
     rep.execute_all()
     assert set(ran) == gained | {"stage1/s0", "llm/s0"}
