@@ -194,3 +194,31 @@ def test_dp_stage_refuses_an_existing_model_whose_weights_did_not_load(hf_models
     # No override here: heads are never trained on a partly random model.
     with pytest.raises(ValueError, match=r"unknown keys \['allow_partial_load'\]"):
         ExternalSplit.load({"path": str(folder), "allow_partial_load": True})
+
+
+def test_checkpoint_written_before_the_namespace_loads_as_the_same_model(project_ckpt, tmp_path):
+    """Checkpoints saved before issue #30 name their class and towers `models.<...>`; they rebuild the same
+    classes under `cxr_relink.models` with the same weights, and anything outside the project is still refused."""
+    from cxr_relink.models.checkpoint import KEY, load_module
+
+    ckpt = torch.load(project_ckpt, weights_only=True)
+
+    def legacy(tree):  # the names as the old code wrote them, by an independent walk
+        if isinstance(tree, dict):
+            return {k: (v.removeprefix("cxr_relink.") if k in ("_target_", "module_class") and isinstance(v, str)
+                        else legacy(v)) for k, v in tree.items()}
+        return [legacy(v) for v in tree] if isinstance(tree, list) else tree
+
+    ckpt[KEY] = legacy(ckpt[KEY])
+    ckpt["hyper_parameters"] = legacy(ckpt["hyper_parameters"])
+    assert ckpt[KEY]["module_class"].startswith("models.")
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    a, b = load_module(project_ckpt), load_module(old)
+    assert type(a) is type(b) and type(b).__module__.startswith("cxr_relink.models.")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ckpt[KEY]["module_class"] = "os.system"
+    torch.save(ckpt, old)
+    with pytest.raises(ValueError, match="refusing to build class 'os.system'"):
+        load_module(old)
