@@ -266,6 +266,13 @@ def test_lightning_lines_print_once_through_the_run_handlers() -> None:
     run_handler = logging.StreamHandler(ours)
     lightning._console.setStream(theirs)  # Lightning's handler, as after `import lightning` under Hydra
     saved = (list(lit.handlers), lit.propagate, root.level)
+    # An earlier in-process Hydra run (tests/test_reproduce.py) configures logging with
+    # disable_existing_loggers, which disables Lightning's loggers created before it: not what is tested here.
+    chain = [logging.getLogger(n) for n in ("lightning", "lightning.fabric", "lightning.fabric.utilities",
+                                             "lightning.fabric.utilities.seed")]
+    disabled = [lg.disabled for lg in chain]
+    for lg in chain:
+        lg.disabled = False
     lit.addHandler(lightning._console)
     root.addHandler(run_handler)
     root.setLevel(logging.INFO)
@@ -277,6 +284,8 @@ def test_lightning_lines_print_once_through_the_run_handlers() -> None:
         root.setLevel(saved[2])
         lit.handlers[:] = saved[0]
         lit.propagate = saved[1]
+        for lg, d in zip(chain, disabled):
+            lg.disabled = d
     assert (ours.getvalue() + theirs.getvalue()).count("Seed set to 7") == 1 and "Seed set to 7" in ours.getvalue()
 
 
