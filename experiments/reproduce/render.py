@@ -1,6 +1,6 @@
 """RESULTS.md from a reproduction's run records: one function per claim (each returns its section's lines and its
-summary rows), the head (invocation, protocol, summary table) and the appendix of older-protocol seeds. Pure
-functions of the records (records.py): nothing here runs, loads or writes anything."""
+summary rows), the head (invocation, protocol, summary table) and the appendix of older-protocol seeds. Functions
+of the records (records.py) alone, but for the head's time and host name: nothing here runs, loads or writes."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ Claim = tuple[list[str], list[Summary]]  # a claim's section (markdown lines) an
 
 # How every per-seed table reads.
 PER_RUN = ("each seed: the value and (≥ its one-sided 95% bootstrap-over-patients lower bound; * = the "
-        "conservative 97.5% bound of an audit JSON without `x_chance_ci90`); geometric mean over seeds "
-        "[90% log-scale t-interval = one-sided 95% bounds, inside the parameter's range]")
+           "conservative 97.5% bound of an audit JSON without `x_chance_ci90`); geometric mean over seeds "
+           "[90% log-scale t-interval = one-sided 95% bounds, inside the parameter's range]")
+
 
 def _seed_rows(rec: Records, key: str, title: str, section: str, ns: list[str], lbs: list, ubs: list, where: list,
                collect: bool) -> list[str]:
@@ -50,6 +51,7 @@ def _seed_rows(rec: Records, key: str, title: str, section: str, ns: list[str], 
             cells.append(seeds_cell(V.over_seeds(values(rows, "x_chance"), 0.0, x_high(rows))))
         out.append(f"| {title} | geometric mean | " + " | ".join(cells) + " |")
     return out
+
 
 def claim1(rec: Records) -> Claim:
     """Claim 1: re-linkage rises with clinical specialisation (generic < bert_encoder < llm_encoder), paired by seed."""
@@ -395,7 +397,7 @@ def head(rec: Records, seconds: float, invocation: str, summary: list[Summary]) 
                 f"`{rel_path(rec.keep)}` ({', '.join(f's{s} {st}' for s, st in sorted(loaded.items()))}; their "
                 "run times are those recorded when they ran)" if loaded else "rendered no kept runs")
     partial = [s for s, st in loaded.items() if st == "partial"]
-    head = [
+    lines = [
         "# Reproduction on the synthetic cohort", "",
         f"`python -m experiments.reproduce {invocation}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{platform.node()} ({os.cpu_count()} CPUs). This invocation: {seconds / 60:.1f} min wall, {rec.n_ran} runs "
@@ -403,13 +405,13 @@ def head(rec: Records, seconds: float, invocation: str, summary: list[Summary]) 
         f"{rec.seed_minutes()} (expected: {RUNTIME_NOTE[rec.scale_name]}).", "",
     ]
     if partial:
-        head += [f"**Partial seeds {partial}**: their runs are still being made (kept one by one as they finish); "
+        lines += [f"**Partial seeds {partial}**: their runs are still being made (kept one by one as they finish); "
                  "rows without a value say `–` or \"not run yet\".", ""]
     if rec.old:
-        head += [f"Seeds kept under older protocols ({', '.join(f'protocol {v} s{s}' for v, s in sorted(rec.old))}) "
+        lines += [f"Seeds kept under older protocols ({', '.join(f'protocol {v} s{s}' for v, s in sorted(rec.old))}) "
                  "are **not** in any table or verdict above the appendix: their runs lack this protocol's arms. They "
                  "are listed, labelled, in the appendix.", ""]
-    head += [
+    lines += [
         f"Scale `{rec.scale_name}` adds these overrides to every stage-2 run: "
         f"`{' '.join(scale_overrides(SCALES[rec.scale_name], 'stage2')) or '(none)'}` (stage 1, DP and evaluate.py runs get the "
         "matching data sizes). Each row's config is the command that made it, plus these. A claim that does not "
@@ -433,8 +435,8 @@ def head(rec: Records, seconds: float, invocation: str, summary: list[Summary]) 
         "over-seed intervals of positive quantities are log-scale t-intervals, back-transformed.", "",
         "## Summary", "", "| claim | holds here? | evidence | config |", "|---|---|---|---|",
     ]
-    head += [f"| {c} | **{v}** | {e} | {cfg} |" for c, v, e, cfg in summary]
-    return head + [""]
+    lines += [f"| {c} | **{v}** | {e} | {cfg} |" for c, v, e, cfg in summary]
+    return lines + [""]
 
 
 def appendix(rec: Records) -> list[str]:
