@@ -14,6 +14,7 @@ import pytest
 
 from experiments import reproduce as rp
 from experiments.reproduce import runner
+from experiments.reproduce.render import render
 from experiments import verdict as V
 
 CLAIMS = ("1.", "2.", "3.", "4.", "4f.", "4p.", "4b.", "4c.", "4cf.", "5.")
@@ -239,7 +240,7 @@ def test_no_rendered_interval_leaves_the_parameter_range(tmp_path) -> None:
     r = [0.0101, 0.5, 0.999]
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(r), scale=stats.sem(r))
     assert lo < 0 and hi > 1  # the input is adversarial for the old protocol
-    md, summary = rp.render(fake_records(tmp_path, r), 1.0)
+    md, summary = render(fake_records(tmp_path, r), 1.0)
     checked = 0
     for line in md.splitlines():
         for c, a, b in INTERVAL.findall(line):
@@ -270,7 +271,7 @@ def test_no_rendered_interval_leaves_the_parameter_range(tmp_path) -> None:
 
 def test_every_seed_is_shown_and_verdicts_need_five(tmp_path) -> None:
     rep = fake_records(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
-    md, summary = rp.render(rep, 1.0)
+    md, summary = render(rep, 1.0)
     claim1 = md.split("## Claim 1", 1)[1].split("\n## ", 1)[0]
     assert "| seed 0 | seed 1 | seed 2 | seed 3 | seed 4 |" in claim1
     assert not any(v.startswith("not decided") for _, v, *_ in summary)
@@ -378,11 +379,11 @@ def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -
 
 def test_adaptive_rows_identical_by_construction_are_said_so(tmp_path) -> None:
     rep = fake_records(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
-    md, _ = rp.render(rep, 1.0)
+    md, _ = render(rep, 1.0)
     assert "as construction implies" not in md  # the fake arms differ
     for s in range(5):  # a DP model whose attacked rows equal the model's before DP (trunk attacks)
         rep.runs[f"adaptive/dp_public_negatives/s{s}"].result = rep.runs[f"adaptive/base/s{s}"].result
-    md, summary = rp.render(rep, 1.0)
+    md, summary = render(rep, 1.0)
     assert md.count("as construction implies") == len(rp.TRUNK_ATTACKS)  # ridge and head read the frozen trunk
     # no statistical "not shown" for a fact of construction, and no "detects beyond x1.000" from a zero spread
     trunk = [ln for ln in md.split("## Claim 4c", 1)[1].split("\n## ", 1)[0].splitlines() if "(frozen trunk)" in ln]
@@ -402,7 +403,7 @@ def test_claim4_compares_matched_probes_and_states_their_fit_data(tmp_path) -> N
         for tag in (rp.BEFORE_DP[0], "dp_public_negatives", "nonprivate"):
             rep.runs[f"{tag}/s{s}"].result = {**rep.runs[f"{tag}/s{s}"].result,
                                               "probe": {"macro_auroc": 0.75 + 0.001 * s}}
-    md, summary = rp.render(rep, 1.0)
+    md, summary = render(rep, 1.0)
     c4 = md.split("## Claim 4:", 1)[1].split("\n## ", 1)[0]
     assert "public cohort's train split" in c4 and "| probe fitted on |" in c4
     reading = c4.split("**Reading: stage-2 heads**", 1)[1].split("**Reading", 1)[0]
