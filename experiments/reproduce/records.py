@@ -85,7 +85,6 @@ def x_high(rows: list[dict | None]) -> float | None:
     return 1.0 / min(ch) if ch else None
 
 
-
 def adaptive_row(res: dict | None, attack: str, n: str) -> dict | None:
     """The adaptive audit's R@1 row at N for one pre-specified attack (ADAPTIVE_AUX's auxiliary set;
     the baseline cosine has none). Not its "best" row: that maximum is selected on the audited split."""

@@ -9,8 +9,6 @@ from configs import ROOT
 from experiments import verdict as V
 
 
-
-
 def seeds_cell(o: V.OverSeeds | None, scale: float = 1.0, digits: int = 2) -> str:
     """Centre over seeds and its interval (inside the parameter's range; see verdict.over_seeds)."""
     if o is None:
@@ -69,7 +67,6 @@ def combine(*verdicts: str) -> str:
             if v.startswith(word):
                 return v
     return "holds"
-
 
 
 def per_patient_cell(recs: list[dict]) -> str:
