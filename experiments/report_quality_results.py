@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 from experiments.reproduce.plan import SCALES, scale_overrides
 from experiments.reproduce.records import Run, recall
 from experiments.reproduce.runner import execute

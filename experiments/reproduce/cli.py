@@ -56,7 +56,7 @@ import time
 import warnings
 from pathlib import Path
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 from experiments.reproduce.plan import KEEP_BY_DEFAULT, SCALES
 from experiments.reproduce.plot import plot as plot_claims
 from experiments.reproduce.render import render

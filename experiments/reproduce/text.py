@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 from experiments import verdict as V
 
 
