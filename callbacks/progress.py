@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 log = logging.getLogger("train.progress")
 # The ~30 s progress lines: a top-level logger of their own, so that a program that quiets train.py's
-# loggers (experiments/reproduce.py sets `train` to WARNING: one line per run) still shows them.
+# loggers (experiments/reproduce/cli.py sets `train` to WARNING: one line per run) still shows them.
 plog = logging.getLogger("progress")
 
 

@@ -2,7 +2,7 @@
 
     python -m experiments.report_quality_results                       # default scale (the configs' defaults), seed 0
     python -m experiments.report_quality_results --scale tiny --arms bert,generic
-Trains each arm exactly as experiments/reproduce.py does (same overrides, same run folders:
+Trains each arm exactly as experiments/reproduce/ does (same overrides, same run folders:
 <out>/<scale>/runs/<arm>/s<seed>, so a reproduce run's checkpoints are reused and vice versa), then
 evaluates the arm's selected checkpoint (lowest val/loss) with
 `python evaluate.py "audit=[standard,report_quality]" ckpt_path=...` on the cohort it was trained on,
@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from cxr_relink.configs import ROOT
-from experiments.reproduce import SCALES, Run, execute, recall, scale_overrides
+from experiments.reproduce.plan import SCALES, scale_overrides
+from experiments.reproduce.records import Run, recall
+from experiments.reproduce.runner import execute
 
 log = logging.getLogger("report_quality_results")
 
@@ -50,7 +52,7 @@ TITLES = {"generic": "generic text tower (frozen at random init)", "bert": "bert
 
 
 def arm_train_overrides(arm: str, seed: int, stage1_dir: Path) -> tuple[list[str], str]:
-    """(overrides, kind) of an arm, as experiments/reproduce.py's Reproduction.execute_all builds them."""
+    """(overrides, kind) of an arm, as experiments/reproduce/runner.py's Reproduction.execute_seed builds them."""
     s = f"seed={seed}"
     llm = ["model=llm_encoder", f"model.text_tower.pretrained={stage1_dir / 'text_tower_hf'}"]
     if arm == "generic":

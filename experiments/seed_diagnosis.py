@@ -7,7 +7,7 @@ Per run it keeps the CSV log (per-epoch val loss and val Recall@1 at N=100, per-
 temperature and lr) and, per optimizer step, the gradient norm before clipping of each part of the
 model (image tower, image head, LoRA, pooler, text head, logit scale) in grad_norms.jsonl.
 
-Differences from experiments/reproduce.py's runs, chosen to save CPU and stated in the doc: no final
+Differences from experiments/reproduce/'s runs, chosen to save CPU and stated in the doc: no final
 test audit (final_audit=false) and no extra test patients (data.reader.test_patients: the train and
 val splits are byte-identical without them); the comparison uses the per-epoch val audit.
 
@@ -41,7 +41,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 log = logging.getLogger("seed_diagnosis")
 
-# The paper scale's sizing (experiments/reproduce.py, scale "paper"), minus the test-only patients.
+# The paper scale's sizing (experiments/reproduce/plan.py, scale "paper"), minus the test-only patients.
 SIZING = ["trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "logger=csv",
           "data.reader.label_profile=mimic", "final_audit=false"]
 

@@ -1,4 +1,4 @@
-"""The reproduction's verdict statistics (experiments/reproduce.py renders them into RESULTS.md).
+"""The reproduction's verdict statistics (experiments/reproduce/render.py renders them into RESULTS.md).
 
 Protocol (fixed before any run; RESULTS.md's header repeats it):
 

@@ -76,7 +76,7 @@ def test_heartbeat_reports_a_long_block(caplog) -> None:
     are quieted (the reproduction)."""
     from cxr_relink.callbacks.progress import heartbeat
 
-    quiet = logging.getLogger("train")  # as experiments/reproduce.py quiets train.py's own loggers
+    quiet = logging.getLogger("train")  # as experiments/reproduce/cli.py quiets train.py's own loggers
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:

@@ -1,4 +1,4 @@
-"""experiments/reproduce.py and experiments/verdict.py: every scale's configs compose, the verdict statistics
+"""experiments/reproduce/ and experiments/verdict.py: every scale's configs compose, the verdict statistics
 match independent references (scipy, Monte Carlo, a brute-force bootstrap), no rendered interval leaves its
 parameter's range, kept seeds are never overwritten or mixed across protocols (fast); the tiny scale writes
 RESULTS.md with a row for every claim, each naming the config that made it (slow: minutes)."""
@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from experiments import reproduce as rp
+from experiments.reproduce import runner
+from experiments.reproduce.render import render
 from experiments import verdict as V
 
 CLAIMS = ("1.", "2.", "3.", "4.", "4f.", "4p.", "4b.", "4c.", "4cf.", "5.")
@@ -208,10 +210,10 @@ def _result(r100: float, r_full: float, auroc: float) -> dict:
             "probe": {"macro_auroc": auroc, "macro_auroc_ci": [auroc - 0.01, auroc + 0.01]}}
 
 
-def fake_reproduction(tmp_path, r100_by_seed: list[float]) -> rp.Reproduction:
+def fake_records(tmp_path, r100_by_seed: list[float]) -> rp.Records:
     """Every run of the plan, with audit results built from ``r100_by_seed`` (no training)."""
     seeds = list(range(len(r100_by_seed)))
-    rep = rp.Reproduction("tiny", seeds, tmp_path, False, 0.34, None)
+    rep = rp.Records("tiny", seeds, tmp_path, 0.34)
     names = ["generic", "bert", "llm", rp.BEFORE_DP[0], *[t for t, *_ in rp.DP_ARMS], *[f"external/{t}" for t in rp.EXTERNAL],
              *[f"adaptive/{t}" for t in rp.ADAPTIVE], *[f"{a}/{t}" for a in ("style_structured", "style_mixed_train")
                                                     for t in ("llm", "bert")]]
@@ -238,7 +240,7 @@ def test_no_rendered_interval_leaves_the_parameter_range(tmp_path) -> None:
     r = [0.0101, 0.5, 0.999]
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(r), scale=stats.sem(r))
     assert lo < 0 and hi > 1  # the input is adversarial for the old protocol
-    md, summary = fake_reproduction(tmp_path, r).render(1.0)
+    md, summary = render(fake_records(tmp_path, r), 1.0)
     checked = 0
     for line in md.splitlines():
         for c, a, b in INTERVAL.findall(line):
@@ -268,8 +270,8 @@ def test_no_rendered_interval_leaves_the_parameter_range(tmp_path) -> None:
 
 
 def test_every_seed_is_shown_and_verdicts_need_five(tmp_path) -> None:
-    rep = fake_reproduction(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
-    md, summary = rep.render(1.0)
+    rep = fake_records(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
+    md, summary = render(rep, 1.0)
     claim1 = md.split("## Claim 1", 1)[1].split("\n## ", 1)[0]
     assert "| seed 0 | seed 1 | seed 2 | seed 3 | seed 4 |" in claim1
     assert not any(v.startswith("not decided") for _, v, *_ in summary)
@@ -364,7 +366,7 @@ def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -
         run.extra["reused"] = True
         return run
 
-    monkeypatch.setattr(rp, "execute", reused)
+    monkeypatch.setattr(runner, "execute", reused)
     rep = rp.Reproduction("tiny", [0], tmp_path / "out", True, 0.34, keep)
     r = rep.run("llm/s0", "train", [], "train", 0)
     assert r.seconds == 234.2 and r.extra["metrics"] == rec["extra"]["metrics"]
@@ -376,12 +378,12 @@ def test_reused_run_keeps_its_recorded_time_and_metrics(tmp_path, monkeypatch) -
 
 
 def test_adaptive_rows_identical_by_construction_are_said_so(tmp_path) -> None:
-    rep = fake_reproduction(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
-    md, _ = rep.render(1.0)
+    rep = fake_records(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
+    md, _ = render(rep, 1.0)
     assert "as construction implies" not in md  # the fake arms differ
     for s in range(5):  # a DP model whose attacked rows equal the model's before DP (trunk attacks)
         rep.runs[f"adaptive/dp_public_negatives/s{s}"].result = rep.runs[f"adaptive/base/s{s}"].result
-    md, summary = rep.render(1.0)
+    md, summary = render(rep, 1.0)
     assert md.count("as construction implies") == len(rp.TRUNK_ATTACKS)  # ridge and head read the frozen trunk
     # no statistical "not shown" for a fact of construction, and no "detects beyond x1.000" from a zero spread
     trunk = [ln for ln in md.split("## Claim 4c", 1)[1].split("\n## ", 1)[0].splitlines() if "(frozen trunk)" in ln]
@@ -395,13 +397,13 @@ def test_adaptive_rows_identical_by_construction_are_said_so(tmp_path) -> None:
 def test_claim4_compares_matched_probes_and_states_their_fit_data(tmp_path) -> None:
     """Claim 4's AUROC comparisons use the before-DP model re-audited with the DP arms' probe (public cohort),
     never the stage-2 run's own (private train split) probe; both DP vs before and DP vs its control are shown."""
-    rep = fake_reproduction(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
+    rep = fake_records(tmp_path, [0.24, 0.25, 0.12, 0.22, 0.2])
     for s in range(5):  # the stage-2 run's own probe 5 points higher than the matched one (the issue's artefact)
         rep.runs[f"llm/s{s}"].result = {**rep.runs[f"llm/s{s}"].result, "probe": {"macro_auroc": 0.80}}
         for tag in (rp.BEFORE_DP[0], "dp_public_negatives", "nonprivate"):
             rep.runs[f"{tag}/s{s}"].result = {**rep.runs[f"{tag}/s{s}"].result,
                                               "probe": {"macro_auroc": 0.75 + 0.001 * s}}
-    md, summary = rep.render(1.0)
+    md, summary = render(rep, 1.0)
     c4 = md.split("## Claim 4:", 1)[1].split("\n## ", 1)[0]
     assert "public cohort's train split" in c4 and "| probe fitted on |" in c4
     reading = c4.split("**Reading: stage-2 heads**", 1)[1].split("**Reading", 1)[0]
@@ -414,7 +416,7 @@ def test_complete_kept_seed_runs_only_what_the_plan_gained(tmp_path, monkeypatch
     """A complete kept seed of this protocol that lacks runs the plan has gained since: only those run, plus
     the stage-1/stage-2 runs whose checkpoint they need (re-trained and compared with the kept audit)."""
     keep = tmp_path / "keep"
-    rep0 = fake_reproduction(tmp_path / "a", [0.2])
+    rep0 = fake_records(tmp_path / "a", [0.2])
     gained = {f"{rp.BEFORE_DP[0]}/s0", "nonprivate_fresh_patient/s0", "dp_fresh_public_negatives_patient/s0"}
     (keep / "s0").mkdir(parents=True)
     recs = []
@@ -444,7 +446,7 @@ def test_complete_kept_seed_runs_only_what_the_plan_gained(tmp_path, monkeypatch
 
     from cxr_relink.audit import result as audit_result
 
-    monkeypatch.setattr(rp, "execute", fake_execute)
+    monkeypatch.setattr(runner, "execute", fake_execute)
     monkeypatch.setattr(audit_result, "load_result", lambda p: json.loads(Path(p).read_text()))  # fake, schema-less
     rep = rp.Reproduction("tiny", [0], tmp_path / "out", True, 0.34, keep)
     rep.execute_all()

@@ -1,0 +1,5 @@
+"""`python -m experiments.reproduce ...` (cli.py)."""
+
+from experiments.reproduce.cli import main
+
+main()
