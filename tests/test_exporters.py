@@ -12,13 +12,13 @@ import gzip
 import numpy as np
 import pytest
 
-from datamodules.chexpert_plus import CheXpertPlusReader
-from datamodules.exporters import ID_MAP, export, image_array, main, wrap
-from datamodules.mimic_cxr import MimicCXRReader
-from datamodules.openi import OpenIReader
-from datamodules.reader_utils import clean
+from datamodules.readers.chexpert_plus import CheXpertPlusReader
+from datamodules.readers.exporters import ID_MAP, export, image_array, main, wrap
+from datamodules.readers.mimic_cxr import MimicCXRReader
+from datamodules.readers.openi import OpenIReader
+from datamodules.readers.common import clean
 from datamodules.records import NUM_LABELS, Study
-from datamodules.synthetic import SyntheticReader
+from datamodules.synthetic.cohort import SyntheticReader
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from datamodules.datamodule import load_image
-from datamodules.mimic_cxr import MimicCXRReader
-from datamodules.reader_utils import DataError, verify_image
-from datamodules.report_sections import parse_report
+from datamodules.readers.mimic_cxr import MimicCXRReader
+from datamodules.readers.common import DataError, verify_image
+from datamodules.readers.report_sections import parse_report
 from tests.test_readers import by_id, make_mimic
 
 BOM = "\ufeff"

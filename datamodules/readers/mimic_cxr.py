@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datamodules.reader_utils import (
+from datamodules.readers.common import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -42,7 +42,7 @@ from datamodules.reader_utils import (
     read_csv_rows,
 )
 from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from datamodules.report_sections import parse_report
+from datamodules.readers.report_sections import parse_report
 
 log = logging.getLogger(__name__)
 
