@@ -385,7 +385,7 @@ def dp_part(units: int, batch: int, image_dim: int, text_dim: int, embed_dim: in
     import lightning as L
 
     from bench.bench_dp import EpochTimer, features
-    from models.dp.features import InMemoryFeatureDataModule
+    from datamodules.features import InMemoryFeatureDataModule
     from models.dp.module import DPAlignmentModule
 
     class SyncEpochTimer(EpochTimer):

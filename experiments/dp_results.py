@@ -73,7 +73,10 @@ from audit.relinkage import relinkage_audit  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from models.dp import record  # noqa: E402
 from models.dp.accounting import group_privacy  # noqa: E402
-from models.dp.features import PRIVACY_UNITS, InMemoryFeatureDataModule, file_sha256, pool_units  # noqa: E402
+from datamodules.features import InMemoryFeatureDataModule  # noqa: E402
+from models.dp.features import pool_units  # noqa: E402
+from models.dp.plan import PRIVACY_UNITS  # noqa: E402
+from models.hashing import file_sha256  # noqa: E402
 from models.dp.module import HEAD_INITS, DPAlignmentModule  # noqa: E402
 
 log = logging.getLogger("dp_results")

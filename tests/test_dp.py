@@ -18,7 +18,8 @@ from opacus.validators import ModuleValidator
 
 from audit.membership import member_nonmember_linkage
 from models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp, noise_multiplier_for, rdp_sampled_gaussian
-from models.dp.features import InMemoryFeatureDataModule, pool_units, select_studies, stable_keys
+from datamodules.features import InMemoryFeatureDataModule
+from models.dp.features import pool_units, select_studies, stable_keys
 from models.dp.losses import group_assignment
 from models.dp.module import DPAlignmentModule, _Heads
 
