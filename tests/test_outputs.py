@@ -16,7 +16,7 @@ import torch
 from audit import result as R
 from audit.embeddings import EmbeddingSet
 from audit.relinkage import relinkage_audit
-from callbacks.console import quiet_known_warnings
+from configs.console import quiet_known_warnings
 from callbacks.run_dir import check_run_dir
 from tests.conftest import ROOT
 
