@@ -38,7 +38,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 from configs import cli  # noqa: E402
@@ -364,11 +364,13 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
         meta["cohort"] = cohort
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
-    if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk
+    if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk (models/adaptive_attack.py)
+        from models.adaptive_attack import adaptive_section
+
         from callbacks.progress import heartbeat
 
         with heartbeat("running the adaptive attacker (fitting attacks, auditing each)", every):
-            meta["adaptive"] = adaptive_section(cfg, module, dm)
+            meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
     if sec["report_quality"] is not None:  # evaluate() pops it into the result's report_quality section
         meta["report_quality"] = sec["report_quality"]
     if module.load_notes:  # allow_partial_load: audit/result.py flags every section
@@ -379,47 +381,6 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     if module.saved_dp_state is not None:
         meta["privacy"] = module.saved_dp_state
     return rel, probe, meta
-
-
-def adaptive_section(cfg: DictConfig, module: Any, dm) -> dict[str, Any]:
-    """The ``adaptive`` section of audit.json for ``module`` audited on ``dm`` (split ``cfg.split``): the
-    attacks of audit/adaptive.py on what models/attacker_view.py gives the attacker, each audited with the
-    run's re-linkage settings. The public cohort is prepared the way the audited one is (prepared_datamodule)."""
-    from audit.adaptive import AUX_KINDS, adaptive_audit
-    from configs import audit_settings
-    from models.attacker_view import model_trunk, paired_features
-
-    node = OmegaConf.to_container(cfg.audit.adaptive, resolve=True)
-    public_cfg = node.pop("public_cohort", None)
-    s = audit_settings("adaptive", node)
-    unknown = [a for a in s["aux"] if a not in AUX_KINDS]
-    if unknown or not s["aux"]:
-        raise ValueError(f"audit.adaptive.aux must be a non-empty subset of {AUX_KINDS}, got {s['aux']}")
-    rel = Relinkage.from_config(cfg.audit.relinkage) if cfg.audit.get("relinkage") else Relinkage()
-    trunk = model_trunk(cfg, module)
-    device = next(module.parameters()).device
-    root = Path(OmegaConf.select(cfg, "paths.cache_dir", default=None) or ".cache")
-    cohort = OmegaConf.select(cfg, "data.reader.cohort")
-    target = paired_features(trunk, dm, cfg.split, root, device, f"audited split {cfg.split!r}")
-    aux, info = {}, {}
-    if "leaked" in s["aux"]:
-        aux["leaked"] = paired_features(trunk, dm, s["leaked_split"], root, device, "leaked")
-        info["leaked"] = {"cohort": cohort, "split": s["leaked_split"]}
-    if "public" in s["aux"]:
-        if not public_cfg:
-            raise ValueError("audit.adaptive.aux has 'public' but audit.adaptive.public_cohort is not set (a data config)")
-        pcfg = cfg.copy()
-        with open_dict(pcfg):
-            pcfg.data = public_cfg
-        pdm = prepared_datamodule(pcfg, module)
-        aux["public"] = paired_features(trunk, pdm, s["public_split"], root, device, "public")
-        info["public"] = {"cohort": (public_cfg.get("reader") or {}).get("cohort"), "split": s["public_split"]}
-    log.info("adaptive attacker: %s on %d audited studies, aux %s", s["attacks"], target.n_studies,
-             {k: v.n_studies for k, v in aux.items()})
-    sec = adaptive_audit(target, aux, rel.audit, n_aux=s["n_aux"], attacks=s["attacks"], seed=s["seed"],
-                         head=s["head"], ridge=s["ridge"], n_draws=s["n_draws"], aux_info=info)
-    sec["trunk"] = trunk.what
-    return sec
 
 
 def audit_report_quality_embeddings(cfg: DictConfig, rq) -> dict:

@@ -1,8 +1,9 @@
-"""What the adaptive attacker (audit/adaptive.py) sees of a model: its frozen trunk features and its released
-embeddings, of the audited split and of the attacker's auxiliary studies. evaluate.py's ``adaptive_section``
-runs the attacks on them.
+"""The adaptive attacker (audit/adaptive.py) run on a model, for evaluate.py's ``audit=adaptive``: the released
+model's frozen trunk features and released embeddings of the audited split and of the attacker's auxiliary
+studies, then the attacks, each audited with the run's re-linkage settings (``adaptive_section``). Lives with
+the models because what it needs is the model's side: the audit library itself imports no model.
 
-Of each kind of model:
+What the attacker sees of each kind of model:
 * a cxr-relink dual tower (stage 2): ``image_features`` / ``text_features`` (the towers' outputs) and
   the released ``image_head`` / ``text_head``;
 * a DP checkpoint (stage 3): the frozen backbone's features and the DP-trained heads
@@ -24,10 +25,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from audit.adaptive import PairedFeatures
+from audit.adaptive import AUX_KINDS, PairedFeatures, adaptive_audit
 from audit.embeddings import report_hash
+from audit.relinkage import Relinkage
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +108,42 @@ def paired_features(trunk: _Trunk, dm, split: str, cache_root: Path, device: tor
         f["image"], f["text"], release(trunk.release_image, f["image"]), release(trunk.release_text, f["text"]),
         f["item_study"], f["patient_key"].numpy(), labels if np.isfinite(labels).any() else None,
         [report_hash(study_text(st, dm.text_field)) for st in dm.studies(split)], name=name)
+
+
+def adaptive_section(cfg: DictConfig, module: Any, dm, make_datamodule: Callable) -> dict[str, Any]:
+    """The ``adaptive`` section of audit.json for the module evaluate.py audits on ``dm`` (split
+    ``cfg.split``). ``make_datamodule(cfg, module)`` is evaluate.py's prepared_datamodule (the public
+    cohort is prepared the way the audited one is)."""
+    from configs import audit_settings
+
+    node = OmegaConf.to_container(cfg.audit.adaptive, resolve=True)
+    public_cfg = node.pop("public_cohort", None)
+    s = audit_settings("adaptive", node)
+    unknown = [a for a in s["aux"] if a not in AUX_KINDS]
+    if unknown or not s["aux"]:
+        raise ValueError(f"audit.adaptive.aux must be a non-empty subset of {AUX_KINDS}, got {s['aux']}")
+    rel = Relinkage.from_config(cfg.audit.relinkage) if cfg.audit.get("relinkage") else Relinkage()
+    trunk = model_trunk(cfg, module)
+    device = next(module.parameters()).device
+    root = Path(OmegaConf.select(cfg, "paths.cache_dir", default=None) or ".cache")
+    cohort = OmegaConf.select(cfg, "data.reader.cohort")
+    target = paired_features(trunk, dm, cfg.split, root, device, f"audited split {cfg.split!r}")
+    aux, info = {}, {}
+    if "leaked" in s["aux"]:
+        aux["leaked"] = paired_features(trunk, dm, s["leaked_split"], root, device, "leaked")
+        info["leaked"] = {"cohort": cohort, "split": s["leaked_split"]}
+    if "public" in s["aux"]:
+        if not public_cfg:
+            raise ValueError("audit.adaptive.aux has 'public' but audit.adaptive.public_cohort is not set (a data config)")
+        pcfg = cfg.copy()
+        with open_dict(pcfg):
+            pcfg.data = public_cfg
+        pdm = make_datamodule(pcfg, module)
+        aux["public"] = paired_features(trunk, pdm, s["public_split"], root, device, "public")
+        info["public"] = {"cohort": (public_cfg.get("reader") or {}).get("cohort"), "split": s["public_split"]}
+    log.info("adaptive attacker: %s on %d audited studies, aux %s", s["attacks"], target.n_studies,
+             {k: v.n_studies for k, v in aux.items()})
+    sec = adaptive_audit(target, aux, rel.audit, n_aux=s["n_aux"], attacks=s["attacks"], seed=s["seed"],
+                         head=s["head"], ridge=s["ridge"], n_draws=s["n_draws"], aux_info=info)
+    sec["trunk"] = trunk.what
+    return sec
