@@ -18,12 +18,12 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from audit.embeddings import report_hash
-from datamodules.datamodule import CXRDataModule, study_text
-from datamodules.records import SPLITS
-from models.dp.features import cached_split_features, cap_studies, pool_units
-from models.dp.plan import PRIVACY_UNITS
-from models.hashing import file_sha256
+from cxr_relink.audit.embeddings import report_hash
+from cxr_relink.datamodules.datamodule import CXRDataModule, study_text
+from cxr_relink.datamodules.records import SPLITS
+from cxr_relink.models.dp.features import cached_split_features, cap_studies, pool_units
+from cxr_relink.models.dp.plan import PRIVACY_UNITS
+from cxr_relink.models.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +221,11 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.features is not None:
             return
-        from models.checkpoint import load_module
+        from cxr_relink.models.checkpoint import load_module
 
         device = self._device()
         if self.external is not None:
-            from models.external_heads import ExternalSplit
+            from cxr_relink.models.external_heads import ExternalSplit
 
             if self.backbone_ckpt:
                 raise ValueError("give one frozen backbone: model.backbone_ckpt or model.external.path, not both")

@@ -12,13 +12,13 @@ import gzip
 import numpy as np
 import pytest
 
-from datamodules.readers.chexpert_plus import CheXpertPlusReader
-from datamodules.readers.exporters import ID_MAP, export, image_array, main, wrap
-from datamodules.readers.mimic_cxr import MimicCXRReader
-from datamodules.readers.openi import OpenIReader
-from datamodules.readers.common import clean
-from datamodules.records import NUM_LABELS, Study
-from datamodules.synthetic.cohort import SyntheticReader
+from cxr_relink.datamodules.readers.chexpert_plus import CheXpertPlusReader
+from cxr_relink.datamodules.readers.exporters import ID_MAP, export, image_array, main, wrap
+from cxr_relink.datamodules.readers.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.readers.openi import OpenIReader
+from cxr_relink.datamodules.readers.common import clean
+from cxr_relink.datamodules.records import NUM_LABELS, Study
+from cxr_relink.datamodules.synthetic.cohort import SyntheticReader
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.datamodule import load_image
-from datamodules.readers.mimic_cxr import MimicCXRReader
-from datamodules.readers.common import DataError, verify_image
-from datamodules.readers.report_sections import parse_report
+from cxr_relink.datamodules.datamodule import load_image
+from cxr_relink.datamodules.readers.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.readers.common import DataError, verify_image
+from cxr_relink.datamodules.readers.report_sections import parse_report
 from tests.test_readers import by_id, make_mimic
 
 BOM = "\ufeff"

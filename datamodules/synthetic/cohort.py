@@ -48,10 +48,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from datamodules.records import CHEXPERT_LABELS, SPLITS, Study
-from datamodules.synthetic import reports as rep
-from datamodules.synthetic.params import GENERATOR_VERSION, CohortParams
-from datamodules.synthetic.sampling import (
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, SPLITS, Study
+from cxr_relink.datamodules.synthetic import reports as rep
+from cxr_relink.datamodules.synthetic.params import GENERATOR_VERSION, CohortParams
+from cxr_relink.datamodules.synthetic.sampling import (
     LABEL_PROFILES,
     labels_json,
     make_error_variants,
@@ -59,7 +59,7 @@ from datamodules.synthetic.sampling import (
     public_items,
     sample_patient,
 )
-from datamodules.synthetic.render import (
+from cxr_relink.datamodules.synthetic.render import (
     Geometry,
     draw_study,
     draw_study_lateral,
@@ -97,7 +97,7 @@ def _check_num(name: str, v: Any, lo: float, hi: float, integer: bool = False) -
 
 
 class SyntheticReader:
-    """Reader for the synthetic cohort (Hydra: ``_target_: datamodules.synthetic.cohort.SyntheticReader``).
+    """Reader for the synthetic cohort (Hydra: ``_target_: cxr_relink.datamodules.synthetic.cohort.SyntheticReader``).
 
     Args:
         num_patients: patients to generate (each has 1-6 studies, ~2.6 on average: 1,200 -> 3,086).

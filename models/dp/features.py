@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from datamodules.datamodule import CXRDataModule
-from datamodules.records import SPLITS, Study
-from models.dp.plan import PRIVACY_UNITS
-from models.embedding_cache import code_hash, image_signature, package_versions
+from cxr_relink.datamodules.datamodule import CXRDataModule
+from cxr_relink.datamodules.records import SPLITS, Study
+from cxr_relink.models.dp.plan import PRIVACY_UNITS
+from cxr_relink.models.embedding_cache import code_hash, image_signature, package_versions
 
 # The code that shapes the cached features: the readers and datamodule, the towers, this module.
 FEATURE_CODE = ("datamodules", "models/dual_tower.py", "models/image_towers.py", "models/text_towers.py",
