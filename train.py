@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from cxr_relink import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 from cxr_relink.configs import cli  # noqa: E402
-from cxr_relink.callbacks.console import quiet_known_warnings  # noqa: E402
+from cxr_relink.configs.console import quiet_known_warnings  # noqa: E402
 from cxr_relink.callbacks.progress import EpochLine, Progress, heartbeat  # noqa: E402
 from cxr_relink.callbacks.run_config import SaveRunConfig, log_resume_changes  # noqa: E402
 from cxr_relink.callbacks.seed import EpochSeed  # noqa: E402

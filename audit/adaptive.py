@@ -37,7 +37,7 @@ The best attack per (aux, n_aux) and per Recall@K-at-N row (by its mean over dra
 selected attack's own) is optimistic for the attacker; each attack's own row and CI are unselected.
 
 No Lightning, no project imports beyond the audit package: the glue that extracts the features from a
-model lives in callbacks/adaptive.py.
+model lives in models/adaptive_attack.py.
 """
 
 from __future__ import annotations

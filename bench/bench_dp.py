@@ -26,7 +26,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench.machine import describe  # noqa: E402
 from cxr_relink.configs import CONFIG_DIR  # noqa: E402
-from cxr_relink.models.dp.features import InMemoryFeatureDataModule, stable_keys  # noqa: E402
+from cxr_relink.datamodules.features import InMemoryFeatureDataModule  # noqa: E402
+from cxr_relink.models.dp.features import stable_keys  # noqa: E402
 from cxr_relink.models.dp.module import DPAlignmentModule  # noqa: E402
 
 

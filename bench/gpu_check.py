@@ -385,7 +385,7 @@ def dp_part(units: int, batch: int, image_dim: int, text_dim: int, embed_dim: in
     import lightning as L
 
     from bench.bench_dp import EpochTimer, features
-    from cxr_relink.models.dp.features import InMemoryFeatureDataModule
+    from cxr_relink.datamodules.features import InMemoryFeatureDataModule
     from cxr_relink.models.dp.module import DPAlignmentModule
 
     class SyncEpochTimer(EpochTimer):

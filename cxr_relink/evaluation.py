@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cxr_relink import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
 from cxr_relink.configs import cli  # noqa: E402
-from cxr_relink.callbacks.console import quiet_known_warnings  # noqa: E402
+from cxr_relink.configs.console import quiet_known_warnings  # noqa: E402
 from cxr_relink.audit import result as R  # noqa: E402
 from cxr_relink.audit.embeddings import EmbeddingSet, as_embeddings, check_ids, check_labels_array, reject_zero_rows  # noqa: E402
 from cxr_relink.audit.relinkage import Relinkage  # noqa: E402
@@ -360,8 +360,8 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
         meta["cohort"] = cohort
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
-    if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk (callbacks/adaptive.py)
-        from cxr_relink.callbacks.adaptive import adaptive_section
+    if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk (models/adaptive_attack.py)
+        from cxr_relink.models.adaptive_attack import adaptive_section
 
         from cxr_relink.callbacks.progress import heartbeat
 

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from cxr_relink.datamodules.reader_utils import _bomb_reason, grey_uint8
+from cxr_relink.datamodules.readers.common import _bomb_reason, grey_uint8
 from cxr_relink.datamodules.records import SPLITS, TEXT_FIELDS, Study
 from cxr_relink.datamodules.text import build_tokenizer
 

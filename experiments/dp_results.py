@@ -39,7 +39,10 @@ contribute none, so the bound is the group-privacy one (k = the most studies of 
 DP noise and Poisson batches are secret (OS entropy, models/dp/module.py): two runs of this command
 give different DP rows. Each run's ``dp_state()`` is saved in the JSON (guarantee_valid, noise_source...).
 
-Config-driven: the cohorts, batch size, bank, clipping norm, accountant... come from
+One training path: every stage-3 run is trained by train.py's ``train(cfg)`` on the config that
+``python train.py experiment=dp_alignment`` composes, with this run's loss mode, epsilon, unit and heads,
+and with that run's own audits, checkpoints, logger and validation off (this script audits each run
+itself, above). The cohorts, batch size, bank, clipping norm, accountant... come from
 `experiment=dp_alignment` (configs/experiment/dp_alignment.yaml); extra Hydra overrides can be
 passed after `--` (they apply to both protocols). Writes dp_results.md and dp_results.json into --out
 and prints the tables.
@@ -55,17 +58,16 @@ import time
 import warnings
 from pathlib import Path
 
-from cxr_relink.configs import ROOT  # also sets CXR_RELINK_ROOT
+from cxr_relink.configs import ROOT, compose  # also sets CXR_RELINK_ROOT
 
 warnings.filterwarnings("ignore")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
+import train as train_script  # noqa: E402
 from cxr_relink.audit.embeddings import EmbeddingSet  # noqa: E402
 from cxr_relink.audit.membership import embed_items, membership_test_from_features  # noqa: E402
 from cxr_relink.audit.probe import linear_probe  # noqa: E402
@@ -73,7 +75,9 @@ from cxr_relink.audit.relinkage import relinkage_audit  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from cxr_relink.models.dp import record  # noqa: E402
 from cxr_relink.models.dp.accounting import group_privacy  # noqa: E402
-from cxr_relink.models.dp.features import PRIVACY_UNITS, InMemoryFeatureDataModule, file_sha256, pool_units  # noqa: E402
+from cxr_relink.models.dp.features import pool_units  # noqa: E402
+from cxr_relink.models.dp.plan import PRIVACY_UNITS  # noqa: E402
+from cxr_relink.models.hashing import file_sha256  # noqa: E402
 from cxr_relink.models.dp.module import HEAD_INITS, DPAlignmentModule  # noqa: E402
 
 log = logging.getLogger("dp_results")
@@ -82,17 +86,21 @@ PROTOCOLS = {
     "paper": "stage 2 on the private cohort (paper protocol)",
     "valid": "stage 2 on the public cohort (end-to-end valid)",
 }
-STAGE2_PUBLIC_DIR = ROOT / "logs" / "dp_results" / "stage2_public"
+OUTPUT_DIR = ROOT / "logs" / "dp_results"
+STAGE2_PUBLIC_DIR = OUTPUT_DIR / "stage2_public"
+
+
+# Each stage-3 run trains through train.py (train.train) and nothing else: this script audits every run
+# itself (evaluate() and the membership test below), so the run's own audits, checkpoints, logger,
+# validation loop and progress lines are switched off.
+TRAIN_ONLY = ["callbacks=none", "logger=none", "final_audit=false", "progress_every_s=0", "trainer.limit_val_batches=0",
+              "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
 def compose_cfg(ckpt: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose("train.yaml", overrides=["experiment=dp_alignment", f"model.backbone_ckpt={ckpt}", *overrides])
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(ROOT / "logs" / "dp_results")
-    return cfg
+    """train.py's config of stage 3 (``experiment=dp_alignment``) on the stage-2 checkpoint ``ckpt``."""
+    return compose("train.yaml", ["experiment=dp_alignment", f"model.backbone_ckpt={ckpt}", f"paths.output_dir={OUTPUT_DIR}",
+                                  *overrides])
 
 
 def public_stage2_checkpoint(out_dir: Path, overrides: list[str]) -> tuple[str, str]:
@@ -102,19 +110,11 @@ def public_stage2_checkpoint(out_dir: Path, overrides: list[str]) -> tuple[str, 
     if ckpt.exists():
         print(f"valid protocol: reusing the public-cohort stage-2 checkpoint {ckpt} (delete it to retrain)", flush=True)
         return str(ckpt), f"reused {ckpt}"
-    import train as train_script
-
     ov = ["data=synthcxr_external", "logger=csv", "task_name=stage2_public", *overrides]
     print(f"valid protocol: no --public-ckpt; training stage 2 on the public cohort (python train.py {' '.join(ov)}) "
           f"-> {out_dir}", flush=True)
     t = time.time()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose("train.yaml", overrides=ov)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    train_script.train(cfg)
+    train_script.train(compose("train.yaml", [*ov, f"paths.output_dir={out_dir}"]))
     if not ckpt.exists():
         raise RuntimeError(f"stage-2 training finished without writing {ckpt}")
     print(f"valid protocol: stage 2 trained in {(time.time() - t) / 60:.1f} min -> {ckpt}", flush=True)
@@ -147,25 +147,39 @@ def evaluate(module, feats: dict, probe_train: dict, n_boot: int, seed: int = 0,
     return out
 
 
-def train_heads(ckpt: str, cfg, feats, public, mode: str, dp_enabled: bool, eps: float | None, epochs: int, seed: int,
-                privacy_unit: str, dp_extra: dict | None = None, batch_size: int | None = None, optimizer: dict | None = None):
-    """One stage-3 run on cached features, as `experiment=dp_alignment` runs it (seeded from the public
-    config seed; DP noise and batches stay secret unless ``dp_extra`` says otherwise). ``dp_extra`` may
-    set ``head_init`` (fresh | stage2); ``optimizer`` replaces the config's optimizer."""
-    L.seed_everything(seed, verbose=False)
-    m = cfg.model
-    loss = {**OmegaConf.to_container(m.loss), "mode": mode}
-    dp = {**OmegaConf.to_container(m.dp, resolve=True), "enabled": dp_enabled, **(dp_extra or {})}
+def run_cfg(ckpt: str, overrides: list[str], mode: str, dp_enabled: bool, eps: float | None, epochs: int,
+            privacy_unit: str, head_init: str, optimizer: dict | None = None):
+    """The config of one stage-3 run: ``experiment=dp_alignment`` with this run's loss mode, DP switch, epsilon,
+    epochs, unit and initial heads (``optimizer`` replaces the config's), trained only (TRAIN_ONLY)."""
+    ov = [*overrides, f"data.privacy_unit={privacy_unit}", f"model.loss.mode={mode}",
+          f"model.dp.enabled={str(bool(dp_enabled)).lower()}", f"model.dp.head_init={head_init}",
+          f"trainer.max_epochs={int(epochs)}", *TRAIN_ONLY]
     if eps is not None:
-        dp["target_epsilon"] = float(eps)
-    module = DPAlignmentModule(backbone_ckpt=ckpt, loss=loss, dp=dp,
-                               optimizer=optimizer or OmegaConf.to_container(m.optimizer))
-    if epochs > 0:
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-        dm = InMemoryFeatureDataModule(feats, public, batch_size=int(batch_size or cfg.data.batch_size), privacy_unit=privacy_unit)
-        trainer.fit(module, datamodule=dm)
-    return module
+        ov.append(f"model.dp.target_epsilon={float(eps)}")
+    cfg = compose_cfg(ckpt, ov)
+    if optimizer is not None:
+        with open_dict(cfg):
+            cfg.model.optimizer = OmegaConf.create(optimizer)
+    return cfg
+
+
+def train_heads(cfg) -> DPAlignmentModule:
+    """One stage-3 run, trained by ``train.train`` as ``python train.py experiment=dp_alignment`` trains it (seeded
+    from the public config seed; DP noise and batches secret). With 0 epochs there is nothing to train: the heads
+    the run would start from (``model.dp.head_init``), built from the same config."""
+    if int(cfg.trainer.max_epochs) == 0:
+        L.seed_everything(int(cfg.seed), verbose=False)
+        return instantiate(cfg.model)
+    # The run's datamodule reads the cohort and the cached features again and would repeat, once per run, what
+    # the protocol's own datamodule already reported (e.g. report texts shared with the public cohort).
+    dm_log = logging.getLogger("cxr_relink.datamodules.features")
+    level = dm_log.level
+    dm_log.setLevel(logging.ERROR)
+    try:
+        _, objects = train_script.train(cfg)
+    finally:
+        dm_log.setLevel(level)
+    return objects["model"]
 
 
 def dp_record(module) -> dict:
@@ -222,7 +236,7 @@ def run_protocol(protocol: str, ckpt: str, unit: str, args, overrides: list[str]
         t = time.time()
         # "before DP" is the stage-2 heads themselves; the other runs start from --head-init (default: the config's).
         init = "stage2" if kind == "before" else (args.head_init or str(cfg.model.dp.head_init))
-        module = train_heads(ckpt, cfg, feats, public, mode, dp_on, eps, epochs, int(cfg.seed), unit, {"head_init": init})
+        module = train_heads(run_cfg(ckpt, overrides, mode, dp_on, eps, epochs, unit, init))
         spent = module.epsilon_spent() if dp_on else None
         valid = bool(module.guarantee_valid) if dp_on else None
         d = module.delta if module.delta is not None else (float(cfg_delta) if cfg_delta is not None else 1.0 / (10 * n_units))
@@ -305,7 +319,7 @@ def optim_sweep(args) -> None:
     cfg = compose_cfg(args.ckpt, args.overrides)
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    feats, public = dm.features, dm.public
+    feats = dm.features
     if "public" not in feats:
         raise ValueError("the optimizer sweep fits the probe on the public cohort: data.public_reader must be set")
     unit = args.privacy_unit or str(cfg.data.privacy_unit)
@@ -327,8 +341,8 @@ def optim_sweep(args) -> None:
         if key in done:
             return done[key]
         t = time.time()
-        module = train_heads(args.ckpt, cfg, feats, public, mode, dp_on, args.sweep_eps if dp_on else None, epochs,
-                             int(cfg.seed), unit, {"head_init": head_init}, optimizer=optimizer_cfg(opt, lr))
+        module = train_heads(run_cfg(args.ckpt, args.overrides, mode, dp_on, args.sweep_eps if dp_on else None, epochs,
+                                     unit, head_init, optimizer=optimizer_cfg(opt, lr)))
         row = {"key": key, "optimizer": opt, "lr": lr, "dp": dp_on, "head_init": head_init, "epochs": epochs,
                "epsilon_spent": module.epsilon_spent() if dp_on else None, "sigma": module.noise_multiplier,
                "val": evaluate(module, feats, feats["public"], 0, split="val", ns=(100,), hardneg=False),
@@ -422,7 +436,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="optimizer sweep: DP runs per setting (secret noise: they differ)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "logs" / "dp_results"))
+    ap.add_argument("--out", default=str(OUTPUT_DIR))
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -123,7 +123,7 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    from cxr_relink.datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic.cohort import SyntheticReader
 
     cache = ROOT / ".cache"
     studies = SyntheticReader(num_patients=args.num_patients, seed=1234 + args.seed, image_size=32, cache_dir=str(cache)).load()

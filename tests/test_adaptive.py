@@ -1,4 +1,4 @@
-"""The adaptive attacker (audit/adaptive.py, callbacks/adaptive.py): ridge against scikit-learn and brute-force
+"""The adaptive attacker (audit/adaptive.py, models/adaptive_attack.py): ridge against scikit-learn and brute-force
 leave-one-out refits, Procrustes against SciPy, a planted signal that released random heads hide and the
 attacks recover, no signal staying at chance, the auxiliary set's disjointness, and evaluate.py
 audit=adaptive end to end (its baseline row equal to the standard audit's, computed by another path)."""

@@ -18,7 +18,8 @@ from opacus.validators import ModuleValidator
 
 from cxr_relink.audit.membership import member_nonmember_linkage
 from cxr_relink.models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp, noise_multiplier_for, rdp_sampled_gaussian
-from cxr_relink.models.dp.features import InMemoryFeatureDataModule, pool_units, select_studies, stable_keys
+from cxr_relink.datamodules.features import InMemoryFeatureDataModule
+from cxr_relink.models.dp.features import pool_units, select_studies, stable_keys
 from cxr_relink.models.dp.losses import group_assignment
 from cxr_relink.models.dp.module import DPAlignmentModule, _Heads
 

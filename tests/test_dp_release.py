@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cxr_relink.audit.result import privacy_lines
-from cxr_relink.models.dp.features import InMemoryFeatureDataModule, select_studies
+from cxr_relink.datamodules.features import InMemoryFeatureDataModule
+from cxr_relink.models.dp.features import select_studies
 from cxr_relink.models.dp.module import DPAlignmentModule
 from tests.test_dp import D, synthetic_features
 
@@ -163,7 +164,7 @@ def test_public_report_overlap_count_reads_no_train_split(caplog) -> None:
     """The console line counting report texts shared with the public cohort is computed over the private
     val/test splits only: a text shared only with a train (DP unit) study is not counted."""
     from cxr_relink.datamodules.records import Study
-    from cxr_relink.models.dp.features import FeatureDataModule
+    from cxr_relink.datamodules.features import FeatureDataModule
 
     def study(sid, pid, text, split):
         return Study(study_id=sid, patient_id=pid, images=[], report=text, findings="", impression=text,

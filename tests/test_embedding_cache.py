@@ -182,12 +182,12 @@ def test_cohort_rows_see_a_swapped_report_and_an_image_file_replaced_in_place(tm
 
 
 def test_the_key_covers_the_readers_the_section_parser_and_package_versions(tmp_path, model, cohort, enc, monkeypatch):
-    for f in ("datamodules/reader_utils.py", "datamodules/report_sections.py", "datamodules/mimic_cxr.py",
+    for f in ("datamodules/readers/common.py", "datamodules/readers/report_sections.py", "datamodules/readers/mimic_cxr.py",
               "models/external.py", "audit/embeddings.py"):
         (tmp_path / "src" / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / f).write_text("x = 1\n")
     before = EC.code_hash(root=tmp_path / "src")
-    for f in ("datamodules/reader_utils.py", "datamodules/report_sections.py"):
+    for f in ("datamodules/readers/common.py", "datamodules/readers/report_sections.py"):
         (tmp_path / "src" / f).write_text("x = 2\n")
         assert EC.code_hash(root=tmp_path / "src") != before
         before = EC.code_hash(root=tmp_path / "src")

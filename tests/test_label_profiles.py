@@ -2,7 +2,7 @@
 reports that say what the labels say.
 
 Targets: CheXpert train labeler output (aggregate statistics in shared/data/label_stats/, copied
-into datamodules/synthetic_sampling.py) for `chexpert`; MIMIC-CXR-JPG label frequencies for
+into datamodules/synthetic/sampling.py) for `chexpert`; MIMIC-CXR-JPG label frequencies for
 `mimic` (see docs/cohorts.md, "Label profiles", for the source and its caveat). Label sampling
 runs standalone (no images), so 43,793 studies -- the size of the shared distinct-vector figure
 -- take well under a second.
@@ -17,10 +17,10 @@ import re
 import numpy as np
 import pytest
 
-from cxr_relink.datamodules import synthetic_reports as rep
-from cxr_relink.datamodules import synthetic_sampling as S
+from cxr_relink.datamodules.synthetic import reports as rep
+from cxr_relink.datamodules.synthetic import sampling as S
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
-from cxr_relink.datamodules.synthetic import GENERATOR_VERSION, SyntheticReader
+from cxr_relink.datamodules.synthetic.cohort import GENERATOR_VERSION, SyntheticReader
 
 N = 43_793  # the study count of the shared distinct-vector figure
 # The pairs the issue names: deterministic in the legacy cohort, not in real labeler output.

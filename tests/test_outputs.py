@@ -16,7 +16,7 @@ import torch
 from cxr_relink.audit import result as R
 from cxr_relink.audit.embeddings import EmbeddingSet
 from cxr_relink.audit.relinkage import relinkage_audit
-from cxr_relink.callbacks.console import quiet_known_warnings
+from cxr_relink.configs.console import quiet_known_warnings
 from cxr_relink.callbacks.run_dir import check_run_dir
 from tests.conftest import ROOT
 

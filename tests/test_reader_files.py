@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from cxr_relink.datamodules.datamodule import load_image
-from cxr_relink.datamodules.mimic_cxr import MimicCXRReader
-from cxr_relink.datamodules.reader_utils import DataError, verify_image
-from cxr_relink.datamodules.report_sections import parse_report
+from cxr_relink.datamodules.readers.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.readers.common import DataError, verify_image
+from cxr_relink.datamodules.readers.report_sections import parse_report
 from tests.test_readers import by_id, make_mimic
 
 BOM = "\ufeff"

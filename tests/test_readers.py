@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_relink.datamodules.chexpert_plus import CheXpertPlusReader
-from cxr_relink.datamodules.mimic_cxr import MimicCXRReader
-from cxr_relink.datamodules.openi import OpenIReader, _xml_sources, parse_ecgen_xml
-from cxr_relink.datamodules.reader_utils import DataError, apply_uncertainty, cap_studies_per_patient, hash_split
+from cxr_relink.datamodules.readers.chexpert_plus import CheXpertPlusReader
+from cxr_relink.datamodules.readers.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.readers.openi import OpenIReader, _xml_sources, parse_ecgen_xml
+from cxr_relink.datamodules.readers.common import DataError, apply_uncertainty, cap_studies_per_patient, hash_split
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
-from cxr_relink.datamodules.report_sections import normalize_header, parse_report, section_text
+from cxr_relink.datamodules.readers.report_sections import normalize_header, parse_report, section_text
 
 OPENI_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "openi" / "NLMCXR_reports.tgz"
 SECRET = "Zanzibarite"  # a token planted in report text: it must never appear in errors or logs
@@ -832,7 +832,7 @@ def test_deid_marks_only_and_heading_only_reports_are_empty(tmp_path, caplog):
 
 
 def test_chexpert_plus_report_longer_than_csv_default_field_limit(tmp_path, monkeypatch):
-    import cxr_relink.datamodules.reader_utils as ru
+    import cxr_relink.datamodules.readers.common as ru
 
     root = make_chexpert_plus(tmp_path)
     csv_path = root / "df_chexpert_plus_240401.csv"
@@ -890,7 +890,7 @@ def test_16_bit_png_reads_like_its_8_bit_equivalent(tmp_path):
     from PIL import PngImagePlugin
 
     from cxr_relink.datamodules.datamodule import load_image
-    from cxr_relink.datamodules.reader_utils import grey_uint8, verify_image
+    from cxr_relink.datamodules.readers.common import grey_uint8, verify_image
 
     a8 = np.random.default_rng(0).integers(30, 200, (12, 12), dtype=np.uint8)  # not spanning 0..255
     Image.fromarray(a8).save(tmp_path / "a8.png")

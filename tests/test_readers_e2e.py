@@ -17,8 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONFIG_DIR, ROOT
 
-from cxr_relink.datamodules.exporters import export
-from cxr_relink.datamodules.synthetic import SyntheticReader
+from cxr_relink.datamodules.readers.exporters import export
+from cxr_relink.datamodules.synthetic.cohort import SyntheticReader
 
 MISSING = [name for name in ("train.py", "evaluate.py", "configs/train.yaml", "configs/evaluate.yaml")
            if not (ROOT / name).is_file()]

@@ -114,7 +114,7 @@ def test_green_is_matched_over_matched_plus_significant_errors():
 
 
 def test_every_synthetic_report_matches_itself_and_its_one_error_variant_differs(cache_dir):
-    from cxr_relink.datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic.cohort import SyntheticReader
 
     studies = SyntheticReader(num_patients=30, seed=3, image_size=32, cache_dir=cache_dir).load()
     truths = ReportSet.from_studies(studies).truths
@@ -275,7 +275,7 @@ def test_cohort_without_structured_truth_skips_green_exact():
 # ---- wiring --------------------------------------------------------------------------------------------
 def test_evaluate_from_an_embeddings_file_with_report_ids(tmp_path, cache_dir):
     from cxr_relink.configs import compose
-    from cxr_relink.datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic.cohort import SyntheticReader
     from cxr_relink.evaluation import evaluate
 
     data_over = ["data.reader.num_patients=40", "data.image_size=32", f"data.reader.cache_dir={cache_dir}"]
@@ -333,7 +333,7 @@ def test_validation_callback_and_evaluate_from_a_checkpoint(compose_train, tmp_p
 
 def test_baselines_are_exact_expectations(cache_dir):
     from cxr_relink.audit.report_quality import expected_green
-    from cxr_relink.datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic.cohort import SyntheticReader
 
     studies = SyntheticReader(num_patients=30, seed=3, image_size=32, cache_dir=cache_dir).load()
     rs = ReportSet.from_studies(studies)

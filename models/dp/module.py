@@ -61,7 +61,7 @@ from cxr_relink.models.contract import LoadedState
 from cxr_relink.models.dp import record
 from cxr_relink.models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs, load_accountant_state
 from cxr_relink.models.dp.plan import DataFacts, DPPlan, make_plan, settings
-from cxr_relink.models.dp.features import file_sha256
+from cxr_relink.models.hashing import file_sha256
 from cxr_relink.models.dp.losses import (
     LOSS_MODES,
     SENSITIVITY_FACTOR,
@@ -386,7 +386,7 @@ class DPAlignmentModule(LoadedState, L.LightningModule):  # an embedding model (
     def _datamodule(self):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "set_train_loader"):
-            raise ValueError("DPAlignmentModule trains on cached features: use models.dp.features.FeatureDataModule (experiment=dp_alignment)")
+            raise ValueError("DPAlignmentModule trains on cached features: use datamodules.features.FeatureDataModule (experiment=dp_alignment)")
         return dm
 
     def configure_optimizers(self):

@@ -83,12 +83,10 @@ class DataFacts:
 
     @classmethod
     def of(cls, dm) -> DataFacts:
-        """The facts of a feature datamodule (models.dp.features)."""
-        n = int(dm.n_train_units)
-        return cls(n_units=n, batch_size=int(getattr(dm, "batch_size", 0) or n),
-                   privacy_unit=str(getattr(dm, "privacy_unit", "study")),
-                   max_studies_cap=getattr(dm, "max_studies_per_patient", None),
-                   observed_max_studies=getattr(dm, "train_max_studies_per_patient", None))
+        """The facts of a feature datamodule (datamodules/features.py): read, never defaulted, so a datamodule
+        that lacks one is an AttributeError rather than a plan for the wrong unit."""
+        return cls(n_units=int(dm.n_train_units), batch_size=int(dm.batch_size), privacy_unit=str(dm.privacy_unit),
+                   max_studies_cap=dm.max_studies_per_patient, observed_max_studies=dm.train_max_studies_per_patient)
 
 
 @dataclass(frozen=True)

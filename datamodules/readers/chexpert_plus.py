@@ -13,7 +13,7 @@ A study is the directory of its images (train/patient00001/study1). The label fi
 CheXpert Plus has no test split: use split_policy=hash for patient-level splits, or
 split_policy=test to evaluate on the whole cohort as an external test set.
 Reports may exceed csv's default field limit (131,072 characters); the reader raises it
-(reader_utils.CSV_FIELD_LIMIT). The CSV next to a `.gz` copy of itself is refused (they may differ).
+(common.CSV_FIELD_LIMIT). The CSV next to a `.gz` copy of itself is refused (they may differ).
 A label file none of whose path_to_image keys is in the CSV is refused; partial matches are counted.
 Rows of one study must agree: its images' labels (where the label file has them), split and
 deid_patient_id; a patient directory must carry one id (a blank id reads as the directory name).
@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cxr_relink.datamodules.reader_utils import (
+from cxr_relink.datamodules.readers.common import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -46,7 +46,7 @@ from cxr_relink.datamodules.reader_utils import (
     read_csv_rows,
 )
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from cxr_relink.datamodules.report_sections import parse_report, section_text
+from cxr_relink.datamodules.readers.report_sections import parse_report, section_text
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,8 @@ projection, ICU state, cardiothoracic ratio, drawn-but-unmentioned incidentals),
 "acquisition" (per view), "patient_traits", "variants" [{"style", "kind", "text"}] and
 "error_variants" [{"error", "text", "labels", "changed"}].
 
-Layout: the parameters (CohortParams, GENERATOR_VERSION) in synthetic_params.py, sampling in
-synthetic_sampling.py, report writing in synthetic_reports.py, rendering
-in synthetic_render.py. Readers never print report text or images.
+Layout (this package, datamodules/synthetic/): the parameters (CohortParams, GENERATOR_VERSION) in
+params.py, sampling in sampling.py, report writing in reports.py, rendering in render.py. Readers never print report text or images.
 """
 
 from __future__ import annotations
@@ -50,9 +49,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, SPLITS, Study
-from cxr_relink.datamodules import synthetic_reports as rep
-from cxr_relink.datamodules.synthetic_params import GENERATOR_VERSION, CohortParams
-from cxr_relink.datamodules.synthetic_sampling import (
+from cxr_relink.datamodules.synthetic import reports as rep
+from cxr_relink.datamodules.synthetic.params import GENERATOR_VERSION, CohortParams
+from cxr_relink.datamodules.synthetic.sampling import (
     LABEL_PROFILES,
     labels_json,
     make_error_variants,
@@ -60,7 +59,7 @@ from cxr_relink.datamodules.synthetic_sampling import (
     public_items,
     sample_patient,
 )
-from cxr_relink.datamodules.synthetic_render import (
+from cxr_relink.datamodules.synthetic.render import (
     Geometry,
     draw_study,
     draw_study_lateral,
@@ -98,7 +97,7 @@ def _check_num(name: str, v: Any, lo: float, hi: float, integer: bool = False) -
 
 
 class SyntheticReader:
-    """Reader for the synthetic cohort (Hydra: ``_target_: cxr_relink.datamodules.synthetic.SyntheticReader``).
+    """Reader for the synthetic cohort (Hydra: ``_target_: cxr_relink.datamodules.synthetic.cohort.SyntheticReader``).
 
     Args:
         num_patients: patients to generate (each has 1-6 studies, ~2.6 on average: 1,200 -> 3,086).

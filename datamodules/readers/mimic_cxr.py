@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cxr_relink.datamodules.reader_utils import (
+from cxr_relink.datamodules.readers.common import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -42,7 +42,7 @@ from cxr_relink.datamodules.reader_utils import (
     read_csv_rows,
 )
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from cxr_relink.datamodules.report_sections import parse_report
+from cxr_relink.datamodules.readers.report_sections import parse_report
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Report writing for the synthetic cohort (private helper of datamodules/synthetic.py).
+"""Report writing for the synthetic cohort (private helper of datamodules/synthetic/cohort.py).
 
 A study's structured findings (a list of *items*, plus explicitly negated labels) are written
 out in one of three institutional styles:

@@ -1,5 +1,5 @@
 """Patient, study and report-variant sampling for the synthetic cohort (private helper of
-datamodules/synthetic.py).
+datamodules/synthetic/cohort.py).
 
 A small latent-state model rather than independent coin flips: each patient has a stable
 anatomy, persistent chronic/incidental items, a heart-failure propensity and an ICU propensity;
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from cxr_relink.datamodules import synthetic_reports as rep
+from cxr_relink.datamodules.synthetic import reports as rep
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
 
 if TYPE_CHECKING:
-    from cxr_relink.datamodules.synthetic_params import CohortParams
-    from cxr_relink.datamodules.synthetic_render import Geometry
+    from cxr_relink.datamodules.synthetic.params import CohortParams
+    from cxr_relink.datamodules.synthetic.render import Geometry
 
 # Studies per patient 1..6 (a long tail, as in MIMIC-CXR).
 STUDY_COUNT_P = np.array([0.34, 0.22, 0.16, 0.12, 0.09, 0.07])
@@ -328,9 +328,7 @@ def sample_study(rng, pt: dict, chronic: list[dict], icu: bool, chf_logit: float
                 "certainty": "present",
             }
         )
-    items = rep.sort_items(items)
-    for i, it in enumerate(items):
-        it["_slot"] = i
+    items = _in_report_order(items)
     # Explicit negations of absent observations (CheXpert: negated -> 0, unmentioned -> blank).
     lab = rep.labels_for(items, [], False)
     kinds = {it["kind"] for it in items}
@@ -359,6 +357,21 @@ def sample_study(rng, pt: dict, chronic: list[dict], icu: bool, chf_logit: float
         negated.append(name)
     lab = rep.labels_for(items, negated, False)
     normal = not any(v in (1.0, -1.0) for v in lab[1:])
+    return _study(rng, pt, icu, P, items, unmentioned, negated, normal, ctr)
+
+
+def _in_report_order(items: list[dict]) -> list[dict]:
+    """The items in the order the report states them, each with its slot (its place in that order)."""
+    items = rep.sort_items(items)
+    for i, it in enumerate(items):
+        it["_slot"] = i
+    return items
+
+
+def _study(rng, pt: dict, icu: bool, P: CohortParams, items: list[dict], unmentioned: list[dict], negated: list[str],
+           normal: bool, ctr: float, **extra: Any) -> dict:
+    """The ending both study samplers share: the acquisition (drawn last, after the findings) and the study's
+    attributes. ``extra`` keys follow the common ones (the profile sampler's ``hierarchy``)."""
     projection, views, technique = _acquisition(rng, pt, icu, P)
     return {
         "technique": technique,
@@ -370,6 +383,7 @@ def sample_study(rng, pt: dict, chronic: list[dict], icu: bool, chf_logit: float
         "ctr": round(ctr, 4),
         "projection": projection,
         "views": views,
+        **extra,
     }
 
 
@@ -771,28 +785,14 @@ def sample_study_profile(rng, pt: dict, chronic: list[dict], P: CohortParams) ->
             items.append(d)
     elif val("Support Devices") == -1.0:
         items.append(_device(rng, "picc", "uncertain"))
-    items = rep.sort_items(items)
-    for i, it in enumerate(items):
-        it["_slot"] = i
+    items = _in_report_order(items)
     negated = [name for name in _OBS if val(name) == 0.0]
     normal = val("No Finding") == 1.0
     # The stated items and negations must read back as exactly the sampled labels.
     got = rep.labels_for(items, negated, normal, hierarchy=False)
     assert np.array_equal(np.nan_to_num(got, nan=9.0), np.nan_to_num(lab, nan=9.0)), (got, lab)
     icu = any(it["kind"] in ("ett", "ng", "cvc") for it in items)
-    projection, views, technique = _acquisition(rng, pt, icu, P)
-    return {
-        "technique": technique,
-        "items": items,
-        "unmentioned": unmentioned,
-        "negated": negated,
-        "normal": normal,
-        "icu": icu,
-        "ctr": round(ctr, 4),
-        "projection": projection,
-        "views": views,
-        "hierarchy": False,
-    }
+    return _study(rng, pt, icu, P, items, unmentioned, negated, normal, ctr, hierarchy=False)
 
 
 # ============================================================================ variants

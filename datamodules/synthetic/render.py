@@ -1,4 +1,4 @@
-"""Radiograph-like rendering for the synthetic cohort (private helper of datamodules/synthetic.py).
+"""Radiograph-like rendering for the synthetic cohort (private helper of datamodules/synthetic/cohort.py).
 
 Coordinates are normalised: x, y in [-1, 1], x to the image right (= the patient's left,
 radiological convention), y downwards. Densities are in [0, 1] (1 = bone/metal white).

@@ -43,7 +43,7 @@ from typing import IO, Iterator, Sequence
 
 import numpy as np
 
-from cxr_relink.datamodules.reader_utils import (
+from cxr_relink.datamodules.readers.common import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -57,7 +57,7 @@ from cxr_relink.datamodules.reader_utils import (
     read_csv_rows,
 )
 from cxr_relink.datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from cxr_relink.datamodules.report_sections import DEID_MARK, parse_report, section_text
+from cxr_relink.datamodules.readers.report_sections import DEID_MARK, parse_report, section_text
 
 log = logging.getLogger(__name__)
 

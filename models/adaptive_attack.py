@@ -1,6 +1,7 @@
-"""evaluate.py's glue for the adaptive attacker (audit/adaptive.py): the released model's frozen trunk
-features and released embeddings of the audited split and of the attacker's auxiliary studies, then
-the attacks, each audited with the run's re-linkage settings.
+"""The adaptive attacker (audit/adaptive.py) run on a model, for evaluate.py's ``audit=adaptive``: the released
+model's frozen trunk features and released embeddings of the audited split and of the attacker's auxiliary
+studies, then the attacks, each audited with the run's re-linkage settings (``adaptive_section``). Lives with
+the models because what it needs is the model's side: the audit library itself imports no model.
 
 What the attacker sees of each kind of model:
 * a cxr-relink dual tower (stage 2): ``image_features`` / ``text_features`` (the towers' outputs) and

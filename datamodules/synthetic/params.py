@@ -1,6 +1,6 @@
-"""The synthetic cohort's parameters (datamodules/synthetic.py): every parameter that changes the
+"""The synthetic cohort's parameters (datamodules/synthetic/cohort.py): every parameter that changes the
 generated files and the generator version, hashed together into the cohort's cache key. Its own module
-so that the sampler (synthetic_sampling.py) and the generator (synthetic.py) both import it, neither the
+so that the sampler (sampling.py) and the generator (cohort.py) both import it, neither the
 other."""
 
 from __future__ import annotations
