@@ -63,6 +63,20 @@ def _pick_n(relinkage: dict[str, Any], k: int, n: int | str) -> str:
     return str(n) if _r_at(relinkage, k, str(n)) is not None else "full"
 
 
+def capability_only(relinkage: dict[str, Any], k: int = 1, n: int | str = 100,
+                    not_computed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``risk`` section when only embeddings are at hand (no trunk, no training split): capability from an
+    existing re-linkage result (its image -> report R@k at N = n, else full), and ``not_computed`` {number: why}
+    for the other two."""
+    nn = _pick_n(relinkage, k, n)
+    cap = _r_at(relinkage, k, nn)
+    if cap is None:
+        raise ValueError(f"capability needs image -> report R@{k} in the re-linkage result")
+    return {"k": int(k), "n": nn, "capability": {"value": cap["value"], "ci": cap.get("ci"), "chance": cap["chance"],
+                                                 "x_chance": cap["x_chance"], "n_value": cap["n_value"]},
+            "not_computed": dict(not_computed or {})}
+
+
 def per_query_hits(image: torch.Tensor, report: torch.Tensor, item_study: torch.Tensor) -> torch.Tensor:
     """Per image item: 1 if its own study's report has the highest cosine among the given reports (ties
     pessimistic), else 0: Recall@1 against a pool of exactly these reports."""
