@@ -4,19 +4,35 @@
   report Recall@1 at N, with its patient-bootstrap CI): what any model good at the task does;
 * **release-attributable**: per auxiliary draw, the best attack *with* the release (the baseline cosine and
   audit.adaptive's attacks on the released model's features) minus the best attack *without* it on the
-  same auxiliary pairs, over ``n_draws`` seeded draws: what releasing adds. The no-release attackers
-  here need no training of a model: ``pool_centring`` (release-free features centred on the audited pool,
-  linked through the k aux pairs: image i and report t are scored by sum_j cos(x_i, x_j) cos(y_t, y_j)
-  over the aux pairs j) and ``ridge`` (audit.adaptive's ridge on the release-free features). The caller
-  supplies the release-free features (e.g. downsampled pixels and report bag-of-words; a trunk trained on
-  public data only, where one exists);
+  same auxiliary pairs, over ``n_draws`` seeded draws: what releasing adds. The no-release attackers run on
+  release-free features the caller supplies, by source (evaluate.py: ``raw`` pooled pixels + hashed report
+  bag-of-words; ``public`` a trunk trained on public data only): ``pool_centring`` (features centred on the
+  audited pool, linked through the k aux pairs: image i and report t are scored by
+  sum_j cos(x_i, x_j) cos(y_t, y_j) over the aux pairs j), ``ridge`` and ``head`` (audit.adaptive's ridge and
+  fresh linear heads trained from scratch on the aux pairs, same budget as the with-release head), and for a
+  source with its own released space ``cosine`` and ``procrustes``;
 * **memorisation**: the same attacks scored on the model's training patients (members) vs
-  distribution-matched held-out patients (non-members), equal pool sizes with each pool drawn within its
-  group, the difference of image -> report R@1 (each query against its own group's pool) with a
-  two-sample patient bootstrap CI. What DP bounds.
+  distribution-matched held-out patients (non-members): equal, label-matched pools drawn within each group,
+  the difference of image -> report R@1 (each query against its own group's pool) with a two-sample patient
+  bootstrap CI and a one-sided lower bound; and the pair-level membership test (audit.membership): the cosine
+  of each true pair, calibrated by reference models trained without it, AUC and TPR at 1% / 0.1% FPR. What DP
+  bounds.
 
 Every best is a maximum over attacks selected on the audited split (optimistic for the attacker on both
 sides of the difference). No Lightning: arrays in, a JSON-able dict out.
+
+API (callers outside evaluate.py, e.g. a privacy-utility frontier, call these on arrays):
+  risk_audit(target, aux, relink, *, members=None, nonmembers=None, no_release_sources=None,
+             member_references=(), nonmember_references=(), n_aux=100, n_draws=5, attacks=("ridge",
+             "procrustes", "head"), no_release=NO_RELEASE, k=1, n=100, seed=0, head=None, ridge=None, pool=None,
+             n_boot=1000, label_match=True, label_mapping="positive_only", fprs=(0.01, 0.001)) -> dict
+    target, aux, members, nonmembers, references: audit.adaptive.PairedFeatures (torch / numpy arrays);
+    relink: EmbeddingSet -> re-linkage dict, e.g. audit.relinkage.Relinkage(ks=[1], ns=[100, "full"],
+    directions=["i2t"], hardneg=False).audit. Returns {"capability", "release_attributable"?, "memorisation"?}.
+  memorisation(members, nonmembers, embeds, pool=None, n_boot=1000, seed=0, label_match=True) -> dict
+  audit.membership.pair_membership_test(member_score, nonmember_score, member_patient, nonmember_patient,
+             member_reference=None, nonmember_reference=None, fprs=(0.01, 0.001), n_boot=1000, seed=0) -> dict
+  capability_only(relinkage, k=1, n=100, not_computed=None) -> dict   (an embeddings file: no trunk)
 """
 
 from __future__ import annotations
@@ -254,6 +270,9 @@ def risk_audit(target: PairedFeatures, aux: PairedFeatures, relink: Callable[[Em
             "with_mean": float(np.mean([x["with"] for x in draws])),
             "without_mean": float(np.mean([x["without"] for x in draws])), "draws": draws,
             "no_release_sources": {s: list(a) for s, (_, _, a) in sources.items()},
+            # Every draw of the whole pool is the same pairs: one draw, and no spread over draws, said so.
+            "one_draw_why": (f"n_aux {int(n_aux)} covers the whole aux pool ({aux.n_studies} studies): every draw "
+                             "would be the same pairs" if draws_here < int(n_draws) else None),
             "no_release_attackers": sorted({a for x in draws for a in x["attacks"]["without"]}),
             "release_attackers": [BASELINE, *attacks],
             "note": ("per draw: the best attack with the release minus the best without it on the same aux pairs, "
