@@ -125,6 +125,8 @@ def risk_lines(sec: dict[str, Any]) -> list[str]:
         lines.append("")
         srcs = "; ".join(f"{s} ({', '.join(a)})" for s, a in ra["no_release_sources"].items())
         lines.append(f"- no-release sources: {srcs}")
+        if ra.get("one_draw_why"):
+            lines.append(f"- one draw only: {ra['one_draw_why']}")
         for s, what in (sec.get("no_release_info") or {}).items():
             lines.append(f"- {s}: {what if isinstance(what, str) else what.get('trunk', what)}")
     if mem:
