@@ -161,16 +161,15 @@ def label_matched_pools(labels_a: np.ndarray | None, labels_b: np.ndarray | None
     so two groups whose label mixes differ would differ in R@1 or in pair cosines without any memorisation,
     and a membership test would read the label shift as membership. Per pattern p at most
     min(#a_p, #b_p) studies can be matched; ``m`` (None: all of them) slots are drawn uniformly among those,
-    then that many studies of p within each group. Without labels (either None): plain equal-size draws, said
-    in the returned info."""
-    na, nb = len(labels_a) if labels_a is not None else None, len(labels_b) if labels_b is not None else None
+    then that many studies of p within each group. Without labels on either side: (None, None, info), and
+    ``equal_pools`` falls back to uniform equal-size draws (said in its info)."""
     from audit.labels import has_labels, label_groups
 
     if labels_a is None or labels_b is None or not (has_labels(labels_a) and has_labels(labels_b)):
         return None, None, {"label_matched": False}
     g = label_groups(np.concatenate([np.asarray(labels_a, np.float32), np.asarray(labels_b, np.float32)]),
                      mapping).numpy()
-    ga, gb = g[:na], g[na:]
+    ga, gb = g[: len(labels_a)], g[len(labels_a):]
     slots = []
     for p in np.unique(ga):
         k = min(int((ga == p).sum()), int((gb == p).sum()))

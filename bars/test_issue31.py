@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from audit.adaptive import fit_attack
-from audit.membership import pair_membership_test, true_pair_cosines
+from audit.membership import pair_membership_test
 from audit.risk import risk_audit
 from tests.conftest import one_thread  # noqa: F401  (the fixture)
 from tests.test_risk import HEAD, _cohort, _memorising, _relink
