@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.counting import apply_ties, rank_counts
-from audit.embeddings import l2_normalize
-from audit.recall import expected_recall
-from audit.stats import bootstrap_patient_means, percentile_ci
+from cxr_relink.audit.counting import apply_ties, rank_counts
+from cxr_relink.audit.embeddings import l2_normalize
+from cxr_relink.audit.recall import expected_recall
+from cxr_relink.audit.stats import bootstrap_patient_means, percentile_ci
 
 
 def _counts_vs_pool(query: torch.Tensor, target: torch.Tensor, pool: torch.Tensor, ties: str, chunk: int = 256) -> torch.Tensor:
@@ -163,7 +163,7 @@ def label_matched_pools(labels_a: np.ndarray | None, labels_b: np.ndarray | None
     min(#a_p, #b_p) studies can be matched; ``m`` (None: all of them) slots are drawn uniformly among those,
     then that many studies of p within each group. Without labels on either side: (None, None, info), and
     ``equal_pools`` falls back to uniform equal-size draws (said in its info)."""
-    from audit.labels import has_labels, label_groups
+    from cxr_relink.audit.labels import has_labels, label_groups
 
     if labels_a is None or labels_b is None or not (has_labels(labels_a) and has_labels(labels_b)):
         return None, None, {"label_matched": False}

@@ -240,7 +240,7 @@ def scalars(res: dict[str, Any]) -> dict[str, float]:
     for b in (res.get("adaptive") or {}).get("best", []):  # the best attack per aux source and size
         out[f"adaptive/best/{b['aux']}@{b['n_aux_requested']}/{b['key']}/R@{b['k']}/N={b['n']}"] = b["value"]
     if res.get("risk"):
-        from audit.risk_report import risk_scalars
+        from cxr_relink.audit.risk_report import risk_scalars
 
         out.update(risk_scalars(res["risk"]))
     return {k: float(v) for k, v in out.items() if v is not None}
@@ -318,7 +318,7 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
         bits.append(f"adaptive attacker (best of {', '.join(res['adaptive']['attacks'])}; {ab['aux']} aux, "
                     f"{ab['n_aux']} studies): {_fmt(ab['value'])}% = {_fmt(ab['x_chance'], False)}× chance by {ab['attack']}")
     if res.get("risk"):
-        from audit.risk_report import risk_headline
+        from cxr_relink.audit.risk_report import risk_headline
 
         bits += risk_headline(res["risk"])
     for name, why in (meta.get("skipped") or {}).items():
@@ -433,7 +433,7 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
     if res.get("adaptive"):
         lines += ["", *adaptive_lines(res["adaptive"])]
     if res.get("risk"):
-        from audit.risk_report import risk_lines
+        from cxr_relink.audit.risk_report import risk_lines
 
         lines += ["", *risk_lines(res["risk"])]
     if res.get("privacy"):

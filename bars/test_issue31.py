@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from audit.adaptive import fit_attack
-from audit.membership import pair_membership_test
-from audit.risk import risk_audit
+from cxr_relink.audit.adaptive import fit_attack
+from cxr_relink.audit.membership import pair_membership_test
+from cxr_relink.audit.risk import risk_audit
 from tests.conftest import one_thread  # noqa: F401  (the fixture)
 from tests.test_risk import HEAD, _cohort, _memorising, _relink
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_an_audit_config_for_the_three_numbers_exists():
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose("evaluate.yaml", ["audit=risk", "ckpt_path=x.ckpt"])
     r = cfg.audit.risk

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from audit.adaptive import PairedFeatures
-from audit.relinkage import Relinkage
-from audit.risk import NO_RELEASE, risk_audit
+from cxr_relink.audit.adaptive import PairedFeatures
+from cxr_relink.audit.relinkage import Relinkage
+from cxr_relink.audit.risk import NO_RELEASE, risk_audit
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def split_by_patient(feats: PairedFeatures, fraction: float, seed: int) -> tuple
 
 def risk_section(cfg: DictConfig, module: Any, dm, make_datamodule: Callable) -> dict[str, Any]:
     """The ``risk`` section of audit.json for the module evaluate.py audits on ``dm`` (split ``cfg.split``)."""
-    from callbacks.adaptive import model_trunk, paired_features
-    from configs import audit_settings
+    from cxr_relink.callbacks.adaptive import model_trunk, paired_features
+    from cxr_relink.configs import audit_settings
 
     s = audit_settings("risk", OmegaConf.to_container(cfg.audit.risk, resolve=True))
     unknown = [x for x in s["no_release_sources"] if x not in ("raw", "public")]
@@ -113,7 +113,7 @@ def risk_section(cfg: DictConfig, module: Any, dm, make_datamodule: Callable) ->
         info["raw"] = raw.what
     public_ckpt = s.get("public_ckpt")
     if "public" in s["no_release_sources"] and public_ckpt:
-        from models.checkpoint import load_embedding_model
+        from cxr_relink.models.checkpoint import load_embedding_model
 
         if not Path(str(public_ckpt)).is_file():
             raise FileNotFoundError(f"audit.risk.public_ckpt={public_ckpt}: no such checkpoint")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.adaptive import PairedFeatures
-from audit.relinkage import relinkage_audit
-from audit.risk import memorisation, per_query_hits, pool_centring_embed, risk_audit
+from cxr_relink.audit.adaptive import PairedFeatures
+from cxr_relink.audit.relinkage import relinkage_audit
+from cxr_relink.audit.risk import memorisation, per_query_hits, pool_centring_embed, risk_audit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEAD = {"steps": 150, "eval_every": 25, "restarts": 1}
@@ -122,7 +122,7 @@ def test_auc_and_tpr_at_fpr_match_sklearn():
     """AUC = sklearn's roc_auc_score; TPR at FPR a = the largest TPR of sklearn's roc_curve with fpr <= a; ties
     and bootstrap-style integer weights (sklearn's sample_weight) included."""
     skm = pytest.importorskip("sklearn.metrics")
-    from audit.membership import auc_and_tpr
+    from cxr_relink.audit.membership import auc_and_tpr
 
     rng = np.random.default_rng(0)
     for trial in range(5):
@@ -150,7 +150,7 @@ def _pairs(n_patients, seed, first_patient, planted, labels=None):
 
 
 def test_pair_membership_detects_planted_pairs_and_is_at_chance_on_an_independent_split():
-    from audit.membership import pair_membership_test, true_pair_cosines
+    from cxr_relink.audit.membership import pair_membership_test, true_pair_cosines
 
     def cos(g):
         return true_pair_cosines(g.image_released, g.text_released, g.item_study).numpy()
@@ -174,7 +174,7 @@ def test_pair_membership_detects_planted_pairs_and_is_at_chance_on_an_independen
 def test_label_matched_pools_have_identical_label_patterns():
     from collections import Counter
 
-    from audit.membership import label_matched_pools
+    from cxr_relink.audit.membership import label_matched_pools
 
     rng = np.random.default_rng(0)
     la = rng.choice([0.0, 1.0, np.nan, -1.0], size=(200, 14), p=[0.5, 0.1, 0.35, 0.05])

@@ -15,15 +15,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(path, seed):
-    from datamodules.text import build_tokenizer
-    from models.checkpoint import plain, save_extras
-    from models.dual_tower import DualTowerModule
+    from cxr_relink.datamodules.text import build_tokenizer
+    from cxr_relink.models.checkpoint import plain, save_extras
+    from cxr_relink.models.dual_tower import DualTowerModule
 
     torch.manual_seed(seed)
     words = "left right small large pleural effusion no acute findings heart size normal tube tip".split()
     m = DualTowerModule(
-        image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
-        text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+        image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+        text_tower={"_target_": "cxr_relink.models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
                     "intermediate_size": 32, "max_position_embeddings": 256},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, embed_dim=8,
         tokenizer=build_tokenizer([" ".join(words[i % 7 : i % 7 + 6]) for i in range(60)], vocab_size=120))
@@ -34,8 +34,8 @@ def _tiny(path, seed):
 
 
 def test_evaluate_audit_risk_end_to_end(cache_dir, tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     ckpt, pub = _tiny(tmp_path / "a.ckpt", 0), _tiny(tmp_path / "pub.ckpt", 1)
     out = tmp_path / "eval"
@@ -64,8 +64,8 @@ def test_evaluate_audit_risk_end_to_end(cache_dir, tmp_path):
 
 
 def test_evaluate_audit_risk_on_embeddings_says_what_is_not_computed(tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     rng = np.random.default_rng(0)
     npz = tmp_path / "x.npz"
