@@ -44,12 +44,12 @@ def callback_sections(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def final_bundle(out_dir: str | os.PathLike, meta: dict[str, Any], settings: dict[str, Any], *,
                  relinkage: dict[str, Any] | None = None, probe: dict[str, Any] | None = None,
                  report_quality: dict[str, Any] | None = None, adaptive: dict[str, Any] | None = None,
-                 privacy: dict[str, Any] | None = None, logger: logging.Logger | None = None) -> dict[str, Any]:
+                 risk: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None, logger: logging.Logger | None = None) -> dict[str, Any]:
     """Build the result (audit.result.build_result: schema-checked), write the bundle into ``out_dir``
     (audit.result.write_bundle) and log its headline and table once on ``logger``. ``privacy``: a DP
     model's privacy statement, put next to the numbers it qualifies. Returns the result."""
     res = R.build_result(relinkage=relinkage, probe=probe, meta=meta, settings=settings, privacy=privacy,
-                         report_quality=report_quality, adaptive=adaptive)
+                         report_quality=report_quality, adaptive=adaptive, risk=risk)
     R.write_bundle(res, out_dir)
     (logger or log).info("%s", R.console_summary(res, out_dir))
     return res

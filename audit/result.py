@@ -38,6 +38,10 @@ Shape (schema_version 1)::
                              over draws), "ci", "n_draws", "min", "median", "max", "ci_draws", "chance", "x_chance",
                              "x_chance_ci", "baseline_value"}, ...]}
                                                                   # or absent (audit/adaptive.py)
+      "risk": {"k", "n", "capability": {"value", "ci", "chance", "x_chance", ...}, "release_attributable"?:
+               {"value", "ci", "ci_draws", "n_draws", "min", "median", "max", "with_mean", "without_mean", "draws"},
+               "memorisation"?: {"pool", "label_matched", "attacks", "best", "pair_membership": {"auc", "auc_ci",
+               "tpr_at_fpr"}}, "not_computed"?: {number: why}}           # or absent (audit/risk.py)
     }
 
 Scalar names (stable; what loggers see): ``audit/<key>/R@<K>/N=<n>``, ``.../x_chance``,
@@ -88,6 +92,7 @@ def build_result(
     privacy: dict[str, Any] | None = None,
     report_quality: dict[str, Any] | None = None,
     adaptive: dict[str, Any] | None = None,
+    risk: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     probe = {k: v for k, v in (probe or {}).items() if k not in ("scores", "eval_labels")} or None
     res: dict[str, Any] = {
@@ -106,6 +111,8 @@ def build_result(
         res["report_quality"] = dict(report_quality)
     if adaptive is not None:
         res["adaptive"] = dict(adaptive)
+    if risk is not None:
+        res["risk"] = dict(risk)
     res = _clean(res)
     validate_result(res)
     return res
@@ -153,6 +160,9 @@ def validate_result(res: Any) -> None:
             for i, row in enumerate(ad["rows"]):
                 if not isinstance(row, dict) or any(f not in row for f in ("attack", "aux", "n_aux", "relinkage")):
                     errs.append(f"adaptive.rows[{i}] must have attack, aux, n_aux, relinkage")
+    rk = res.get("risk")
+    if rk is not None and (not isinstance(rk, dict) or not isinstance(rk.get("capability"), dict)):
+        errs.append("risk must be an object with a capability object")
     if errs:
         raise ValueError("invalid audit result: " + "; ".join(errs))
 
@@ -229,6 +239,10 @@ def scalars(res: dict[str, Any]) -> dict[str, float]:
             out["report_quality/rouge_l"] = lex["rouge_l"]
     for b in (res.get("adaptive") or {}).get("best", []):  # the best attack per aux source and size
         out[f"adaptive/best/{b['aux']}@{b['n_aux_requested']}/{b['key']}/R@{b['k']}/N={b['n']}"] = b["value"]
+    if res.get("risk"):
+        from cxr_relink.audit.risk_report import risk_scalars
+
+        out.update(risk_scalars(res["risk"]))
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
@@ -303,6 +317,10 @@ def headline(res: dict[str, Any], where: str | os.PathLike | None = None) -> str
     if ab:
         bits.append(f"adaptive attacker (best of {', '.join(res['adaptive']['attacks'])}; {ab['aux']} aux, "
                     f"{ab['n_aux']} studies): {_fmt(ab['value'])}% = {_fmt(ab['x_chance'], False)}× chance by {ab['attack']}")
+    if res.get("risk"):
+        from cxr_relink.audit.risk_report import risk_headline
+
+        bits += risk_headline(res["risk"])
     for name, why in (meta.get("skipped") or {}).items():
         bits.append(f"{name} skipped ({why})")
     p = res.get("privacy")
@@ -414,6 +432,10 @@ def markdown_table(res: dict[str, Any], with_headline: bool = True) -> str:
         lines += ["", *report_quality_lines(res["report_quality"])]
     if res.get("adaptive"):
         lines += ["", *adaptive_lines(res["adaptive"])]
+    if res.get("risk"):
+        from cxr_relink.audit.risk_report import risk_lines
+
+        lines += ["", *risk_lines(res["risk"])]
     if res.get("privacy"):
         lines += ["", *privacy_lines(res["privacy"])]
     return "\n".join(lines) + "\n"

@@ -248,7 +248,7 @@ def runs_trainer(cfg: DictConfig) -> bool:
         return True
     if allow_partial_load(cfg):  # what did not load is known only to the loaded model: no cached rows
         return True
-    return bool(cfg.audit.get("adaptive") or cfg.audit.get("report_quality"))
+    return bool(cfg.audit.get("adaptive") or cfg.audit.get("report_quality") or cfg.audit.get("risk"))
 
 
 def _device(cfg: DictConfig):
@@ -367,6 +367,12 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
 
         with heartbeat("running the adaptive attacker (fitting attacks, auditing each)", every):
             meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
+    if cfg.audit.get("risk"):  # capability, release-attributable, memorisation (models/risk_attack.py)
+        from cxr_relink.callbacks.progress import heartbeat
+        from cxr_relink.models.risk_attack import risk_section
+
+        with heartbeat("computing the three risk numbers (fitting attacks over aux draws)", every):
+            meta["risk"] = risk_section(cfg, module, dm, prepared_datamodule)
     if sec["report_quality"] is not None:  # evaluate() pops it into the result's report_quality section
         meta["report_quality"] = sec["report_quality"]
     if module.load_notes:  # allow_partial_load: audit/result.py flags every section
@@ -440,6 +446,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             raise ValueError("audit=adaptive needs the model (ckpt_path=... or model=hf_clip|open_clip model.path=...): "
                              "an embeddings file holds no trunk features to fit an attack on")
         rel, probe, meta = audit_embeddings(cfg, rel_cb, probe_cb)
+        if audit.get("risk"):  # an embeddings file: capability only; the other two need the model
+            from cxr_relink.audit.risk import capability_only
+            from cxr_relink.models.risk_attack import not_computed
+
+            why = "an embeddings file holds neither; give ckpt_path=... or model=hf_clip|open_clip model.path=..."
+            meta["risk"] = capability_only(rel, audit.risk.k, audit.risk.n, not_computed(why))
+            for name, reason in meta["risk"]["not_computed"].items():
+                log.warning("risk: %s not computed: %s", name, reason)
         if rq_cb is not None:
             meta["report_quality"] = audit_report_quality_embeddings(cfg, rq_cb)
     else:
@@ -457,6 +471,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out = Path(cfg.output_dir)
     res = final_bundle(out, meta, {"audit": OmegaConf.to_container(audit, resolve=True)}, relinkage=rel, probe=probe,
                        privacy=meta.pop("privacy", None), report_quality=meta.pop("report_quality", None),
-                       adaptive=meta.pop("adaptive", None), logger=log)
+                       adaptive=meta.pop("adaptive", None), risk=meta.pop("risk", None), logger=log)
     return R.scalars(res), {"cfg": cfg, "result": res, "output_dir": str(out)}
 

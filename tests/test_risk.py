@@ -115,3 +115,121 @@ def test_memorisation_detects_planted_duplicates_and_is_at_chance_on_an_independ
         diffs.append(m["difference"])
         covered += m["difference_ci"][0] <= 0 <= m["difference_ci"][1]
     assert abs(np.mean(diffs)) < 0.03 and covered >= 7, (diffs, covered)
+
+
+# ----------------------------------------------------------------------------- the pair-level membership test
+def test_auc_and_tpr_at_fpr_match_sklearn():
+    """AUC = sklearn's roc_auc_score; TPR at FPR a = the largest TPR of sklearn's roc_curve with fpr <= a; ties
+    and bootstrap-style integer weights (sklearn's sample_weight) included."""
+    skm = pytest.importorskip("sklearn.metrics")
+    from cxr_relink.audit.membership import auc_and_tpr
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        pos = np.round(rng.normal(0.4, 1, 300), 1)  # rounded: many ties, within and across groups
+        neg = np.round(rng.normal(0.0, 1, 1200), 1)
+        wp = rng.integers(0, 3, pos.size).astype(float) if trial % 2 else None
+        wn = rng.integers(0, 3, neg.size).astype(float) if trial % 2 else None
+        y, s = np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg]
+        w = None if wp is None else np.r_[wp, wn]
+        fprs = (0.01, 0.001, 0.1)
+        auc, tprs = auc_and_tpr(pos, neg, fprs, wp, wn)
+        assert auc == pytest.approx(skm.roc_auc_score(y, s, sample_weight=w), abs=1e-12)
+        f, t, _ = skm.roc_curve(y, s, sample_weight=w, drop_intermediate=False)
+        for a, got in zip(fprs, tprs):
+            assert got == pytest.approx(t[f <= a + 1e-12].max(), abs=1e-12)
+
+
+def _pairs(n_patients, seed, first_patient, planted, labels=None):
+    """Released embeddings whose true-pair cosine is moderate (a shared latent under noise), or, for
+    ``planted`` studies, near 1 (a duplicate pair the model saw in training)."""
+    g = _memorising(n_patients, seed, first_patient, planted)
+    if labels is not None:
+        g.study_labels = labels
+    return g
+
+
+def test_pair_membership_detects_planted_pairs_and_is_at_chance_on_an_independent_split():
+    from cxr_relink.audit.membership import pair_membership_test, true_pair_cosines
+
+    def cos(g):
+        return true_pair_cosines(g.image_released, g.text_released, g.item_study).numpy()
+
+    m, n = _pairs(60, 3, 0, True), _pairs(60, 4, 5_000, False)
+    # The reference model never trained on any of these pairs: it sees the members as the audited model would
+    # without the planting (the same studies, unplanted).
+    ref_m = cos(_pairs(60, 3, 0, False))
+    res = pair_membership_test(cos(m), cos(n), m.study_patient, n.study_patient, ref_m, cos(n) * 0.9, n_boot=300)
+    assert res["calibrated"] and res["auc_lower95_one_sided"] > 0.9, res
+    assert res["tpr_at_fpr"][0]["tpr"] is not None and res["tpr_at_fpr"][1]["tpr"] is None  # 120 non-members: 1% ok, 0.1% not
+    aucs, covered = [], 0
+    for s in range(10):  # members and non-members from one distribution, no planting
+        a, b = _pairs(60, 100 + s, 0, False), _pairs(60, 200 + s, 5_000, False)
+        r = pair_membership_test(cos(a), cos(b), a.study_patient, b.study_patient, n_boot=300, seed=s)
+        aucs.append(r["auc"])
+        covered += r["auc_ci"][0] <= 0.5 <= r["auc_ci"][1]
+    assert abs(np.mean(aucs) - 0.5) < 0.05 and covered >= 8, (aucs, covered)
+
+
+def test_label_matched_pools_have_identical_label_patterns():
+    from collections import Counter
+
+    from cxr_relink.audit.membership import label_matched_pools
+
+    rng = np.random.default_rng(0)
+    la = rng.choice([0.0, 1.0, np.nan, -1.0], size=(200, 14), p=[0.5, 0.1, 0.35, 0.05])
+    la[:, 2:] = np.nan  # few patterns, so that many studies match
+    lb = la[rng.permutation(200)][:150].copy()
+    lb[:40, 0] = 1.0  # a different mix
+    ia, ib, info = label_matched_pools(la, lb, None, np.random.default_rng(1))
+    key = lambda l: tuple((l == 1).astype(int))  # noqa: E731  (positive_only)
+    ca, cb = Counter(key(x) for x in la[ia]), Counter(key(x) for x in lb[ib])
+    assert ca == cb and ia.size == ib.size == info["matchable"]
+    # The largest matchable pool: per pattern, the smaller group's count (brute force).
+    full_a, full_b = Counter(key(x) for x in la), Counter(key(x) for x in lb)
+    assert info["matchable"] == sum(min(full_a[p], full_b[p]) for p in full_a)
+    with pytest.raises(ValueError, match="can be matched"):
+        label_matched_pools(la, lb, info["matchable"] + 1, np.random.default_rng(1))
+
+
+def test_label_matching_removes_a_label_confound():
+    """No memorisation, but the members hold more of a distinctive finding that makes a study easy to link: an
+    unmatched comparison reads the label shift as memorisation; the label-matched one does not."""
+    def group(n_patients, seed, first, frac_rare):
+        rng = np.random.default_rng(seed)
+        n = 2 * n_patients
+        rare = rng.random(n) < frac_rare
+        z = rng.normal(size=(n, 6))
+        noise = np.where(rare[:, None], 0.05, 2.0)  # the finding makes a study distinctive
+        ri, rt = z + noise * rng.normal(size=(n, 6)), z + noise * rng.normal(size=(n, 6))
+        lab = np.zeros((n, 14))
+        lab[:, 5] = rare
+        g = _cohort(n_patients, seed, first, released=(ri, rt))
+        g.study_labels = lab
+        return g
+
+    target, aux = _cohort(60, 1, 10_000), _cohort(60, 2, 20_000)
+    kw = dict(attacks=(), n_aux=60, n_boot=300)
+    mem, non = group(100, 5, 0, 0.5), group(100, 6, 5_000, 0.15)
+    plain = risk_audit(target, aux, _relink, members=mem, nonmembers=non, label_match=False, **kw)["memorisation"]
+    matched = risk_audit(target, aux, _relink, members=mem, nonmembers=non, **kw)["memorisation"]
+    assert plain["best"]["difference_lower95_one_sided"] > 0.1, plain["best"]
+    assert matched["label_matched"] and matched["n_patterns"] == 2
+    row = matched["attacks"]["cosine"]
+    assert row["difference_ci"][0] <= 0 <= row["difference_ci"][1] and row["difference_lower95_one_sided"] <= 0, row
+    assert matched["pair_membership"]["auc_ci"][0] <= 0.5 <= matched["pair_membership"]["auc_ci"][1]
+
+
+def test_no_release_sources_and_their_checks():
+    """A named source (the raw-feature path of evaluate.py) gives the same number as the legacy arguments; a
+    source over other studies, or in another order, is refused."""
+    target, aux = _cohort(40, 0), _cohort(80, 1, first_patient=10_000)
+    kw = dict(n_aux=30, n_draws=2, attacks=("ridge",), no_release=("pool_centring", "ridge"), seed=0)
+    a = risk_audit(target, aux, _relink, no_release_target=target, no_release_aux=aux, **kw)["release_attributable"]
+    b = risk_audit(target, aux, _relink, no_release_sources={"raw": (target, aux)}, **kw)["release_attributable"]
+    assert a["value"] == b["value"] and b["no_release_sources"] == {"raw": ["pool_centring", "ridge"]}
+    assert set(b["no_release_attackers"]) == {"raw:pool_centring", "raw:ridge"}
+    with pytest.raises(ValueError, match="same studies"):
+        risk_audit(target, aux, _relink, no_release_sources={"raw": (target, aux.select(np.arange(10)))}, **kw)
+    with pytest.raises(ValueError, match="order"):
+        risk_audit(target, aux, _relink, no_release_sources={"raw": (target.select(np.arange(80)[::-1].copy()), aux)}, **kw)
