@@ -80,7 +80,7 @@ def split_by_patient(feats: PairedFeatures, fraction: float, seed: int) -> tuple
 
 def risk_section(cfg: DictConfig, module: Any, dm, make_datamodule: Callable) -> dict[str, Any]:
     """The ``risk`` section of audit.json for the module evaluate.py audits on ``dm`` (split ``cfg.split``)."""
-    from cxr_relink.callbacks.adaptive import model_trunk, paired_features
+    from cxr_relink.models.adaptive_attack import model_trunk, paired_features
     from cxr_relink.configs import audit_settings
 
     s = audit_settings("risk", OmegaConf.to_container(cfg.audit.risk, resolve=True))
