@@ -472,5 +472,25 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     res = final_bundle(out, meta, {"audit": OmegaConf.to_container(audit, resolve=True)}, relinkage=rel, probe=probe,
                        privacy=meta.pop("privacy", None), report_quality=meta.pop("report_quality", None),
                        adaptive=meta.pop("adaptive", None), risk=meta.pop("risk", None), logger=log)
-    return R.scalars(res), {"cfg": cfg, "result": res, "output_dir": str(out)}
+    scalars = R.scalars(res)
+    log_scalars(cfg, scalars)
+    return scalars, {"cfg": cfg, "result": res, "output_dir": str(out)}
+
+
+def log_scalars(cfg: DictConfig, scalars: dict[str, float]) -> None:
+    """`logger=wandb|csv` (configs/logger/): the audit's numbers, the same flat names train.py's final audit
+    logs (audit/..., probe/..., risk/...), and the audit settings with what was audited. Never report text,
+    images or per-patient rows: a W&B run leaves the hospital when synced."""
+    entries = [c for c in (cfg.get("logger") or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+    if not entries:
+        return
+    what = {"audit": OmegaConf.to_container(cfg.audit, resolve=True), "split": cfg.get("split"),
+            "ckpt_path": cfg.get("ckpt_path"), "embeddings": cfg.get("embeddings"),
+            "model_target": OmegaConf.select(cfg, "model._target_", default=None)}
+    for lg in map(instantiate, entries):
+        lg.log_hyperparams(what)
+        lg.log_metrics(scalars)
+        lg.finalize("success")
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()  # evaluate.py is one run: close it so the offline files are complete
 
