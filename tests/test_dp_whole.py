@@ -178,8 +178,8 @@ def test_unbounded_loss_modes_are_refused(compose_train) -> None:
         build(compose_train, "model.loss.mode=in_batch")
 
 
+@pytest.mark.slow  # two train.py runs: ~35 s idle, 70 s on loaded shared cores
 def test_train_py_dp_whole_smoke(compose_train, tmp_path) -> None:
-    # ~20 s on 2 shared cores (under the 30 s that would mark it slow)
     from train import train
 
     cfg = compose_train("experiment=dp_whole", "public_cohort.reader.num_patients=40", "data.batch_size=8",
@@ -191,3 +191,10 @@ def test_train_py_dp_whole_smoke(compose_train, tmp_path) -> None:
     assert priv["guarantee_valid"] and priv["privacy_unit"] == "patient" and priv["dp_scope"] == "whole"
     assert priv["epsilon_spent"] == pytest.approx(3.0, abs=2e-3)
     assert any(k.startswith("test/") for k in metrics)
+    # A resume would restart the accountant (earlier steps uncounted): refused with the reason.
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    with pytest.raises(ValueError, match="resuming a whole-model DP run is not supported"):
+        train(compose_train("experiment=dp_whole", "public_cohort.reader.num_patients=40", "data.batch_size=8",
+                            "model.loss.bank_size=16", "trainer.limit_train_batches=null", "trainer.max_epochs=2",
+                            "logger=none", "final_audit=false", f"ckpt_path={ckpt}"))

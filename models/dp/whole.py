@@ -328,5 +328,7 @@ class DPWholeModule(DualTowerModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.trainer is not None and getattr(self.trainer, "training", False):
+        # A resume (fit) is refused in configure_optimizers; loading for an audit (load_module, trainer.test) is fine.
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
             self._restored_dp = checkpoint.get("dp_state")
