@@ -93,7 +93,7 @@ class DPWholeModule(DualTowerModule):
     """
 
     def __init__(self, *, dp: dict | None = None, loss: dict | None = None, scope: str = "whole",
-                 dp_optimizer: dict | None = None, **tower_kwargs: Any) -> None:
+                 dp_optimizer: dict | None = None, public_loss_weight: float = 1.0, **tower_kwargs: Any) -> None:
         tower_kwargs.pop("scheduler", None)  # one constant-lr optimizer: a schedule has no per-step meaning here
         super().__init__(scheduler=None, **tower_kwargs)
         dp = settings("dp", plain(dp or {}))
@@ -108,7 +108,10 @@ class DPWholeModule(DualTowerModule):
         if dp["secure_mode"]:
             raise ValueError("dp.secure_mode is not wired for whole-model DP (its noise is drawn here, not by Opacus)")
         dp_optimizer = plain(dp_optimizer) or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
-        self.hparams.update(plain(dict(dp=dp, loss=loss, scope=scope, dp_optimizer=dp_optimizer)))
+        if float(public_loss_weight) < 0:
+            raise ValueError(f"model.public_loss_weight must be >= 0, got {public_loss_weight}")
+        self.hparams.update(plain(dict(dp=dp, loss=loss, scope=scope, dp_optimizer=dp_optimizer,
+                                       public_loss_weight=float(public_loss_weight))))
         self.hparams.scheduler = None
         self.automatic_optimization = False
         self.image_tower = replace_batchnorm(self.image_tower, "image tower")
@@ -180,7 +183,11 @@ class DPWholeModule(DualTowerModule):
         state.update({"dp_scope": self.hparams.scope, "scope": SCOPE_TEXT,
                       "trained_parameters": {"count": int(sum(p.numel() for _, p in self._dp_params)),
                                              "tensors": len(trained), "names_head": trained[:8]},
-                      "per_unit_gradient": "exact: one backward pass per drawn unit, clipped to C"})
+                      "per_unit_gradient": "exact: one backward pass per drawn unit, clipped to C",
+                      "public_loss": {"weight": self.hparams.public_loss_weight,
+                                      "basis": "in-batch InfoNCE of the public bank's pairs, added to the noisy private "
+                                               "gradient without clipping or noise: a function of the current (released) "
+                                               "weights and public data only, so post-processing; it reads no private unit"}})
         return state
 
     # ---- optimisation -------------------------------------------------------------------------------------
@@ -231,15 +238,13 @@ class DPWholeModule(DualTowerModule):
         return torch.Generator().manual_seed(seeds[0]), torch.Generator(device=self.device).manual_seed(seeds[1])
 
     def public_embeddings(self, bank: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The public bank through the current model, eval mode, no gradient: fixed negatives of this step."""
-        was = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                u = self.encode_images(bank["image"].to(self.device))
-                v = self.encode_reports(bank["input_ids"].to(self.device), bank["attention_mask"].to(self.device))
-        finally:
-            self.train(was)
+        """The public bank through the current model, no gradient: fixed negatives of this step. In the same mode
+        as the private units (dropout included): with the bank in eval mode and the units in training mode, a
+        report's own (dropped-out) embedding sat farther from its image than the eval-mode negatives, and the
+        cheapest way down for the loss was to collapse every embedding to one point (measured)."""
+        with torch.no_grad():
+            u = self.encode_images(bank["image"].to(self.device))
+            v = self.encode_reports(bank["input_ids"].to(self.device), bank["attention_mask"].to(self.device))
         return u, v
 
     def unit_loss(self, unit: dict[str, torch.Tensor], bank: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -279,6 +284,25 @@ class DPWholeModule(DualTowerModule):
             raise ValueError("loss.mode=public_negatives needs a public cohort (data.public_reader)")
         return self.public_embeddings(bank)
 
+    def public_gradient(self) -> list[torch.Tensor] | None:
+        """Gradient of ``public_loss_weight`` x the in-batch InfoNCE of a public bank draw (its own draw, public
+        randomness), through the towers: what keeps the towers from collapsing. Negatives seen only through a
+        stop-gradient bank let the private loss fall to chance by mapping everything to one point (measured: the
+        loss went to log(K+1) and the embeddings tied); in-batch negatives with gradient push embeddings apart.
+        It reads public data and the current weights only (no private unit): it needs no clipping or noise."""
+        w = float(self.hparams.public_loss_weight)
+        if w == 0:
+            return None
+        gen = torch.Generator().manual_seed(int(self.hparams.loss["seed"]) * 1_000_003 + int(self.global_step) + 7_919)
+        bank = self._datamodule().public_bank(int(self.hparams.loss["bank_size"]), gen)
+        u = self.encode_images(bank["image"].to(self.device))
+        v = self.encode_reports(bank["input_ids"].to(self.device), bank["attention_mask"].to(self.device))
+        ones = torch.ones(u.shape[0], 1, device=u.device)
+        loss = w * in_batch_loss(u[:, None], v[:, None], ones, self.logit_scale).mean()
+        params = [p for _, p in self._dp_params]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         units = list(batch or [])
         opt = self.optimizers()
@@ -286,6 +310,7 @@ class DPWholeModule(DualTowerModule):
         bank = self._bank()
         summed, _, loss = self.clipped_sum(units, bank, clip=self.dp_enabled)
         params = [p for _, p in self._dp_params]
+        public = self.public_gradient()
         if self.dp_enabled:
             std = self.plan.noise_multiplier * self.plan.max_grad_norm
             divisor = float(self.plan.expected_batch_size)  # public, never a count derived from N or the batch
@@ -294,6 +319,9 @@ class DPWholeModule(DualTowerModule):
         else:
             for p, s in zip(params, summed):
                 p.grad = s / max(1, len(units))
+        if public is not None:
+            for p, g in zip(params, public):
+                p.grad = p.grad + g
         opt.step()
         if self.dp_enabled:
             # One step of the sampled Gaussian mechanism, empty batch included (its release is noise alone).
