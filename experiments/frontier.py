@@ -3,6 +3,8 @@
 Arms (one seed each; each arm's result is kept as experiments/results/frontier/<arm>.json, so a rerun skips
 finished arms -- resumable run by run):
 
+* ``public_init``: stage 2 trained on the public cohort only (synthcxr_external), the start of every whole-model
+  arm (from a random init the public-negatives loss collapsed the towers); what an attacker has without the release;
 * ``control``: the non-private control -- `experiment=dp_whole model.dp.enabled=false`: the same towers, loss
   (public negatives), per-patient Poisson schedule and optimizer, without clipping or noise;
 * ``head_dp_eps{E}``: head-only DP (`experiment=dp_alignment`, patient units, fresh heads) on the control's
@@ -46,7 +48,7 @@ PROBE_PROTOCOL = ("linear probe fitted on the public cohort's train split (synth
 
 
 def arm_names(epsilons=EPSILONS) -> list[str]:
-    return ["control", *[f"head_dp_eps{e:g}" for e in epsilons], *[f"whole_dp_eps{e:g}" for e in epsilons]]
+    return ["public_init", "control", *[f"head_dp_eps{e:g}" for e in epsilons], *[f"whole_dp_eps{e:g}" for e in epsilons]]
 
 
 def cohort_overrides(a) -> list[str]:
@@ -59,8 +61,17 @@ def train_command(arm: str, a, work: Path) -> list[str]:
     base = [sys.executable, str(ROOT / "train.py"), *cohort_overrides(a), "logger=csv", "final_audit=false",
             "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             f"hydra.run.dir={work / arm}"]
+    init = work / "public_init" / "checkpoints" / "last.ckpt"
+    if arm == "public_init":  # stage 2 on the public cohort only: every whole-model arm starts from it
+        return [sys.executable, str(ROOT / "train.py"), "data=synthcxr_external",
+                f"data.reader.num_patients={a.public_patients}", f"data.reader.image_size={a.image_size}",
+                f"data.image_size={a.image_size}", f"seed={a.seed}", f"trainer.max_epochs={a.public_epochs}",
+                "logger=csv", "final_audit=false", "callbacks=none", "trainer.limit_val_batches=0",
+                "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"+callbacks.last.dirpath={work / arm / 'checkpoints'}", "+callbacks.last.filename=last",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"hydra.run.dir={work / arm}"]
     if arm == "control" or arm.startswith("whole_dp"):
-        ov = ["experiment=dp_whole", f"trainer.max_epochs={a.epochs}", f"data.batch_size={a.batch}",
+        ov = ["experiment=dp_whole", f"model.init_ckpt={init}", f"trainer.max_epochs={a.epochs}", f"data.batch_size={a.batch}",
               f"model.dp_optimizer.lr={a.lr}", f"public_cohort.reader.num_patients={a.public_patients}"]
         ov += ["model.dp.enabled=false"] if arm == "control" else [f"model.dp.target_epsilon={arm.split('eps')[1]}"]
         return base + ov
@@ -79,6 +90,8 @@ def train_arm(arm: str, a, work: Path) -> tuple[Path, float]:
         return ckpt, 0.0
     if arm.startswith("head_dp"):
         train_arm("control", a, work)  # its backbone
+    elif arm != "public_init":
+        train_arm("public_init", a, work)  # the public starting point
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cmd = train_command(arm, a, work)
     print(f"[frontier] {arm}: {' '.join(cmd[1:])}", flush=True)
@@ -266,6 +279,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32, help="expected Poisson batch of patients (whole-model arms)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--head-epochs", type=int, default=20)
+    ap.add_argument("--public-epochs", type=int, default=6, help="stage 2 on the public cohort (the starting point)")
     ap.add_argument("--head-batch", type=int, default=128)
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--n-aux", type=int, default=100)

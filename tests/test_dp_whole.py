@@ -198,3 +198,27 @@ def test_train_py_dp_whole_smoke(compose_train, tmp_path) -> None:
         train(compose_train("experiment=dp_whole", "public_cohort.reader.num_patients=40", "data.batch_size=8",
                             "model.loss.bank_size=16", "trainer.limit_train_batches=null", "trainer.max_epochs=2",
                             "logger=none", "final_audit=false", f"ckpt_path={ckpt}"))
+
+
+def test_public_init_checkpoint_and_its_tokenizer_are_loaded(compose_train, tmp_path) -> None:
+    from models.checkpoint import KEY, load_checkpoint_dict, load_module
+    from train import train
+
+    # Stage 2 on the public cohort only (the starting point the frontier uses).
+    pub = compose_train("data=synthcxr_external", "data.reader.num_patients=40", "trainer.max_epochs=1",
+                        "callbacks=none", "logger=none", "final_audit=false",
+                        "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                        f"+callbacks.last.dirpath={tmp_path / 'pub'}", "+callbacks.last.filename=last")
+    train(pub)
+    ckpt = tmp_path / "pub" / "last.ckpt"
+    _, dm, model = build(compose_train, f"model.init_ckpt={ckpt}")
+    ref = load_module(ckpt)
+    for k, v in ref.state_dict().items():
+        if k.split(".")[0] in ("image_tower", "text_tower", "image_head", "text_head", "logit_scale"):
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    assert dm.tokenizer.get_vocab() == ref.tokenizer.get_vocab()  # the public tokenizer, not one fitted here
+    assert model.dp_state()["head_init"]["mode"] == "public checkpoint"
+    assert load_checkpoint_dict(ckpt)[KEY]["tokenizer"]
+    # Another architecture is refused with the reason.
+    with pytest.raises(Exception, match="does not match this model's config"):
+        build(compose_train, f"model.init_ckpt={ckpt}", "model.embed_dim=64")

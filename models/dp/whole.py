@@ -93,7 +93,8 @@ class DPWholeModule(DualTowerModule):
     """
 
     def __init__(self, *, dp: dict | None = None, loss: dict | None = None, scope: str = "whole",
-                 dp_optimizer: dict | None = None, public_loss_weight: float = 1.0, **tower_kwargs: Any) -> None:
+                 dp_optimizer: dict | None = None, public_loss_weight: float = 1.0, init_ckpt: str | None = None,
+                 **tower_kwargs: Any) -> None:
         tower_kwargs.pop("scheduler", None)  # one constant-lr optimizer: a schedule has no per-step meaning here
         super().__init__(scheduler=None, **tower_kwargs)
         dp = settings("dp", plain(dp or {}))
@@ -111,11 +112,14 @@ class DPWholeModule(DualTowerModule):
         if float(public_loss_weight) < 0:
             raise ValueError(f"model.public_loss_weight must be >= 0, got {public_loss_weight}")
         self.hparams.update(plain(dict(dp=dp, loss=loss, scope=scope, dp_optimizer=dp_optimizer,
-                                       public_loss_weight=float(public_loss_weight))))
+                                       public_loss_weight=float(public_loss_weight), init_ckpt=init_ckpt)))
         self.hparams.scheduler = None
         self.automatic_optimization = False
         self.image_tower = replace_batchnorm(self.image_tower, "image tower")
         self.text_tower = replace_batchnorm(self.text_tower, "text tower")
+        self.init_record = {"mode": "config init", "seed": "cfg.seed (public: the init depends on no data)"}
+        if init_ckpt:
+            self._load_init(init_ckpt)
         self.logit_scale.requires_grad_(False)  # frozen temperature (module docstring)
         self._select_scope(scope)
         self.plan: DPPlan | None = None
@@ -123,6 +127,26 @@ class DPWholeModule(DualTowerModule):
         self._noise_gen: torch.Generator | None = None
         self._epsilon_spent = 0.0
         self._restored_dp: dict | None = None
+
+    def _load_init(self, path: str) -> None:
+        """Start from a dual tower trained on **public** data only (e.g. `python train.py data=synthcxr_external`):
+        DP-SGD's analysis holds for any start that depends on no private unit. Its towers, heads and temperature
+        are loaded; the datamodule takes its tokenizer too (data.tokenizer_ckpt), so token ids keep their meaning.
+        Why: from a random init the public-negatives loss found the collapse (every embedding one point) first."""
+        from models.checkpoint import load_checkpoint_dict
+        from models.dp.features import file_sha256
+
+        sd = load_checkpoint_dict(path)["state_dict"]
+        sd = {k: v for k, v in sd.items() if k.split(".")[0] in ("image_tower", "text_tower", "image_head", "text_head",
+                                                                   "logit_scale")}
+        own = self.state_dict()
+        bad = sorted(k for k in own if k.split(".")[0] != "loss_fn" and (k not in sd or sd[k].shape != own[k].shape))
+        if bad:
+            raise ValueError(f"model.init_ckpt={path}: its dual tower does not match this model's config "
+                             f"({len(bad)} tensors missing or of another shape, e.g. {bad[:3]})")
+        self.load_state_dict(sd, strict=False)
+        self.init_record = {"mode": "public checkpoint", "path": str(path), "sha256": file_sha256(path),
+                            "requirement": "trained on data holding none of the DP units (e.g. the public cohort)"}
 
     # ---- which parameters DP trains -------------------------------------------------------------------------
     def _select_scope(self, scope: str) -> None:
@@ -178,7 +202,7 @@ class DPWholeModule(DualTowerModule):
         trained = [n for n, _ in self._dp_params]
         state = record.build(self.plan, self.hparams.dp, self.mode, epsilon_spent=self._epsilon_spent,
                              accountant=accountant_state(self._accountant) if self._accountant is not None else None,
-                             head_init={"mode": "config init", "seed": "cfg.seed (public: the init depends on no data)"},
+                             head_init=self.init_record,
                              outside_guarantee=list(OUTSIDE) + (record.outside_guarantee_of_data(self.plan) if self.plan else []))
         state.update({"dp_scope": self.hparams.scope, "scope": SCOPE_TEXT,
                       "trained_parameters": {"count": int(sum(p.numel() for _, p in self._dp_params)),

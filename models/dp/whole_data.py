@@ -67,13 +67,14 @@ class PatientUnitDataModule(CXRDataModule):
     public cohort (``public_reader``) for the loss's fixed negatives. Val/test loaders are the cohort's own."""
 
     def __init__(self, *args, public_reader: Any = None, max_pairs_per_unit: int | None = 4,
-                 privacy_unit: str = "patient", **kwargs) -> None:
+                 privacy_unit: str = "patient", tokenizer_ckpt: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if privacy_unit != "patient":
             # Study units on raw data would need the per-patient group-privacy statement of the head stage;
             # the whole-model stage protects patients only (the unit issue #31 asks for).
             raise ValueError(f"whole-model DP uses patient units only (data.privacy_unit=patient), got {privacy_unit!r}")
         self.privacy_unit = privacy_unit
+        self.tokenizer_ckpt = tokenizer_ckpt
         self.public_reader = public_reader
         self.max_pairs_per_unit = max_pairs_per_unit
         self._units: PatientUnits | None = None
@@ -81,6 +82,13 @@ class PatientUnitDataModule(CXRDataModule):
         self._train_loader: DataLoader | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None and self.tokenizer_ckpt:
+            # The public starting checkpoint's tokenizer (model.init_ckpt): its token ids, and no vocabulary
+            # fitted on the private reports.
+            from datamodules.text import tokenizer_from_state
+            from models.checkpoint import KEY, load_checkpoint_dict
+
+            self.tokenizer = tokenizer_from_state(load_checkpoint_dict(self.tokenizer_ckpt)[KEY]["tokenizer"])
         super().setup(stage)
         if self._units is None:
             self._units = PatientUnits(self.dataset("train", train=True), self.tokenizer.pad_token_id,
