@@ -230,7 +230,7 @@ def table(results: dict[str, dict], a) -> str:
             L.append(f"| {arm} | not run | | | | | | |")
             continue
         p = r["privacy"]
-        eps = "∞ (no DP)" if not p.get("enabled") else f"{p['epsilon_spent']:.3g}" + ("" if p.get("guarantee_valid") else " INVALID")
+        eps = ("— (no private data)" if arm == "public_init" else "∞ (no DP)") if not p.get("enabled") else f"{p['epsilon_spent']:.3g}" + ("" if p.get("guarantee_valid") else " INVALID")
         c, b, ra, m, pr = r["capability"], r["best_attack_with_release"], r["release_attributable"], r["memorisation"]["best"], r["probe"]
         L.append(f"| {arm} | {eps} | {_pct(c['value'], c.get('ci'))} | {_pct(b['mean_over_draws'])} ({b['attack']}) | "
                  f"{_pct(ra['value'], ra.get('ci'))} | {_pct(m['difference'], m['difference_ci'])} ({m['attack']}) | "
