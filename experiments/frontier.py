@@ -312,7 +312,16 @@ def main(argv=None) -> None:
         if arm not in results and (a.out / f"{arm}.json").exists():
             results[arm] = json.loads((a.out / f"{arm}.json").read_text())
     md = table(results, a)
-    (a.out / "frontier.md").write_text(md + "\n")
+    cpu = sum(r.get("cpu_s", 0.0) for r in results.values())
+    head = (f"# Privacy-utility frontier (issue #31 item 2)\n\nScale: synthcxr {a.patients} patients (70% train: the DP "
+            f"units, patient level), {a.image_size} px, bert_encoder towers (tiny), seed {a.seed}; public cohort synthcxr_external "
+            f"{a.public_patients} patients. Whole-model arms: {a.epochs} epochs, expected batch {a.batch} patients, Adam {a.lr:g}, "
+            f"from `public_init`; head-only arms: {a.head_epochs} epochs on the control's trunk. R@1 image -> report at N = 100 "
+            f"on the test split (%), patient-bootstrap 95% CI; release-attributable and the best attack: {a.draws} aux draws of "
+            f"{a.n_aux} val studies; memorisation: train vs test patients, equal pools. Probe: {PROBE_PROTOCOL}. "
+            f"Total CPU time of these arms: {cpu / 60:.1f} min (per arm in the last column: training subprocess + evaluation; "
+            f"a kept arm keeps its own).\n\n")
+    (a.out / "frontier.md").write_text(head + md + "\n")
     plot(results, a, a.out / "frontier.png")
     print(md)
 
