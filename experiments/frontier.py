@@ -257,7 +257,10 @@ def plot(results: dict[str, dict], a, path: Path) -> None:
                 ax.plot(*zip(*pts), "o-", color=color, label=fam.replace("_", "-"))
         if "control" in results:
             ax.axhline(100 * get(results["control"]), color="k", ls="--", lw=1, label="non-private control")
+        if "public_init" in results:
+            ax.axhline(100 * get(results["public_init"]), color="0.5", ls=":", lw=1, label="public-only start")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(list(a.epsilons))
         ax.set_xticklabels([f"{e:g}" for e in a.epsilons])
         ax.set_xlabel("ε (per patient)")
