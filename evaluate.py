@@ -40,12 +40,12 @@ import numpy as np  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
-from configs import cli  # noqa: E402
-from callbacks.console import quiet_known_warnings  # noqa: E402
-from audit import result as R  # noqa: E402
-from audit.embeddings import EmbeddingSet, as_embeddings, check_ids, check_labels_array, reject_zero_rows  # noqa: E402
-from audit.relinkage import Relinkage  # noqa: E402
+from cxr_relink import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
+from cxr_relink.configs import cli  # noqa: E402
+from cxr_relink.callbacks.console import quiet_known_warnings  # noqa: E402
+from cxr_relink.audit import result as R  # noqa: E402
+from cxr_relink.audit.embeddings import EmbeddingSet, as_embeddings, check_ids, check_labels_array, reject_zero_rows  # noqa: E402
+from cxr_relink.audit.relinkage import Relinkage  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -103,7 +103,7 @@ def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_
     """The probe's training rows (a seeded random subset of at most max_train_samples), or why the
     probe cannot run. Checked before any audit is computed. Rows that would make its result wrong
     (zero vectors, a study in both train and evaluated rows) raise."""
-    from audit.probe import probe_skip_reason, subsample_rows  # torchmetrics: seconds, only when probing
+    from cxr_relink.audit.probe import probe_skip_reason, subsample_rows  # torchmetrics: seconds, only when probing
 
     if "split" not in data:
         return None, ("the linear probe needs train-split rows: add a `split` array with 'train' rows to the "
@@ -111,7 +111,7 @@ def _probe_inputs(data: dict[str, np.ndarray], ev: dict[str, np.ndarray], probe_
     splits = data["split"].astype(str)
     is_train = splits == "train"
     if not is_train.any():
-        from audit.embeddings import close_names
+        from cxr_relink.audit.embeddings import close_names
 
         present = sorted(set(splits))
         close = close_names("train", present)
@@ -150,7 +150,7 @@ def audit_embeddings(cfg: DictConfig, rel_cb, probe_cb, data: dict[str, np.ndarr
     if "split" in data:
         mask = data["split"].astype(str) == str(split)
         if not mask.any():
-            from audit.embeddings import close_names
+            from cxr_relink.audit.embeddings import close_names
 
             present = sorted(set(data["split"].astype(str)))
             close = close_names(str(split), present)
@@ -210,7 +210,7 @@ def load_audited_module(cfg: DictConfig):
     """The model to audit, an embedding model (models/contract.py): the checkpoint's
     (models/checkpoint.py) or an existing model's (models/external.py)."""
     if cfg.get("ckpt_path"):
-        from models.checkpoint import load_embedding_model
+        from cxr_relink.models.checkpoint import load_embedding_model
 
         # `+model.<key>=...` changes one of the checkpoint's hyper-parameters, e.g. a moved LLM base
         # folder (`+model.text_tower.pretrained=/new/dir`; its fingerprint must still match).
@@ -223,7 +223,7 @@ def load_audited_module(cfg: DictConfig):
         raise ValueError(f"model={model_cfg.get('_target_')} is a model to train: evaluate.py audits a checkpoint "
                          "(ckpt_path=...), an existing model (model=hf_clip|open_clip model.path=...) or embeddings")
     model_cfg.pop("tokenizer_spec", None)
-    from models.contract import as_embedding_model
+    from cxr_relink.models.contract import as_embedding_model
 
     return as_embedding_model(instantiate(model_cfg), f"model={model_cfg['_target_']}")
 
@@ -266,8 +266,8 @@ def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | No
     """An existing model (model.path) audited by the library on its embeddings, read from the cache
     (models/embedding_cache.py: per model files, model config, cohort, split and rows) or encoded once
     and stored: a second audit of the same model, or the ladder, encodes nothing and loads no model."""
-    from audit.probe import subsample_rows
-    from models.embedding_cache import cached_rows, encode_split
+    from cxr_relink.audit.probe import subsample_rows
+    from cxr_relink.models.embedding_cache import cached_rows, encode_split
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     selections: list[tuple[str, str]] = [(str(cfg.split), "all")]
@@ -293,8 +293,8 @@ def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | No
     studies: dict[str, list] = {}
 
     def cohort(sel: tuple[str, str]) -> dict[str, np.ndarray]:  # the selection's rows, as the datamodule orders them
-        from datamodules.records import SPLITS
-        from models.embedding_cache import cohort_rows
+        from cxr_relink.datamodules.records import SPLITS
+        from cxr_relink.models.embedding_cache import cohort_rows
 
         if not studies:
             studies.update({s: [] for s in SPLITS})
@@ -317,7 +317,7 @@ def audit_model_embeddings(cfg: DictConfig, rel_cb, probe_cb) -> tuple[dict | No
     cohort = OmegaConf.select(cfg, "data.reader.cohort")
     if cohort is not None:
         meta["cohort"] = cohort
-    from models.external import preprocessing_unproven
+    from cxr_relink.models.external import preprocessing_unproven
 
     meta["preprocessing_unproven"] = preprocessing_unproven(**model_cfg)
     # A model released by the DP stage carries its privacy record beside its weights (as
@@ -338,7 +338,7 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     module = load_audited_module(cfg)
     dm = prepared_datamodule(cfg, module)
     callbacks = [cb for cb in (rel_cb, probe_cb, rq_cb) if cb is not None]
-    from callbacks.progress import Progress
+    from cxr_relink.callbacks.progress import Progress
 
     every = float(cfg.get("progress_every_s", 30) or 0)  # a progress line every ~30 s (callbacks/progress.py)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[
@@ -346,7 +346,7 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     trainer.test(module, datamodule=dm, verbose=False)
     if not trainer.is_global_zero:  # under DDP only rank 0 holds the results and writes them
         return None, None, None
-    from audit.bundle import callback_sections
+    from cxr_relink.audit.bundle import callback_sections
 
     sec = callback_sections([cb.last_result for cb in callbacks])
     rel, probe = sec["relinkage"], sec["probe"]
@@ -365,9 +365,9 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
     if rel_cb is not None:
         meta.update({k: v for k, v in rel_cb.last_result["meta"].items() if k.startswith("n_")})
     if cfg.audit.get("adaptive"):  # the adaptive attacker on the frozen trunk (callbacks/adaptive.py)
-        from callbacks.adaptive import adaptive_section
+        from cxr_relink.callbacks.adaptive import adaptive_section
 
-        from callbacks.progress import heartbeat
+        from cxr_relink.callbacks.progress import heartbeat
 
         with heartbeat("running the adaptive attacker (fitting attacks, auditing each)", every):
             meta["adaptive"] = adaptive_section(cfg, module, dm, prepared_datamodule)
@@ -385,7 +385,7 @@ def audit_checkpoint(cfg: DictConfig, rel_cb, probe_cb, rq_cb=None) -> tuple[dic
 
 def audit_report_quality_embeddings(cfg: DictConfig, rq) -> dict:
     """The report-quality section of an embeddings file, its report ids joined to the `data=` cohort."""
-    from audit.report_quality import audit_embedding_rows
+    from cxr_relink.audit.report_quality import audit_embedding_rows
 
     studies = instantiate(cfg.data.reader).load()
     return audit_embedding_rows(rq, load_embeddings(cfg.embeddings), cfg.get("split"), studies,
@@ -403,7 +403,7 @@ def check_inputs(cfg: DictConfig) -> None:
     if not Path(str(value)).exists():
         raise cli.UsageError(f"{key}={value}: no such {'folder' if key == 'model.path' else 'file'}")
     if key != "embeddings":  # (an embeddings file may name its splits as it likes: audit_embeddings checks)
-        from datamodules.records import SPLITS
+        from cxr_relink.datamodules.records import SPLITS
 
         split = str(cfg.get("split"))
         if split not in SPLITS:
@@ -429,12 +429,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
               if audit.get("relinkage") else None)
     probe_cb = None
     if audit.get("probe"):
-        from audit.probe import Probe
+        from cxr_relink.audit.probe import Probe
 
         probe_cb = (Probe.from_config if library else instantiate)(audit.probe)
     rq_cb = None
     if audit.get("report_quality"):
-        from audit.report_quality import ReportQuality
+        from cxr_relink.audit.report_quality import ReportQuality
 
         rq_cb = (ReportQuality.from_config if library else instantiate)(audit.report_quality)
     if rel_cb is None and probe_cb is None and rq_cb is None:
@@ -450,7 +450,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         rel, probe, meta = audit_checkpoint(cfg, rel_cb, probe_cb, rq_cb)
         if meta is None:
             return {}, {}
-    from audit.bundle import final_bundle
+    from cxr_relink.audit.bundle import final_bundle
 
     # What the chosen audit config leaves out on purpose (audit=all: the adaptive attacker), with why:
     # the headline and report.md say so, as for an audit the data could not support.

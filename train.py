@@ -23,12 +23,12 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
-from configs import cli  # noqa: E402
-from callbacks.console import quiet_known_warnings  # noqa: E402
-from callbacks.progress import EpochLine, Progress, heartbeat  # noqa: E402
-from callbacks.run_config import SaveRunConfig, log_resume_changes  # noqa: E402
-from callbacks.seed import EpochSeed  # noqa: E402
+from cxr_relink import configs  # noqa: E402, F401  (sets CXR_RELINK_ROOT)
+from cxr_relink.configs import cli  # noqa: E402
+from cxr_relink.callbacks.console import quiet_known_warnings  # noqa: E402
+from cxr_relink.callbacks.progress import EpochLine, Progress, heartbeat  # noqa: E402
+from cxr_relink.callbacks.run_config import SaveRunConfig, log_resume_changes  # noqa: E402
+from cxr_relink.callbacks.seed import EpochSeed  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -156,7 +156,7 @@ def final_audit(cfg: DictConfig, trainer: L.Trainer, model, datamodule, callback
     ``<run>/final_audit/`` (audit.bundle.final_bundle, as evaluate.py), print the headline and the
     table once, and attach the bundle to W&B. A DP model's privacy statement (``dp_state``) goes into
     both, next to the numbers it qualifies. Returns the test metrics."""
-    from audit.bundle import callback_sections, final_bundle
+    from cxr_relink.audit.bundle import callback_sections, final_bundle
 
     ckpt_path, how = checkpoint_selection(trainer)
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
@@ -214,8 +214,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("ckpt_path"):
         # Resuming: token ids must keep their meaning, so reuse the checkpoint's tokenizer rather
         # than retraining one on today's data (same size, different words, would load silently).
-        from datamodules.text import tokenizer_from_state
-        from models.checkpoint import KEY, load_checkpoint_dict
+        from cxr_relink.datamodules.text import tokenizer_from_state
+        from cxr_relink.models.checkpoint import KEY, load_checkpoint_dict
 
         saved = load_checkpoint_dict(cfg.ckpt_path)
         log_resume_changes(saved, cfg, cfg.ckpt_path)  # each key that differs from the checkpoint's run

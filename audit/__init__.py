@@ -6,7 +6,7 @@ and nothing else of this repository, so ``pip install .`` gives a privacy team `
 anywhere. The callbacks in callbacks/ run it during training, evaluate.py on a checkpoint, an existing
 model or a file of embeddings; bench/ and experiments/ call it directly.
 
-    import audit
+    from cxr_relink import audit
     res = audit.relink(image_emb, report_emb, patient_id=patient_id, labels=labels)
     print(res.at(k=1, n=100))          # RecallAtN(value, ci, chance, x_chance, x_chance_ci, ...)
     print(res.table())                 # every variant, K and N as a Markdown table
@@ -39,15 +39,15 @@ __version__ = "0.1.0"
 # Public name -> the module defining it. Imported on first use (PEP 562), so ``import audit`` (and
 # ``datamodules.records``, which takes the label names from audit.labels) stays cheap.
 _EXPORTS = {
-    "relink": "audit.api",
-    "RelinkageResult": "audit.api",
-    "RecallAtN": "audit.api",
-    "relinkage_audit": "audit.relinkage",
-    "Relinkage": "audit.relinkage",
-    "EmbeddingSet": "audit.embeddings",
-    "linear_probe": "audit.probe",
-    "CHEXPERT_LABELS": "audit.labels",
-    "NUM_LABELS": "audit.labels",
+    "relink": "cxr_relink.audit.api",
+    "RelinkageResult": "cxr_relink.audit.api",
+    "RecallAtN": "cxr_relink.audit.api",
+    "relinkage_audit": "cxr_relink.audit.relinkage",
+    "Relinkage": "cxr_relink.audit.relinkage",
+    "EmbeddingSet": "cxr_relink.audit.embeddings",
+    "linear_probe": "cxr_relink.audit.probe",
+    "CHEXPERT_LABELS": "cxr_relink.audit.labels",
+    "NUM_LABELS": "cxr_relink.audit.labels",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from audit.embeddings import EmbeddingSet, as_embeddings
-from audit.relinkage import DegenerateEmbeddingsError
+from cxr_relink.audit.embeddings import EmbeddingSet, as_embeddings
+from cxr_relink.audit.relinkage import DegenerateEmbeddingsError
 
 ATTACKS = ("ridge", "procrustes", "head")
 BASELINE = "cosine"

@@ -15,9 +15,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from audit.embeddings import EmbeddingSet
-from audit.relinkage import relinkage_audit
-from audit.settings import defaults
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.relinkage import relinkage_audit
+from cxr_relink.audit.settings import defaults
 
 VARIANTS = ("i2t", "t2i", "hardneg/i2t", "dedup/i2t")
 
@@ -99,7 +99,7 @@ class RelinkageResult:
 
     def table(self) -> str:
         """The Markdown table evaluate.py prints (percentages, CIs, × chance)."""
-        from audit.result import build_result, markdown_table
+        from cxr_relink.audit.result import build_result, markdown_table
 
         return markdown_table(build_result(relinkage=self.sections), with_headline=False)
 

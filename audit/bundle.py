@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any, Sequence
 
-from audit import result as R
+from cxr_relink.audit import result as R
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.embeddings import _as_long
+from cxr_relink.audit.embeddings import _as_long
 
 TIES_POLICIES = ("pessimistic", "optimistic")
 

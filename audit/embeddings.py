@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.labels import NUM_LABELS
+from cxr_relink.audit.labels import NUM_LABELS
 
 # What every embedding module's ``validation_step`` returns (DESIGN.md, "Contracts"): the audit
 # callbacks collect these keys without knowing the model.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
-from audit.green_categories import ERROR_CATEGORIES, LETTERS
+from cxr_relink.audit.green_categories import ERROR_CATEGORIES, LETTERS
 
 
 def _section(text: str, name: str) -> str | None:

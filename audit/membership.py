@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.counting import apply_ties, rank_counts
-from audit.embeddings import l2_normalize
-from audit.recall import expected_recall
-from audit.stats import bootstrap_patient_means, percentile_ci
+from cxr_relink.audit.counting import apply_ties, rank_counts
+from cxr_relink.audit.embeddings import l2_normalize
+from cxr_relink.audit.recall import expected_recall
+from cxr_relink.audit.stats import bootstrap_patient_means, percentile_ci
 
 
 def _counts_vs_pool(query: torch.Tensor, target: torch.Tensor, pool: torch.Tensor, ties: str, chunk: int = 256) -> torch.Tensor:

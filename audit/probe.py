@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from audit.embeddings import as_embeddings, reject_zero_rows
-from audit.labels import CHEXPERT_LABELS
-from audit.settings import config_settings
-from audit.settings import resolve as resolve_settings
+from cxr_relink.audit.embeddings import as_embeddings, reject_zero_rows
+from cxr_relink.audit.labels import CHEXPERT_LABELS
+from cxr_relink.audit.settings import config_settings
+from cxr_relink.audit.settings import resolve as resolve_settings
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 BLANK_POLICIES = ("ignore", "zeros")

@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.counting import TIES_POLICIES
-from audit.embeddings import _as_long
+from cxr_relink.audit.counting import TIES_POLICIES
+from cxr_relink.audit.embeddings import _as_long
 
 
 def monte_carlo_recall(

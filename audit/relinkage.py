@@ -39,13 +39,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from audit.counting import TIES_POLICIES, apply_ties, rank_counts
-from audit.embeddings import EmbeddingSet, _as_long, as_embeddings, l2_normalize
-from audit.labels import LABEL_MAPPINGS, has_labels, label_groups
-from audit.recall import effective_draws, expected_recall, rank_stats, resolve_ns
-from audit.settings import config_settings
-from audit.settings import resolve as resolve_settings
-from audit.stats import bootstrap_patient_means, percentile_ci
+from cxr_relink.audit.counting import TIES_POLICIES, apply_ties, rank_counts
+from cxr_relink.audit.embeddings import EmbeddingSet, _as_long, as_embeddings, l2_normalize
+from cxr_relink.audit.labels import LABEL_MAPPINGS, has_labels, label_groups
+from cxr_relink.audit.recall import effective_draws, expected_recall, rank_stats, resolve_ns
+from cxr_relink.audit.settings import config_settings
+from cxr_relink.audit.settings import resolve as resolve_settings
+from cxr_relink.audit.stats import bootstrap_patient_means, percentile_ci
 
 DIRECTIONS = ("i2t", "t2i")
 

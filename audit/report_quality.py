@@ -53,11 +53,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from audit.green_categories import ERROR_CATEGORIES  # GREEN's categories, as counted here, with its letter
-from audit.labels import CHEXPERT_LABELS, NUM_LABELS
-from audit.settings import config_settings
-from audit.settings import resolve as resolve_settings
-from audit.stats import bootstrap_patient_means, percentile_ci
+from cxr_relink.audit.green_categories import ERROR_CATEGORIES  # GREEN's categories, as counted here, with its letter
+from cxr_relink.audit.labels import CHEXPERT_LABELS, NUM_LABELS
+from cxr_relink.audit.settings import config_settings
+from cxr_relink.audit.settings import resolve as resolve_settings
+from cxr_relink.audit.stats import bootstrap_patient_means, percentile_ci
 
 INFO_CATEGORIES = ("certainty_mismatch", "other_attribute")  # counted, not in the score
 COUNT_KEYS = ("matched", *ERROR_CATEGORIES, *INFO_CATEGORIES)
@@ -502,7 +502,7 @@ def report_quality_audit(
                                                     for i in uq]
             features["baseline/random"] = expected_green(q_truths, database.truths, allowed)[inv][:, None]
             if queries.labels is not None and database.labels is not None and np.isfinite(queries.labels).any():
-                from audit.labels import label_groups
+                from cxr_relink.audit.labels import label_groups
 
                 grp = label_groups(np.concatenate([queries.labels[uq], database.labels]), "blank_negative").numpy()
                 qg, dg = grp[:uq.size], grp[uq.size:]
@@ -628,7 +628,7 @@ def report_quality_audit(
         out["lexical"] = {"bleu4": bleu, "rouge_l": float(mean[offs["rouge_l"]]), "rouge_l_ci": ci(offs["rouge_l"]),
                           "library": lib, "note": "secondary: word overlap, blind to clinical errors"}
     if green_model_scores is not None:
-        from audit.green_model import green_model_section
+        from cxr_relink.audit.green_model import green_model_section
 
         out["green_model"] = green_model_section(green_model_scores)
     if skipped:
@@ -655,7 +655,7 @@ class ReportQuality:
     def green_model(self) -> Any:
         """GREEN's model from the ``green_model`` folder, loaded once (None when not set)."""
         if self.settings["green_model"] and self._green is None:
-            from audit.green_model import GreenModel
+            from cxr_relink.audit.green_model import GreenModel
 
             self._green = GreenModel(str(self.settings["green_model"]))
         return self._green

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from audit.adaptive import BASELINE, PairedFeatures, _t975, check_disjoint, draw_order, draw_seed, fit_attack
-from audit.embeddings import EmbeddingSet
-from audit.relinkage import DegenerateEmbeddingsError
-from audit.stats import bootstrap_patient_means, percentile_ci
+from cxr_relink.audit.adaptive import BASELINE, PairedFeatures, _t975, check_disjoint, draw_order, draw_seed, fit_attack
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.relinkage import DegenerateEmbeddingsError
+from cxr_relink.audit.stats import bootstrap_patient_means, percentile_ci
 
 WITH_RELEASE = (BASELINE, "ridge", "procrustes", "head")
 NO_RELEASE = ("pool_centring", "ridge")

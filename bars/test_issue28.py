@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 from tests.test_dp import compose_dp, stage2_ckpt  # noqa: F401  (a module fixture: a tiny stage-2 checkpoint)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Secure RNG.*")

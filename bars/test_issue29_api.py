@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-import audit
+from cxr_relink import audit
 
 
 def _two_view_rows(n_studies=50, seed=0):

@@ -28,7 +28,7 @@ def _tiny_clip(folder: Path) -> Path:
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from datamodules.text import train_wordpiece
+    from cxr_relink.datamodules.text import train_wordpiece
 
     tok = train_wordpiece(TEXTS * 10, vocab_size=120, min_frequency=1)
     tok.model_max_length = 64

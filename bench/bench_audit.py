@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audit.counting import _backend, rank_counts, tile_shape
-from audit.embeddings import EmbeddingSet
-from audit.labels import label_groups
-from audit.reference import monte_carlo_recall
-from audit.relinkage import relinkage_audit
+from cxr_relink.audit.counting import _backend, rank_counts, tile_shape
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.labels import label_groups
+from cxr_relink.audit.reference import monte_carlo_recall
+from cxr_relink.audit.relinkage import relinkage_audit
 from bench.machine import describe
-from configs import ROOT, audit_settings
+from cxr_relink.configs import ROOT, audit_settings
 
 # Rough CheXpert-like prevalences of positive (1) and uncertain (-1) mentions, per label.
 POS = [0.10, 0.04, 0.12, 0.22, 0.03, 0.10, 0.05, 0.03, 0.12, 0.04, 0.20, 0.01, 0.02, 0.25]
@@ -206,7 +206,7 @@ def bench_m(m: int, args, dev: torch.device, rows: list, tmp: Path) -> None:
               **SETTINGS[name][1], "fused": True, "device": dev}
         res = relinkage_audit(es, **kw)
         if name == "all":  # + the linear probe, on the train rows, with evaluate.py's settings
-            from audit.probe import linear_probe
+            from cxr_relink.audit.probe import linear_probe
 
             p = audit_settings("probe")
             linear_probe(img_all[m:], labels[m:], img_all[:m], labels[:m], eval_labels=p["eval_labels"],

@@ -25,14 +25,14 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from bench.machine import describe  # noqa: E402
-from configs import CONFIG_DIR  # noqa: E402
-from models.dp.features import InMemoryFeatureDataModule, stable_keys  # noqa: E402
-from models.dp.module import DPAlignmentModule  # noqa: E402
+from cxr_relink.configs import CONFIG_DIR  # noqa: E402
+from cxr_relink.models.dp.features import InMemoryFeatureDataModule, stable_keys  # noqa: E402
+from cxr_relink.models.dp.module import DPAlignmentModule  # noqa: E402
 
 
 def encoder_epoch_seconds(n_units: int, batches: int, batch: int, views_per_study: float = 1.5) -> tuple[float, int, int]:
-    from datamodules.text import build_tokenizer
-    from models.dual_tower import DualTowerModule
+    from cxr_relink.datamodules.text import build_tokenizer
+    from cxr_relink.models.dual_tower import DualTowerModule
 
     cfg = OmegaConf.load(CONFIG_DIR / "model" / "bert_encoder.yaml")
     img_cfg = OmegaConf.to_container(cfg.image_tower)
@@ -114,7 +114,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("models.dp.module").setLevel(logging.ERROR)
+    logging.getLogger("cxr_relink.models.dp.module").setLevel(logging.ERROR)
     enc, di, dt = encoder_epoch_seconds(args.units, args.encoder_batches, 64)
     feats, pub = features(args.units, di, dt)
     rows = []

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from bench.machine import cpu_model
-from datamodules.synthetic import SyntheticReader
+from cxr_relink.datamodules.synthetic import SyntheticReader
 
 
 def cpu_seconds() -> float:

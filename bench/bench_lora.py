@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
@@ -50,8 +50,8 @@ def child(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from datamodules.text import train_wordpiece
-    from models.llm_encoder import BidirectionalLLMEncoder
+    from cxr_relink.datamodules.text import train_wordpiece
+    from cxr_relink.models.llm_encoder import BidirectionalLLMEncoder
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

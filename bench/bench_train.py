@@ -87,7 +87,7 @@ def build(overrides: list[str], out_dir: str):
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose("train.yaml", ["logger=csv", *overrides])
     with open_dict(cfg):
@@ -103,8 +103,8 @@ def bare_loop(model, cfg, loader, steps: int) -> tuple[float, float]:
     """(wall, CPU) seconds of ``steps`` plain PyTorch training steps over ``loader``."""
     from hydra.utils import instantiate
 
-    from models.losses import ClipLoss
-    from models.optim import warmup_cosine
+    from cxr_relink.models.losses import ClipLoss
+    from cxr_relink.models.optim import warmup_cosine
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "logit_scale" in n)]
@@ -323,7 +323,7 @@ def main() -> None:
           f"({t_val[0]:.2f} s / {t_train[0]:.2f} s) | ≤ 10% |")
     # The probe runs on the epochs callbacks.audit.due_epoch picks: its share over the default run's
     # epochs, with the rest of validation every epoch.
-    from callbacks.audit import due_epoch
+    from cxr_relink.callbacks.audit import due_epoch
 
     probe_wall = sum(w for k, w in clock.wall.items() if k.startswith("LinearProbe.run_audit") or
                      k.startswith("LinearProbe.write"))

@@ -198,7 +198,7 @@ def synthetic_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from datamodules.text import SPECIAL_TOKENS
+    from cxr_relink.datamodules.text import SPECIAL_TOKENS
 
     words = list(SPECIAL_TOKENS.values())
     words += [f"w{i}" for i in range(vocab - len(words))]
@@ -209,7 +209,7 @@ def synthetic_tokenizer(vocab: int):
 
 def compose_dual_tower(s: SimpleNamespace, cuda: bool):
     """train.yaml with model=llm_encoder, shrunk or grown to the benchmark's sizes, as the CLI would."""
-    from configs import compose
+    from cxr_relink.configs import compose
 
     overrides = [
         "model=llm_encoder", f"trainer={'gpu' if cuda else 'cpu'}",
@@ -342,12 +342,12 @@ def dual_tower_part(s: SimpleNamespace, cuda: bool, peak_tflops: float | None) -
 def audit_part(m: int, d: int, device: torch.device, chunk: int | None) -> dict[str, Any]:
     import torch.nn.functional as F
 
-    from audit.counting import _want_fused, rank_counts, tile_shape
-    from audit.embeddings import EmbeddingSet
-    from audit.labels import label_groups
-    from audit.relinkage import relinkage_audit
+    from cxr_relink.audit.counting import _want_fused, rank_counts, tile_shape
+    from cxr_relink.audit.embeddings import EmbeddingSet
+    from cxr_relink.audit.labels import label_groups
+    from cxr_relink.audit.relinkage import relinkage_audit
     from bench.bench_audit import bare_gemm, make_data, timed
-    from configs import audit_settings
+    from cxr_relink.configs import audit_settings
 
     st = audit_settings("relinkage")
     _, _, patient, labels = make_data(m, 1)  # patients and realistic labels (the vectors are drawn below)
@@ -385,8 +385,8 @@ def dp_part(units: int, batch: int, image_dim: int, text_dim: int, embed_dim: in
     import lightning as L
 
     from bench.bench_dp import EpochTimer, features
-    from models.dp.features import InMemoryFeatureDataModule
-    from models.dp.module import DPAlignmentModule
+    from cxr_relink.models.dp.features import InMemoryFeatureDataModule
+    from cxr_relink.models.dp.module import DPAlignmentModule
 
     class SyncEpochTimer(EpochTimer):
         def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -450,7 +450,7 @@ def parse_args(argv: Sequence[str] | None) -> SimpleNamespace:
 
 
 QUIET = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-         "lightning.fabric.utilities.rank_zero", "models.dp.module", "models.llm_encoder")
+         "lightning.fabric.utilities.rank_zero", "cxr_relink.models.dp.module", "cxr_relink.models.llm_encoder")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

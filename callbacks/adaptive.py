@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from audit.adaptive import AUX_KINDS, PairedFeatures, adaptive_audit
-from audit.embeddings import report_hash
-from audit.relinkage import Relinkage
+from cxr_relink.audit.adaptive import AUX_KINDS, PairedFeatures, adaptive_audit
+from cxr_relink.audit.embeddings import report_hash
+from cxr_relink.audit.relinkage import Relinkage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _Released:
 
 def model_trunk(cfg: DictConfig, module: Any) -> _Trunk:
     """The attacker's view of the audited module (see the module docstring)."""
-    from models.hashing import file_sha256
+    from cxr_relink.models.hashing import file_sha256
 
     if hasattr(module, "encode_image_features"):  # DP checkpoint: frozen backbone + DP heads
         return _Trunk(module, module.encode_image_features, module.encode_report_features,
@@ -70,7 +70,7 @@ def model_trunk(cfg: DictConfig, module: Any) -> _Trunk:
         return _Trunk(module, lambda f: F.normalize(module.image_head(f), dim=-1),
                       lambda f: F.normalize(module.text_head(f), dim=-1), file_sha256(cfg.ckpt_path),
                       "the towers' outputs; the released projection heads")
-    from models.external_heads import SPEC_KEYS, ExternalSplit
+    from cxr_relink.models.external_heads import SPEC_KEYS, ExternalSplit
 
     spec = {k: OmegaConf.select(cfg, f"model.{k}", default=None) for k in SPEC_KEYS}
     spec["dtype"] = spec["dtype"] or "float32"
@@ -78,7 +78,7 @@ def model_trunk(cfg: DictConfig, module: Any) -> _Trunk:
         ext = ExternalSplit.load(spec)
     except ValueError as e:  # no projection per tower (SigLIP, ModifiedResNet): nothing to strip off
         log.warning("adaptive attacker: %s; its released embeddings stand in for the trunk features", e)
-        from models.external_heads import model_fingerprint, resolve_spec
+        from cxr_relink.models.external_heads import model_fingerprint, resolve_spec
 
         ident = lambda f: F.normalize(f, dim=-1)  # noqa: E731
         return _Trunk(_Released(module), ident, ident, "released-" + model_fingerprint(resolve_spec(spec)),
@@ -92,8 +92,8 @@ def model_trunk(cfg: DictConfig, module: Any) -> _Trunk:
 @torch.no_grad()
 def paired_features(trunk: _Trunk, dm, split: str, cache_root: Path, device: torch.device, name: str) -> PairedFeatures:
     """One split of ``dm`` through the trunk (cached) and the released heads."""
-    from datamodules.datamodule import study_text
-    from models.dp.features import cached_split_features
+    from cxr_relink.datamodules.datamodule import study_text
+    from cxr_relink.models.dp.features import cached_split_features
 
     if not dm.studies(split):
         raise ValueError(f"adaptive attacker: split {split!r} of the {name} cohort is empty")
@@ -113,7 +113,7 @@ def adaptive_section(cfg: DictConfig, module: Any, dm, make_datamodule: Callable
     """The ``adaptive`` section of audit.json for the module evaluate.py audits on ``dm`` (split
     ``cfg.split``). ``make_datamodule(cfg, module)`` is evaluate.py's prepared_datamodule (the public
     cohort is prepared the way the audited one is)."""
-    from configs import audit_settings
+    from cxr_relink.configs import audit_settings
 
     node = OmegaConf.to_container(cfg.audit.adaptive, resolve=True)
     public_cfg = node.pop("public_cohort", None)

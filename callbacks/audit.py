@@ -31,11 +31,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from audit import result as R
-from audit.embeddings import VALIDATION_KEYS, EmbeddingSet, embedding_set_from_outputs, report_hash
-from audit.labels import has_labels
-from audit.probe import Probe, subsample_rows
-from audit.relinkage import Relinkage
+from cxr_relink.audit import result as R
+from cxr_relink.audit.embeddings import VALIDATION_KEYS, EmbeddingSet, embedding_set_from_outputs, report_hash
+from cxr_relink.audit.labels import has_labels
+from cxr_relink.audit.probe import Probe, subsample_rows
+from cxr_relink.audit.relinkage import Relinkage
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _stem(trainer: Trainer, name: str, split: str) -> str:
 def report_hashes(studies: Sequence[Any], text_field: str = "report") -> list[str]:
     """audit.embeddings.report_hash of the text the model sees for each study (the ``text_field`` the
     datamodule uses, so identical impressions collapse when the model reads impressions)."""
-    from datamodules.datamodule import study_text
+    from cxr_relink.datamodules.datamodule import study_text
 
     return [report_hash(study_text(s, text_field)) for s in studies]
 
@@ -393,14 +393,14 @@ class ReportQualityAudit(_CollectingCallback):
     ``database="self"`` retrieves from the evaluation split's own reports. Logs
     ``report_quality/green_exact``, ``report_quality/label_micro_f1``, ... (audit/result.py). Report
     texts never leave memory. As a validation callback:
-    ``python train.py +callbacks.report_quality._target_=callbacks.audit.ReportQualityAudit``.
+    ``python train.py +callbacks.report_quality._target_=cxr_relink.callbacks.audit.ReportQualityAudit``.
     """
 
     name = "report_quality"
 
     def __init__(self, every_n_epochs: int = 1, out_dir: str | None = None, write_json: bool = True,
                  split: str = "val", **settings: Any):
-        from audit.report_quality import ReportQuality
+        from cxr_relink.audit.report_quality import ReportQuality
 
         super().__init__(("image_emb", "report_emb", "study_idx", "patient_idx", "index"), every_n_epochs, out_dir,
                          write_json, split)
@@ -431,7 +431,7 @@ class ReportQualityAudit(_CollectingCallback):
         return torch.cat(out)
 
     def run_audit(self, trainer, pl_module, data, meta):
-        from audit.report_quality import ReportSet
+        from cxr_relink.audit.report_quality import ReportSet
 
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "studies"):

@@ -51,7 +51,7 @@ def _cis(res: dict[str, Any]) -> dict[str, list[float]]:
 
 
 def _values(res: dict[str, Any]) -> dict[str, float]:
-    from audit.result import scalars
+    from cxr_relink.audit.result import scalars
 
     try:
         return scalars(res)

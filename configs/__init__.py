@@ -37,7 +37,7 @@ def audit_settings(name: str, given: dict[str, Any] | None = None) -> dict[str, 
     TypeError, as an unknown keyword argument would be. The audit library's own audits ("relinkage",
     "probe", "report_quality") keep their defaults in audit/settings.py; the others (e.g. "adaptive")
     in configs/audit/settings/<name>.yaml."""
-    from audit import settings as library
+    from cxr_relink.audit import settings as library
 
     if name in library.SETTINGS:
         return library.resolve(name, given)
@@ -59,7 +59,7 @@ def _register_audit_settings() -> None:
         from hydra.core.config_store import ConfigStore
     except ImportError:  # `pip install .` without the [train] extra: the audit library alone, no Hydra
         return
-    from audit.settings import SETTINGS, defaults
+    from cxr_relink.audit.settings import SETTINGS, defaults
 
     for name in SETTINGS:
         ConfigStore.instance().store(group="audit/settings", name=name, node=defaults(name))
@@ -74,7 +74,7 @@ def _register_dp_settings() -> None:
     model.loss."""
     try:
         from hydra.core.config_store import ConfigStore
-        from models.dp.plan import SETTINGS
+        from cxr_relink.models.dp.plan import SETTINGS
     except ImportError:  # the audit library alone (no Hydra, no training extras)
         return
     for name, node in SETTINGS.items():

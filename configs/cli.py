@@ -31,7 +31,7 @@ from typing import Callable
 
 import yaml
 
-from configs import CONFIG_DIR, compose
+from cxr_relink.configs import CONFIG_DIR, compose
 
 EXIT_USAGE = 2  # the conventional exit status of a command-line usage error (argparse's)
 # Hydra flags that take a value (the value is not an override).

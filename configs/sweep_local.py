@@ -1,6 +1,6 @@
 """W&B sweeps without a W&B account or server: a local controller for the same sweep files.
 
-    python -m configs.sweep_local configs/sweep/dual_tower.yaml --count 4 [key=value ...]
+    python -m cxr_relink.configs.sweep_local configs/sweep/dual_tower.yaml --count 4 [key=value ...]
 
 reads the sweep file `wandb sweep` reads, asks W&B's own sweep engine (the `sweeps` package, the
 code behind W&B's server-side controller: grid, random and bayes search, the GP fitted to the runs
@@ -264,8 +264,8 @@ def run_sweep(sweep_path: str | Path, count: int, extra: Sequence[str] = (), swe
     import subprocess
     import time
 
-    from callbacks.sweep_table import JOB_FILE, TABLE_FILE, metric_ci, sweep_table
-    from configs import ROOT
+    from cxr_relink.callbacks.sweep_table import JOB_FILE, TABLE_FILE, metric_ci, sweep_table
+    from cxr_relink.configs import ROOT
 
     log = logging.getLogger("sweep_local")
     sweep = load_sweep(sweep_path)
@@ -317,7 +317,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import logging
 
-    ap = argparse.ArgumentParser(prog="python -m configs.sweep_local", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cxr_relink.configs.sweep_local", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", help="a W&B sweep file, e.g. configs/sweep/dual_tower.yaml")
     ap.add_argument("--count", type=int, default=1, help="runs to make (a grid stops when exhausted)")
     ap.add_argument("--sweep-dir", default=None, help="default logs/sweeps/local-<file>-<time>/")

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datamodules.reader_utils import (
+from cxr_relink.datamodules.reader_utils import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -45,8 +45,8 @@ from datamodules.reader_utils import (
     open_text,
     read_csv_rows,
 )
-from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from datamodules.report_sections import parse_report, section_text
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
+from cxr_relink.datamodules.report_sections import parse_report, section_text
 
 log = logging.getLogger(__name__)
 

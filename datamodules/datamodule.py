@@ -17,9 +17,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from datamodules.reader_utils import _bomb_reason, grey_uint8
-from datamodules.records import SPLITS, TEXT_FIELDS, Study
-from datamodules.text import build_tokenizer
+from cxr_relink.datamodules.reader_utils import _bomb_reason, grey_uint8
+from cxr_relink.datamodules.records import SPLITS, TEXT_FIELDS, Study
+from cxr_relink.datamodules.text import build_tokenizer
 
 log = logging.getLogger(__name__)
 

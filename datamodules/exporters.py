@@ -1,8 +1,8 @@
 """Write Study records (the synthetic cohort's, in particular) in each real cohort's official layout.
 
-    python -m datamodules.exporters --format mimic_cxr --out DIR [--num-patients N] [--seed S]
-    python -m datamodules.exporters --format chexpert_plus --out DIR
-    python -m datamodules.exporters --format openi --out DIR
+    python -m cxr_relink.datamodules.exporters --format mimic_cxr --out DIR [--num-patients N] [--seed S]
+    python -m cxr_relink.datamodules.exporters --format chexpert_plus --out DIR
+    python -m cxr_relink.datamodules.exporters --format openi --out DIR
 
 The readers (datamodules/{mimic_cxr,chexpert_plus,openi}.py) then read DIR unchanged, so the whole
 real-cohort path (layout -> Study -> batches -> training/audit) is exercised without credentialed
@@ -40,9 +40,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from datamodules.reader_utils import FRONTAL_VIEWS, clean
-from datamodules.records import CHEXPERT_LABELS, Study
-from datamodules.report_sections import parse_report
+from cxr_relink.datamodules.reader_utils import FRONTAL_VIEWS, clean
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, Study
+from cxr_relink.datamodules.report_sections import parse_report
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def export(studies: Sequence[Study], fmt: str, out: str | Path, overwrite: bool 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m datamodules.exporters",
+        prog="python -m cxr_relink.datamodules.exporters",
         description="Write the synthetic cohort in a real cohort's official on-disk layout.",
     )
     ap.add_argument("--format", required=True, choices=FORMATS)
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         ap.error(f"--out {out} is not empty; pass --overwrite to replace a previous export")
-    from datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic import SyntheticReader
 
     studies = SyntheticReader(num_patients=args.num_patients, seed=args.seed, image_size=args.image_size).load()
     ids = export(studies, args.format, out, overwrite=args.overwrite)

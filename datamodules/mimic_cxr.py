@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datamodules.reader_utils import (
+from cxr_relink.datamodules.reader_utils import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -41,8 +41,8 @@ from datamodules.reader_utils import (
     find_file,
     read_csv_rows,
 )
-from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from datamodules.report_sections import parse_report
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
+from cxr_relink.datamodules.report_sections import parse_report
 
 log = logging.getLogger(__name__)
 

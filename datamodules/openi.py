@@ -43,7 +43,7 @@ from typing import IO, Iterator, Sequence
 
 import numpy as np
 
-from datamodules.reader_utils import (
+from cxr_relink.datamodules.reader_utils import (
     FRONTAL_VIEWS,
     UNKNOWN_VIEW,
     CohortReader,
@@ -56,8 +56,8 @@ from datamodules.reader_utils import (
     open_text,
     read_csv_rows,
 )
-from datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
-from datamodules.report_sections import DEID_MARK, parse_report, section_text
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, NUM_LABELS, Study, labels_from_mapping
+from cxr_relink.datamodules.report_sections import DEID_MARK, parse_report, section_text
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.records import CHEXPERT_LABELS, SPLITS, Study
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, SPLITS, Study
 
 log = logging.getLogger(__name__)
 

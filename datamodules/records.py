@@ -15,7 +15,7 @@ import numpy as np
 # The 14 CheXpert observations, in CheXpert's canonical order: defined by the audit library (which
 # stands alone), re-exported here for the rest of the project. Every label vector in this project is
 # indexed by this tuple; readers map their columns *by name* onto it.
-from audit.labels import CHEXPERT_LABELS, NUM_LABELS
+from cxr_relink.audit.labels import CHEXPERT_LABELS, NUM_LABELS
 
 __all__ = ["CHEXPERT_LABELS", "NUM_LABELS", "LABEL_INDEX", "VALID_LABEL_VALUES", "SPLITS", "TEXT_FIELDS", "Study",
            "validate_labels", "labels_from_mapping"]

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datamodule import CXRDataModule, study_text
-from datamodules.records import Study
+from cxr_relink.datamodules.datamodule import CXRDataModule, study_text
+from cxr_relink.datamodules.records import Study
 
 # A small, common radiology shorthand list (word-boundary, case-insensitive), longest first.
 ABBREVIATIONS: tuple[tuple[str, str], ...] = (

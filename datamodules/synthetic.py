@@ -49,10 +49,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from datamodules.records import CHEXPERT_LABELS, SPLITS, Study
-from datamodules import synthetic_reports as rep
-from datamodules.synthetic_params import GENERATOR_VERSION, CohortParams
-from datamodules.synthetic_sampling import (
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, SPLITS, Study
+from cxr_relink.datamodules import synthetic_reports as rep
+from cxr_relink.datamodules.synthetic_params import GENERATOR_VERSION, CohortParams
+from cxr_relink.datamodules.synthetic_sampling import (
     LABEL_PROFILES,
     labels_json,
     make_error_variants,
@@ -60,7 +60,7 @@ from datamodules.synthetic_sampling import (
     public_items,
     sample_patient,
 )
-from datamodules.synthetic_render import (
+from cxr_relink.datamodules.synthetic_render import (
     Geometry,
     draw_study,
     draw_study_lateral,
@@ -98,7 +98,7 @@ def _check_num(name: str, v: Any, lo: float, hi: float, integer: bool = False) -
 
 
 class SyntheticReader:
-    """Reader for the synthetic cohort (Hydra: ``_target_: datamodules.synthetic.SyntheticReader``).
+    """Reader for the synthetic cohort (Hydra: ``_target_: cxr_relink.datamodules.synthetic.SyntheticReader``).
 
     Args:
         num_patients: patients to generate (each has 1-6 studies, ~2.6 on average: 1,200 -> 3,086).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datamodules.records import LABEL_INDEX, NUM_LABELS
+from cxr_relink.datamodules.records import LABEL_INDEX, NUM_LABELS
 
 STYLES = ("structured", "impression_only", "abbreviated")
 ERROR_TYPES = ("severity", "side", "zone", "false_finding", "false_negation")

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from datamodules import synthetic_reports as rep
-from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
+from cxr_relink.datamodules import synthetic_reports as rep
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
 
 if TYPE_CHECKING:
-    from datamodules.synthetic_params import CohortParams
-    from datamodules.synthetic_render import Geometry
+    from cxr_relink.datamodules.synthetic_params import CohortParams
+    from cxr_relink.datamodules.synthetic_render import Geometry
 
 # Studies per patient 1..6 (a long tail, as in MIMIC-CXR).
 STUDY_COUNT_P = np.array([0.34, 0.22, 0.16, 0.12, 0.09, 0.07])

@@ -45,7 +45,7 @@ import time
 import warnings
 from pathlib import Path
 
-from configs import ROOT  # also sets CXR_RELINK_ROOT
+from cxr_relink.configs import ROOT  # also sets CXR_RELINK_ROOT
 
 warnings.filterwarnings("ignore")
 
@@ -56,11 +56,11 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.func import functional_call, jacrev  # noqa: E402
 
-from audit.one_run import audit_from_scores, epsilon_lower_bound  # noqa: E402
+from cxr_relink.audit.one_run import audit_from_scores, epsilon_lower_bound  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from experiments import dp_results  # noqa: E402
-from models.dp.features import pool_units, select_studies, stable_keys  # noqa: E402
-from models.dp.module import DPAlignmentModule  # noqa: E402
+from cxr_relink.models.dp.features import pool_units, select_studies, stable_keys  # noqa: E402
+from cxr_relink.models.dp.module import DPAlignmentModule  # noqa: E402
 
 log = logging.getLogger("dp_canary_audit")
 
@@ -238,7 +238,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    for name in ("lightning.pytorch", "lightning.fabric", "models.dp.module"):
+    for name in ("lightning.pytorch", "lightning.fabric", "cxr_relink.models.dp.module"):
         logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.time()
     cfg = dp_results.compose_cfg(args.ckpt, args.overrides)

@@ -55,7 +55,7 @@ import time
 import warnings
 from pathlib import Path
 
-from configs import ROOT  # also sets CXR_RELINK_ROOT
+from cxr_relink.configs import ROOT  # also sets CXR_RELINK_ROOT
 
 warnings.filterwarnings("ignore")
 
@@ -66,15 +66,15 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
-from audit.embeddings import EmbeddingSet  # noqa: E402
-from audit.membership import embed_items, membership_test_from_features  # noqa: E402
-from audit.probe import linear_probe  # noqa: E402
-from audit.relinkage import relinkage_audit  # noqa: E402
+from cxr_relink.audit.embeddings import EmbeddingSet  # noqa: E402
+from cxr_relink.audit.membership import embed_items, membership_test_from_features  # noqa: E402
+from cxr_relink.audit.probe import linear_probe  # noqa: E402
+from cxr_relink.audit.relinkage import relinkage_audit  # noqa: E402
 from bench.machine import describe  # noqa: E402
-from models.dp import record  # noqa: E402
-from models.dp.accounting import group_privacy  # noqa: E402
-from models.dp.features import PRIVACY_UNITS, InMemoryFeatureDataModule, file_sha256, pool_units  # noqa: E402
-from models.dp.module import HEAD_INITS, DPAlignmentModule  # noqa: E402
+from cxr_relink.models.dp import record  # noqa: E402
+from cxr_relink.models.dp.accounting import group_privacy  # noqa: E402
+from cxr_relink.models.dp.features import PRIVACY_UNITS, InMemoryFeatureDataModule, file_sha256, pool_units  # noqa: E402
+from cxr_relink.models.dp.module import HEAD_INITS, DPAlignmentModule  # noqa: E402
 
 log = logging.getLogger("dp_results")
 
@@ -427,7 +427,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("lightning.pytorch", "lightning.fabric", "models.dp.module"):
+    for name in ("lightning.pytorch", "lightning.fabric", "cxr_relink.models.dp.module"):
         logging.getLogger(name).setLevel(logging.ERROR)
     protocols = args.protocols.split(",")
     for p in protocols:

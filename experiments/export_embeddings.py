@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-import configs  # noqa: F401  (sets CXR_RELINK_ROOT)
-from models.embedding_cache import encode_split  # the one encoding of a split's rows (evaluate.py's cache too)
+from cxr_relink import configs  # noqa: F401  (sets CXR_RELINK_ROOT)
+from cxr_relink.models.embedding_cache import encode_split  # the one encoding of a split's rows (evaluate.py's cache too)
 
 log = logging.getLogger("export_embeddings")
 
@@ -37,7 +37,7 @@ def _device(name: str) -> torch.device:
 
 def export_embeddings(cfg: DictConfig) -> Path:
     """Write `cfg.out`; refuses to replace an existing file unless `overwrite`."""
-    from evaluate import external_model_path, load_audited_module, prepared_datamodule
+    from cxr_relink.evaluation import external_model_path, load_audited_module, prepared_datamodule
 
     out = Path(cfg.out)
     if out.suffix != ".npz":

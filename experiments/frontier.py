@@ -109,7 +109,7 @@ def train_arm(arm: str, a, work: Path) -> tuple[Path, float]:
 def _datamodule(overrides: list[str], tokenizer):
     from hydra.utils import instantiate
 
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose("train.yaml", overrides)
     dm = instantiate(cfg.data)
@@ -124,8 +124,8 @@ def paired(model, dm, split: str, name: str, prefix: str, cap_items: int | None 
     import torch
     import torch.nn.functional as F
 
-    from audit.adaptive import PairedFeatures
-    from audit.probe import subsample_rows
+    from cxr_relink.audit.adaptive import PairedFeatures
+    from cxr_relink.audit.probe import subsample_rows
 
     n = len(dm.dataset(split, train=False))
     loader = dm.eval_dataloader(split, indices=None if not cap_items or cap_items >= n else subsample_rows(n, cap_items, 0))
@@ -168,10 +168,10 @@ def evaluate_arm(arm: str, ckpt: Path, a) -> dict:
     import numpy as np
     import torch
 
-    from audit.probe import linear_probe
-    from audit.relinkage import Relinkage
-    from audit.risk import risk_audit
-    from models.checkpoint import load_module
+    from cxr_relink.audit.probe import linear_probe
+    from cxr_relink.audit.relinkage import Relinkage
+    from cxr_relink.audit.risk import risk_audit
+    from cxr_relink.models.checkpoint import load_module
 
     torch.manual_seed(a.seed)
     model = load_module(ckpt).eval()

@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import configs  # noqa: F401  (sets CXR_RELINK_ROOT)
-from audit import result as R
+from cxr_relink import configs  # noqa: F401  (sets CXR_RELINK_ROOT)
+from cxr_relink.audit import result as R
 
 log = logging.getLogger("ladder")
 
@@ -50,8 +50,8 @@ def parse_model(spec: str) -> tuple[str, list[str]]:
 
 def run_ladder(models: Sequence[tuple[str, Sequence[str]]], shared: Sequence[str], out: str | Path) -> dict[str, Any]:
     """evaluate.py once per model into out/<name>/, then the comparison. Returns {"rows", "paths"}."""
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     out = Path(out)
     names = [n for n, _ in models]

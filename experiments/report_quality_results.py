@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 from experiments.reproduce import SCALES, Run, execute, recall, scale_overrides
 
 log = logging.getLogger("report_quality_results")

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs import ROOT  # also sets CXR_RELINK_ROOT
+from cxr_relink.configs import ROOT  # also sets CXR_RELINK_ROOT
 from experiments import verdict as V
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -180,7 +180,7 @@ class Run:
 def compose_cfg(config_name: str, overrides: list[str], out: Path):
     from omegaconf import open_dict
 
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose(config_name, overrides)
     with open_dict(cfg):
@@ -277,7 +277,7 @@ def progress(run: Run, seed: int, how: str = "") -> None:
 
 def execute(run: Run, resume: bool) -> Run:
     """train()/evaluate() on the composed config; the result is the audit JSON they write."""
-    from audit.result import load_result
+    from cxr_relink.audit.result import load_result
 
     path = audit_json_path(run)
     if resume and done(run):
@@ -294,7 +294,7 @@ def execute(run: Run, resume: bool) -> Run:
 
             metrics, _ = train(cfg)
         else:
-            from evaluate import evaluate
+            from cxr_relink.evaluation import evaluate
 
             metrics, _ = evaluate(cfg)
         run.extra["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -312,9 +312,9 @@ def execute(run: Run, resume: bool) -> Run:
 def availability() -> dict[str, str | None]:
     """None when a stage can run, else the reason it cannot (its rows then say "not available: <reason>")."""
     out: dict[str, str | None] = {}
-    for stage, mods, cfgs in (("llm", ("models.llm_encoder", "models.text_adapt"), ("model/llm_encoder", "experiment/text_adapt")),
-                              ("dp", ("models.dp.module", "models.dp.features"), ("experiment/dp_alignment",)),
-                              ("adaptive", ("audit.adaptive",), ("audit/adaptive",))):
+    for stage, mods, cfgs in (("llm", ("cxr_relink.models.llm_encoder", "cxr_relink.models.text_adapt"), ("model/llm_encoder", "experiment/text_adapt")),
+                              ("dp", ("cxr_relink.models.dp.module", "cxr_relink.models.dp.features"), ("experiment/dp_alignment",)),
+                              ("adaptive", ("cxr_relink.audit.adaptive",), ("audit/adaptive",))):
         reason = None
         for c in cfgs:
             if not (ROOT / "configs" / f"{c}.yaml").exists():
@@ -327,7 +327,7 @@ def availability() -> dict[str, str | None]:
         out[stage] = reason
     # Fresh projection heads for stage 3 (issue #22): the DP settings must offer head_init.
     if out["dp"] is None:
-        from models.dp.plan import DP_DEFAULTS
+        from cxr_relink.models.dp.plan import DP_DEFAULTS
 
         out["dp_fresh"] = None if "head_init" in DP_DEFAULTS else "models/dp/plan.py's DP settings have no head_init"
     else:
@@ -593,7 +593,7 @@ class Reproduction:
 
     def load_kept(self, s: int, partial: bool = False) -> bool:
         """Load seed ``s`` from --keep if it is kept under this protocol (complete, or any with ``partial``)."""
-        from audit.result import load_result
+        from cxr_relink.audit.result import load_result
 
         man = self.manifest(s)
         if man is None or self.stale(man) or not (man.get("complete") or partial):
@@ -1256,7 +1256,7 @@ class Reproduction:
         """Appendix: seeds kept under older protocols, per run, labelled; never in a verdict."""
         if not self.old:
             return []
-        from audit.result import load_result
+        from cxr_relink.audit.result import load_result
 
         L = ["## Appendix: seeds kept under an older protocol (not in any verdict above)", ""]
         for v in sorted({v for v, _ in self.old}):

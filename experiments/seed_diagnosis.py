@@ -34,7 +34,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from configs import ROOT
+from cxr_relink.configs import ROOT
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -90,7 +90,7 @@ def run_train(out: Path, overrides: list[str]) -> dict:
     """train.train() on the composed config, with the grad-norm callback added; writes done.json."""
     from omegaconf import open_dict
 
-    from configs import compose
+    from cxr_relink.configs import compose
     from train import train
 
     if (out / "done.json").exists():
@@ -194,7 +194,7 @@ def cmd_probe_stage1(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from configs import compose
+    from cxr_relink.configs import compose
     from hydra.utils import instantiate
 
     for s in args.seeds:

@@ -29,10 +29,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from configs import ROOT
-from datamodules.records import Study
-from datamodules.report_variants import ReportVariantsDataModule
-from models.text_adapt import TextAdaptModule, error_discrimination
+from cxr_relink.configs import ROOT
+from cxr_relink.datamodules.records import Study
+from cxr_relink.datamodules.report_variants import ReportVariantsDataModule
+from cxr_relink.models.text_adapt import TextAdaptModule, error_discrimination
 
 
 class _Reader:
@@ -89,7 +89,7 @@ def evaluate(tower, tok, studies: list[Study], max_length: int) -> dict[str, flo
 
 
 def tower_cfg(args, bidirectional: bool) -> dict:
-    cfg = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "bidirectional": bidirectional,
+    cfg = {"_target_": "cxr_relink.models.llm_encoder.BidirectionalLLMEncoder", "bidirectional": bidirectional,
            "pooling": args.pooling, "max_length": args.max_length, "model_type": args.model_type}
     if args.pretrained:
         cfg.update(pretrained=args.pretrained, use_lora=True)
@@ -123,7 +123,7 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    from datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic import SyntheticReader
 
     cache = ROOT / ".cache"
     studies = SyntheticReader(num_patients=args.num_patients, seed=1234 + args.seed, image_size=32, cache_dir=str(cache)).load()
@@ -144,7 +144,7 @@ def main() -> None:
         module = TextAdaptModule(
             text_tower=tower_cfg(args, bidirectional),
             optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": args.lr, "weight_decay": 0.01},
-            scheduler={"_target_": "models.optim.warmup_cosine", "_partial_": True, "warmup_fraction": 0.05},
+            scheduler={"_target_": "cxr_relink.models.optim.warmup_cosine", "_partial_": True, "warmup_fraction": 0.05},
             mntp_weight=args.mntp_weight, supcon_weight=args.supcon_weight, tokenizer=dm.tokenizer,
         )
         name = "bidirectional" if bidirectional else "causal"

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from datamodules.text import tokenizer_from_state, tokenizer_to_state
-from models.contract import EmbeddingModel, as_embedding_model
-from models.load_guard import compare_state_dict, enforce
+from cxr_relink.datamodules.text import tokenizer_from_state, tokenizer_to_state
+from cxr_relink.models.contract import EmbeddingModel, as_embedding_model
+from cxr_relink.models.load_guard import compare_state_dict, enforce
 
 FORMAT_VERSION = 1
 KEY = "cxr_relink"

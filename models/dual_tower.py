@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from audit.embeddings import validation_outputs
-from models.checkpoint import plain, restore_external_weights, save_extras
-from models.contract import LoadedState
-from models.heads import ProjectionHead
-from models.optim import configure_optimizers
-from models.losses import ClipLoss, in_batch_accuracy
+from cxr_relink.audit.embeddings import validation_outputs
+from cxr_relink.models.checkpoint import plain, restore_external_weights, save_extras
+from cxr_relink.models.contract import LoadedState
+from cxr_relink.models.heads import ProjectionHead
+from cxr_relink.models.optim import configure_optimizers
+from cxr_relink.models.losses import ClipLoss, in_batch_accuracy
 
 
 class DualTowerModule(LoadedState, L.LightningModule):

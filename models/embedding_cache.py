@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from models.hashing import update_from_file
+from cxr_relink.models.hashing import update_from_file
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def cohort_rows(studies: Sequence[Any], text_field: str, indices: Sequence[int] 
     """The rows (one per image, in dataset order; ``indices`` picks some) of a split's ``studies``, as
     the cache keys and checks them: study_id, patient_id, report_text_hash (of the text the model
     reads) and image (``image_signature``)."""
-    from audit.embeddings import report_hash
+    from cxr_relink.audit.embeddings import report_hash
 
     hashes = [report_hash(st.text(text_field)) for st in studies]
     items = [(s, v) for s, st in enumerate(studies) for v in range(len(st.images))]
@@ -267,7 +267,7 @@ def encode_split(module, dm, split: str, device: torch.device, indices: Sequence
     """The rows of one split (or of its items ``indices``), in dataset order (the order the audit
     callbacks sort by): image_emb, report_emb, study_id, patient_id (the cohort's own ids), labels,
     report_text_hash (of the text the model reads; never the text), split."""
-    from audit.embeddings import report_hash
+    from cxr_relink.audit.embeddings import report_hash
 
     studies = dm.studies(split)
     hashes = [report_hash(s.text(dm.text_field)) for s in studies]

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from audit.embeddings import validation_outputs
-from models.contract import LoadedState
-from models.load_guard import LoadProblems, compare_state_dict, enforce
+from cxr_relink.audit.embeddings import validation_outputs
+from cxr_relink.models.contract import LoadedState
+from cxr_relink.models.load_guard import LoadProblems, compare_state_dict, enforce
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from models.external import FAMILIES, ExternalDualEncoder, HFBackend, OpenCLIPBackend, pad_to
-from models.hashing import file_sha256
+from cxr_relink.models.external import FAMILIES, ExternalDualEncoder, HFBackend, OpenCLIPBackend, pad_to
+from cxr_relink.models.hashing import file_sha256
 
 SPLIT_RULE_VERSION = 1  # part of the feature-cache key: a changed rule never reuses stale trunk features
 SPEC_KEYS = ("family", "path", "arch", "context_length", "dtype", "image_mean", "image_std", "text_config_dir")

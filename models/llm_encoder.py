@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from models.poolers import build_pooler
+from cxr_relink.models.poolers import build_pooler
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def base_fingerprint(path: str | Path) -> dict:
     ~25 s for 16 GB), once per process."""
     import hashlib
 
-    from models.hashing import file_sha256
+    from cxr_relink.models.hashing import file_sha256
 
     root = Path(path)
     files = sorted({p for p in root.rglob("*.safetensors")} | {root / f for f in FINGERPRINT_FILES if (root / f).exists()})

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from models.checkpoint import plain, restore_external_weights, save_extras
-from models.losses import IGNORE_INDEX, SupConLoss, mask_tokens, mntp_labels, mntp_loss
-from models.optim import configure_optimizers
+from cxr_relink.models.checkpoint import plain, restore_external_weights, save_extras
+from cxr_relink.models.losses import IGNORE_INDEX, SupConLoss, mask_tokens, mntp_labels, mntp_loss
+from cxr_relink.models.optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModel, BertConfig, BertModel
 
-from models.poolers import build_pooler
+from cxr_relink.models.poolers import build_pooler
 
 
 def split_by_length(lengths: torch.Tensor, max_buckets: int, hidden_size: int, overhead_tokens: int = 256) -> list[torch.Tensor]:

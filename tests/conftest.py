@@ -18,8 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
-from configs import CONFIG_DIR as _CONFIG_DIR  # importing configs sets CXR_RELINK_ROOT
-from configs import ROOT  # noqa: F401  (tests import it from here)
+from cxr_relink.configs import CONFIG_DIR as _CONFIG_DIR  # importing configs sets CXR_RELINK_ROOT
+from cxr_relink.configs import ROOT  # noqa: F401  (tests import it from here)
 
 CONFIG_DIR = str(_CONFIG_DIR)
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -85,7 +85,7 @@ def compose_train(tmp_path, cache_dir):
 
 def random_studies(n_patients: int = 6, seed: int = 0, size: int = 32):
     """Hand-made Study records with random images (for unit tests independent of the generator)."""
-    from datamodules.records import NUM_LABELS, Study
+    from cxr_relink.datamodules.records import NUM_LABELS, Study
 
     rng = np.random.default_rng(seed)
     words = ["small", "left", "right", "effusion", "opacity", "clear", "lungs", "heart", "normal", "tube"]

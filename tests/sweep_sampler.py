@@ -1,7 +1,7 @@
 """Expand a W&B sweep file offline, as `wandb sweep` + `wandb agent` would (no W&B server needed).
 
 The implementation lives in configs/sweep_local.py (the local controller that also *runs* a sweep:
-`python -m configs.sweep_local configs/sweep/dual_tower.yaml --count 2`); this module keeps the
+`python -m cxr_relink.configs.sweep_local configs/sweep/dual_tower.yaml --count 2`); this module keeps the
 names the tests import and the preview command:
 
     python -m tests.sweep_sampler configs/sweep/dual_tower.yaml -n 3     # print 3 agent command lines
@@ -9,7 +9,7 @@ names the tests import and the preview command:
 
 from __future__ import annotations
 
-from configs.sweep_local import (  # noqa: F401
+from cxr_relink.configs.sweep_local import (  # noqa: F401
     _kind, _ppf, agent_command, as_served, grid_suggestions, hydra_overrides, load_sweep, random_suggestion,
     suggestions,
 )

@@ -13,10 +13,10 @@ import torch
 from scipy.linalg import orthogonal_procrustes as scipy_procrustes
 from sklearn.linear_model import Ridge
 
-from audit.adaptive import (PairedFeatures, adaptive_audit, check_disjoint, fit_attack, orthogonal_procrustes,
+from cxr_relink.audit.adaptive import (PairedFeatures, adaptive_audit, check_disjoint, fit_attack, orthogonal_procrustes,
                             draw_order, patient_folds, resolve_n_aux, ridge_cv_retrieval, ridge_fit, ridge_loo_mse,
                             summarise_draws, train_heads)
-from audit.relinkage import relinkage_audit
+from cxr_relink.audit.relinkage import relinkage_audit
 from tests.test_external_models import hf_models  # noqa: F401  (the tiny CLIP and SigLIP folders)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -316,15 +316,15 @@ def test_aux_sizes_clip_to_all_and_nest():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny untrained dual tower, saved the way Lightning + models.checkpoint save one."""
-    from datamodules.text import build_tokenizer
-    from models.checkpoint import plain, save_extras
-    from models.dual_tower import DualTowerModule
+    from cxr_relink.datamodules.text import build_tokenizer
+    from cxr_relink.models.checkpoint import plain, save_extras
+    from cxr_relink.models.dual_tower import DualTowerModule
 
     torch.manual_seed(0)
     words = "left right small large pleural effusion no acute findings heart size normal tube tip".split()
     m = DualTowerModule(
-        image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
-        text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+        image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+        text_tower={"_target_": "cxr_relink.models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
                     "intermediate_size": 32, "max_position_embeddings": 256},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, embed_dim=8,
         tokenizer=build_tokenizer([" ".join(words[i % 7 : i % 7 + 6]) for i in range(60)], vocab_size=120),
@@ -337,8 +337,8 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     out = tmp_path / "eval"
     scalars, objs = evaluate(compose("evaluate.yaml", [
@@ -369,8 +369,8 @@ def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
 
 
 def test_evaluate_adaptive_refuses_embeddings_file(tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     rng = np.random.default_rng(0)  # a valid file: the refusal is about what it cannot hold (trunk features)
     npz = tmp_path / "x.npz"
@@ -384,8 +384,8 @@ def test_evaluate_adaptive_refuses_embeddings_file(tmp_path):
 def test_evaluate_audit_adaptive_existing_model(hf_models, cache_dir, tmp_path, name):
     """An existing model: CLIP's trunk is the library's features before its projections; SigLIP has no
     separate projection, so its released space stands in for the trunk (and says so)."""
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     out = tmp_path / name
     evaluate(compose("evaluate.yaml", [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import hypergeom
 
-import audit
+from cxr_relink import audit
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")

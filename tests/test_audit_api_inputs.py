@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import audit
-from audit.relinkage import DegenerateEmbeddingsError, Relinkage
+from cxr_relink import audit
+from cxr_relink.audit.relinkage import DegenerateEmbeddingsError, Relinkage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks.audit import LinearProbe, RelinkageAudit
-from audit.embeddings import EmbeddingSet
-from audit.relinkage import relinkage_audit
-from audit.result import load_result
+from cxr_relink.callbacks.audit import LinearProbe, RelinkageAudit
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.relinkage import relinkage_audit
+from cxr_relink.audit.result import load_result
 
 DIM = 8
 N_STUDIES = 24
@@ -269,13 +269,13 @@ def _npz(path, with_split=True, drop=None):
 
 
 def _eval_cfg(overrides):
-    from configs import compose
+    from cxr_relink.configs import compose
 
     return compose("evaluate.yaml", overrides)
 
 
 def test_evaluate_embeddings_writes_json_plot_report(tmp_path, caplog):
-    from evaluate import evaluate
+    from cxr_relink.evaluation import evaluate
 
     npz = _npz(tmp_path / "emb.npz")
     cfg = _eval_cfg([f"embeddings={npz}", "audit=all", f"paths.output_dir={tmp_path / 'out'}",
@@ -295,7 +295,7 @@ def test_evaluate_embeddings_writes_json_plot_report(tmp_path, caplog):
 
 
 def test_evaluate_bad_inputs(tmp_path):
-    from evaluate import evaluate
+    from cxr_relink.evaluation import evaluate
 
     with pytest.raises(ValueError, match="exactly one of ckpt_path"):
         evaluate(_eval_cfg([f"paths.output_dir={tmp_path}"]))
@@ -324,7 +324,7 @@ def test_audits_run_every_nth_and_the_last_epoch_while_fitting() -> None:
 
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from callbacks.audit import _is_due
+    from cxr_relink.callbacks.audit import _is_due
 
     def due(every: int, max_epochs: int, fn=TrainerFn.FITTING) -> list[int]:
         return [e for e in range(max_epochs) if _is_due(SimpleNamespace(

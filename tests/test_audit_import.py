@@ -34,7 +34,7 @@ class Refuse:
         if name.split('.')[0] in PROJECT:
             raise ImportError(f'audit/ imported {name!r}, a package of the project')
 sys.meta_path.insert(0, Refuse())
-import audit
+from cxr_relink import audit
 assert audit.__file__.startswith(%r), audit.__file__
 for m in pkgutil.iter_modules(audit.__path__, 'audit.'):
     importlib.import_module(m.name)
@@ -97,7 +97,7 @@ def test_a_copy_of_audit_alone_imports_and_runs(tmp_path) -> None:
 
 
 def test_public_api_is_exported() -> None:
-    import audit
+    from cxr_relink import audit
 
     assert audit.__all__ and "relink" in audit.__all__
     for name in audit.__all__:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from audit import result as R
-from audit.api import relink
+from cxr_relink.audit import result as R
+from cxr_relink.audit.api import relink
 
 
 def test_hardneg_headline_explains_chance_beside_the_mean_effective_pool() -> None:
@@ -36,8 +36,8 @@ def test_hardneg_headline_explains_chance_beside_the_mean_effective_pool() -> No
 
 
 def test_audit_all_says_why_the_adaptive_attacker_is_not_in_it(tmp_path) -> None:
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
     from tests.test_audit_callbacks import _npz
 
     npz = _npz(tmp_path / "emb.npz")

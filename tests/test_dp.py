@@ -16,11 +16,11 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from audit.membership import member_nonmember_linkage
-from models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp, noise_multiplier_for, rdp_sampled_gaussian
-from models.dp.features import InMemoryFeatureDataModule, pool_units, select_studies, stable_keys
-from models.dp.losses import group_assignment
-from models.dp.module import DPAlignmentModule, _Heads
+from cxr_relink.audit.membership import member_nonmember_linkage
+from cxr_relink.models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp, noise_multiplier_for, rdp_sampled_gaussian
+from cxr_relink.models.dp.features import InMemoryFeatureDataModule, pool_units, select_studies, stable_keys
+from cxr_relink.models.dp.losses import group_assignment
+from cxr_relink.models.dp.module import DPAlignmentModule, _Heads
 
 warnings.filterwarnings("ignore", message=".*Secure RNG.*")
 D = 8
@@ -444,7 +444,7 @@ def test_member_nonmember_linkage_bound() -> None:
 def compose_dp(out: Path, *overrides: str):
     from omegaconf import open_dict
 
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose("train.yaml", overrides)
     with open_dict(cfg):
@@ -455,17 +455,17 @@ def compose_dp(out: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def stage2_ckpt(tmp_path_factory) -> Path:
     """A tiny untrained dual tower, saved the way Lightning + models.checkpoint save one."""
-    from datamodules.text import build_tokenizer
-    from models.checkpoint import plain, save_extras
-    from models.dual_tower import DualTowerModule
+    from cxr_relink.datamodules.text import build_tokenizer
+    from cxr_relink.models.checkpoint import plain, save_extras
+    from cxr_relink.models.dual_tower import DualTowerModule
 
     torch.manual_seed(0)
     words = "left right small large pleural effusion no acute findings heart size normal tube tip".split()
     texts = [" ".join(words[i % 7 : i % 7 + 6]) for i in range(60)]
     tok = build_tokenizer(texts, vocab_size=120)
     m = DualTowerModule(
-        image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
-        text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+        image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+        text_tower={"_target_": "cxr_relink.models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
                     "intermediate_size": 32, "max_position_embeddings": 256},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, embed_dim=8, tokenizer=tok,
     )
@@ -477,8 +477,8 @@ def stage2_ckpt(tmp_path_factory) -> Path:
 
 
 def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckpt, monkeypatch) -> None:
-    from models.checkpoint import load_module
-    from models.dp import features as feat_mod
+    from cxr_relink.models.checkpoint import load_module
+    from cxr_relink.models.dp import features as feat_mod
     from train import train
 
     cache = tmp_path / "cache"
@@ -532,8 +532,8 @@ def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckp
     assert torch.load(ckpt, weights_only=True)["dp_state"]["guarantee_valid"] is True
 
     # evaluate.py on the DP checkpoint carries the privacy statement saved with it.
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     ecfg = compose("evaluate.yaml", [f"ckpt_path={ckpt}", "audit=standard", "data.reader.num_patients=30",
                                      "data.reader.image_size=32", "data.image_size=32", f"paths.cache_dir={cache}",
@@ -581,8 +581,8 @@ def test_head_init_stage2_copies_the_backbone_heads_and_fresh_reinitialises_them
     """stage2: the DP run starts from the stage-2 heads. fresh: from the heads a fresh ProjectionHead of
     the same shape draws under torch.manual_seed(head_init_seed) (image head first), whatever the global
     RNG was, and the record says which."""
-    from models.checkpoint import load_module
-    from models.heads import ProjectionHead
+    from cxr_relink.models.checkpoint import load_module
+    from cxr_relink.models.heads import ProjectionHead
 
     bb = load_module(stage2_ckpt)
     old = DPAlignmentModule(backbone_ckpt=str(stage2_ckpt), dp={"head_init": "stage2"})
@@ -692,7 +692,7 @@ def test_dp_record_withholds_n_unless_declared_public(dp_run_230) -> None:
 def test_per_patient_cap_keeps_the_smallest_keys_and_makes_k_public() -> None:
     """data.max_studies_per_patient=k keeps each patient's k studies with the smallest stable keys
     (checked by brute force), and the record's per-patient bound uses the public k."""
-    from models.dp.features import cap_studies
+    from cxr_relink.models.dp.features import cap_studies
 
     feats, pub = synthetic_features(n_train=40)
     tr = feats["train"]
@@ -706,8 +706,8 @@ def test_per_patient_cap_keeps_the_smallest_keys_and_makes_k_public() -> None:
     assert set(capped["study_key"].tolist()) == want
     dm = InMemoryFeatureDataModule({**feats, "train": tr}, pub, batch_size=16, max_studies_per_patient=3)
     assert dm.n_train_units == 30 and dm.train_max_studies_per_patient == 3
-    from models.dp import record
-    from models.dp.plan import DataFacts, make_plan, settings
+    from cxr_relink.models.dp import record
+    from cxr_relink.models.dp.plan import DataFacts, make_plan, settings
 
     plan = make_plan(settings("dp", {"target_epsilon": 1.0, "target_delta": 1e-4}), "public_negatives",
                      DataFacts.of(dm), epochs=1)

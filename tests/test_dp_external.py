@@ -43,7 +43,7 @@ def _hf_inputs(path: Path):
 def test_hf_split_reproduces_library(hf_models):  # noqa: F811
     from transformers import CLIPModel
 
-    from models.external_heads import ExternalSplit
+    from cxr_relink.models.external_heads import ExternalSplit
 
     split = ExternalSplit.load({"path": str(hf_models["clip"])})
     assert split.spec["family"] == "hf" and split.trunk.site_names == {"image": "visual_projection",
@@ -68,7 +68,7 @@ def test_hf_split_reproduces_library(hf_models):  # noqa: F811
 def test_open_clip_split_reproduces_library(oc_models, layout):  # noqa: F811
     import open_clip
 
-    from models.external_heads import ExternalSplit
+    from cxr_relink.models.external_heads import ExternalSplit
 
     spec = oc_models[layout]
     split = ExternalSplit.load({k: v for k, v in spec.items() if not k.startswith("_")})
@@ -98,7 +98,7 @@ def test_open_clip_split_reproduces_library(oc_models, layout):  # noqa: F811
 def _compose(out: Path, *overrides: str):
     from omegaconf import open_dict
 
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose("train.yaml", ["experiment=dp_alignment", *overrides])
     with open_dict(cfg):
@@ -155,7 +155,7 @@ def test_hf_dp_run_changes_only_the_projections_and_saves_in_library_format(hf_d
 def test_hf_dp_record_epsilon_is_opacus_accountant_and_meets_target(hf_dp_run):
     from opacus.accountants import RDPAccountant
 
-    from models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp
+    from cxr_relink.models.dp.accounting import INTEGER_ORDERS, epsilon_from_rdp
 
     rec = json.loads((hf_dp_run["out"] / "dp_record.json").read_text())
     assert rec["guarantee_valid"] and rec["invalid_reasons"] == [] and rec["loss_mode"] == "public_negatives"
@@ -182,7 +182,7 @@ def test_fresh_head_init_reinitialises_the_models_own_projections(hf_models):  #
     N(0, 1/in_features) from torch.manual_seed(head_init_seed), image first; stage2 keeps the model's own."""
     from transformers import CLIPModel
 
-    from models.dp.module import DPAlignmentModule
+    from cxr_relink.models.dp.module import DPAlignmentModule
 
     ref = CLIPModel.from_pretrained(hf_models["clip"])
     w_img, w_txt = ref.visual_projection.weight.detach(), ref.text_projection.weight.detach()
@@ -198,8 +198,8 @@ def test_fresh_head_init_reinitialises_the_models_own_projections(hf_models):  #
 
 
 def test_evaluate_audits_the_released_folder(hf_dp_run, tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     ecfg = compose("evaluate.yaml", ["model=hf_clip", f"model.path={hf_dp_run['out']}", "audit=standard",
                                      "data.reader.num_patients=30", "data.reader.image_size=48",
@@ -246,8 +246,8 @@ def test_open_clip_mlp_head_export_changes_only_the_head(oc_models, tmp_path):  
     """BiomedCLIP's layout (HF text tower, MLP `text.proj`): heads written back, nothing else moves."""
     from safetensors.torch import load_file
 
-    from models.external_heads import ExternalSplit, export_model
-    from models.external import ExternalDualEncoder
+    from cxr_relink.models.external_heads import ExternalSplit, export_model
+    from cxr_relink.models.external import ExternalDualEncoder
 
     spec = {k: v for k, v in oc_models["biomed"].items() if not k.startswith("_")}
     split = ExternalSplit.load(spec)
@@ -275,7 +275,7 @@ def test_open_clip_linear_text_projection_with_bias(tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    from models.external_heads import ExternalSplit, export_model
+    from cxr_relink.models.external_heads import ExternalSplit, export_model
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
            "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "proj_bias": True}}

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.records import SPLITS, Study
-from models.dp import features as F
+from cxr_relink.datamodules.records import SPLITS, Study
+from cxr_relink.models.dp import features as F
 
 
 class DM:
@@ -92,7 +92,7 @@ def test_a_damaged_or_foreign_cache_file_is_computed_again(setup, damage, caplog
         F.atomic_save(feats, path, {})
     else:
         path.write_bytes(b"" if damage == "empty" else raw[: len(raw) // 2])
-    with caplog.at_level(logging.WARNING, logger="models.dp.features"):
+    with caplog.at_level(logging.WARNING, logger="cxr_relink.models.dp.features"):
         out = run()
     assert calls == ["train", "train"]
     assert any("not used" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

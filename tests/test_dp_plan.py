@@ -8,8 +8,8 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from models.dp import record
-from models.dp.plan import DP_DEFAULTS, LOSS_DEFAULTS, DataFacts, make_plan, settings
+from cxr_relink.models.dp import record
+from cxr_relink.models.dp.plan import DP_DEFAULTS, LOSS_DEFAULTS, DataFacts, make_plan, settings
 
 
 def test_the_experiment_config_composes_the_one_source_of_defaults() -> None:
@@ -17,7 +17,7 @@ def test_the_experiment_config_composes_the_one_source_of_defaults() -> None:
     public head-init seed is the run's seed): a key added to the defaults reaches the config without a copy."""
     from omegaconf import OmegaConf
 
-    from configs import compose
+    from cxr_relink.configs import compose
 
     cfg = compose("train.yaml", ["experiment=dp_alignment", "seed=7"])
     dp = OmegaConf.to_container(cfg.model.dp, resolve=True)
@@ -28,7 +28,7 @@ def test_the_experiment_config_composes_the_one_source_of_defaults() -> None:
 def test_a_misspelt_setting_is_refused() -> None:
     with pytest.raises(TypeError, match=r"unknown model.dp settings \['target_epsilom'\]"):
         settings("dp", {"target_epsilom": 1.0})
-    from models.dp.module import DPAlignmentModule
+    from cxr_relink.models.dp.module import DPAlignmentModule
 
     with pytest.raises(TypeError, match="n_unit_bound"):
         DPAlignmentModule(heads={"image_dim": 4, "text_dim": 4, "embed_dim": 4}, dp={"n_unit_bound": 10})

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.result import privacy_lines
-from models.dp.features import InMemoryFeatureDataModule, select_studies
-from models.dp.module import DPAlignmentModule
+from cxr_relink.audit.result import privacy_lines
+from cxr_relink.models.dp.features import InMemoryFeatureDataModule, select_studies
+from cxr_relink.models.dp.module import DPAlignmentModule
 from tests.test_dp import D, synthetic_features
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*Secure RNG.*")]
@@ -135,8 +135,8 @@ def test_per_patient_group_bound_with_delta_above_one_over_patients_is_not_a_gua
     """eps 3 per study, k = 6 studies per patient: group privacy gives delta = 6 e^15 delta_study, far above
     1 (the issue saw 847): the record and the report say there is no meaningful per-patient guarantee, and
     the verdict line names the unit it holds for. An independent computation of (k eps, k e^((k-1)eps) delta)."""
-    from models.dp import record as dp_record
-    from models.dp.plan import DataFacts, make_plan, settings
+    from cxr_relink.models.dp import record as dp_record
+    from cxr_relink.models.dp.plan import DataFacts, make_plan, settings
 
     def plan(cap: int, delta: float):  # 2,300 study units in batches of 256: the public bound is 2,304
         return make_plan(settings("dp", {"target_epsilon": 3.0, "target_delta": delta}), "public_negatives",
@@ -162,8 +162,8 @@ def test_per_patient_group_bound_with_delta_above_one_over_patients_is_not_a_gua
 def test_public_report_overlap_count_reads_no_train_split(caplog) -> None:
     """The console line counting report texts shared with the public cohort is computed over the private
     val/test splits only: a text shared only with a train (DP unit) study is not counted."""
-    from datamodules.records import Study
-    from models.dp.features import FeatureDataModule
+    from cxr_relink.datamodules.records import Study
+    from cxr_relink.models.dp.features import FeatureDataModule
 
     def study(sid, pid, text, split):
         return Study(study_id=sid, patient_id=pid, images=[], report=text, findings="", impression=text,

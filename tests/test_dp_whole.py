@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from models.dp.accounting import epsilon_from_rdp
+from cxr_relink.models.dp.accounting import epsilon_from_rdp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,7 +165,7 @@ def test_lora_scope_needs_adapters(compose_train) -> None:
 
 
 def test_batchnorm_is_replaced(compose_train) -> None:
-    from models.dp.whole import replace_batchnorm
+    from cxr_relink.models.dp.whole import replace_batchnorm
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8))
     fixed = replace_batchnorm(net, "test")
@@ -201,7 +201,7 @@ def test_train_py_dp_whole_smoke(compose_train, tmp_path) -> None:
 
 
 def test_public_init_checkpoint_and_its_tokenizer_are_loaded(compose_train, tmp_path) -> None:
-    from models.checkpoint import KEY, load_checkpoint_dict, load_module
+    from cxr_relink.models.checkpoint import KEY, load_checkpoint_dict, load_module
     from train import train
 
     # Stage 2 on the public cohort only (the starting point the frontier uses).

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.datamodule import CXRDataModule
-from models.checkpoint import load_module
-from models.dual_tower import DualTowerModule
+from cxr_relink.datamodules.datamodule import CXRDataModule
+from cxr_relink.models.checkpoint import load_module
+from cxr_relink.models.dual_tower import DualTowerModule
 from tests.conftest import InMemoryReader, random_studies
 
 TOWERS = dict(
-    image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
-    text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+    image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+    text_tower={"_target_": "cxr_relink.models.text_towers.BertTextEncoder", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
     optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
     embed_dim=16,
 )
@@ -158,7 +158,7 @@ def test_patient_in_two_splits_is_refused(tmp_path) -> None:
 def test_sixteen_bit_png_is_rescaled_not_saturated(tmp_path) -> None:
     from PIL import Image
 
-    from datamodules.datamodule import load_image
+    from cxr_relink.datamodules.datamodule import load_image
 
     a = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7) % 60000 + 1000
     Image.fromarray(a).save(tmp_path / "x16.png")

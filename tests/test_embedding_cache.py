@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from models import embedding_cache as EC
-from models.embedding_cache import cached_rows, files_hash
+from cxr_relink.models import embedding_cache as EC
+from cxr_relink.models.embedding_cache import cached_rows, files_hash
 
 DATA = {"image_size": 32, "num_workers": 0, "reader": {"num_patients": 40, "seed": 1, "cache_dir": "/a", "workers": 1}}
 N = 5
@@ -72,7 +72,7 @@ def model(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"dim": 4}')
     (folder / "weights.safetensors").write_bytes(b"\x00" * 64)
-    return {"_target_": "models.external.ExternalDualEncoder", "family": "hf", "path": str(folder), "dtype": "float32"}
+    return {"_target_": "cxr_relink.models.external.ExternalDualEncoder", "family": "hf", "path": str(folder), "dtype": "float32"}
 
 
 def test_second_audit_encodes_nothing_and_returns_the_same_rows(tmp_path, model, cohort, enc):
@@ -145,7 +145,7 @@ def test_a_cohort_edited_under_the_same_config_encodes_again(tmp_path, model, co
 def test_cohort_rows_see_a_swapped_report_and_an_image_file_replaced_in_place(tmp_path):
     """A real layout (image files): a report edited and an image replaced with the same size and mtime
     (``cp -p``) change the rows' hash; reading the same files again does not."""
-    from datamodules.records import Study
+    from cxr_relink.datamodules.records import Study
 
     paths = []
     for i in range(3):
@@ -215,7 +215,7 @@ def test_a_damaged_cache_file_is_encoded_again_not_a_crash(tmp_path, model, coho
         path.with_suffix(".json").unlink()
     else:
         path.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2], "garbage": b"not a zip" * 10}[damage])
-    with caplog.at_level(logging.WARNING, logger="models.embedding_cache"):
+    with caplog.at_level(logging.WARNING, logger="cxr_relink.models.embedding_cache"):
         again, info = cached_rows(tmp_path / "cache", model, DATA, sel, enc, cohort)
     assert len(enc.calls) == 2 and info["encoded"] == [["test", "all"]]
     assert any("not used" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
@@ -238,7 +238,7 @@ def test_a_cache_file_with_rows_dropped_or_shuffled_is_encoded_again(tmp_path, m
         record = json.loads(path.with_suffix(".json").read_text())
         record["digest"] = EC.content_digest(edited)
         path.with_suffix(".json").write_text(json.dumps(record))
-    with caplog.at_level(logging.WARNING, logger="models.embedding_cache"):
+    with caplog.at_level(logging.WARNING, logger="cxr_relink.models.embedding_cache"):
         again, _ = cached_rows(tmp_path / "cache", model, DATA, sel, enc, cohort)
     assert len(enc.calls) == 2
     said = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -266,8 +266,8 @@ from tests.test_external_models import COHORT, hf_models  # noqa: E402, F401  (t
 def test_evaluate_reads_an_existing_models_embeddings_from_the_cache(hf_models, cache_dir, tmp_path, monkeypatch):  # noqa: F811
     """The second audit of the same model loads no model (the encoder is never called) and gives the
     numbers of the first, which are those of the Trainer path (cache_embeddings=false)."""
-    import evaluate as E
-    from configs import compose
+    from cxr_relink import evaluation as E
+    from cxr_relink.configs import compose
 
     loads = []
     real = E.load_audited_module

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.embeddings import EmbeddingSet, l2_normalize
-from audit.probe import linear_probe, subsample_rows
-from audit.relinkage import relinkage_audit
+from cxr_relink.audit.embeddings import EmbeddingSet, l2_normalize
+from cxr_relink.audit.probe import linear_probe, subsample_rows
+from cxr_relink.audit.relinkage import relinkage_audit
 
 
 def _rows(seed: int = 0, n_st: int = 40, extra: int = 20, dim: int = 8, off: int = 0, split: str = "test"):
@@ -46,8 +46,8 @@ def _es(d, **kw):
 
 
 def _evaluate(tmp_path, data, *overrides):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     path = tmp_path / "emb.npz"
     np.savez(path, **data)
@@ -165,7 +165,7 @@ def test_one_patient_is_refused_when_bootstrapping(rows, tmp_path):
 
 
 def test_object_ids_and_string_labels_name_the_key(rows, tmp_path):
-    from evaluate import load_embeddings
+    from cxr_relink.evaluation import load_embeddings
 
     # object ids of one kind (a pandas column) read as their values (#29); a mix or a missing one is refused
     ints = [int(x) for x in rows["study_id"]]
@@ -290,7 +290,7 @@ def test_same_study_in_train_and_test_rows_raises(tmp_path):
 def test_probe_zero_vector_in_the_file_raises_before_any_audit(tmp_path, monkeypatch):
     # What the embeddings path runs (evaluate.audit_embeddings -> audit.relinkage.Relinkage; the
     # callback RelinkageAudit wraps the same class, so this also stands for the Trainer path).
-    from audit.relinkage import Relinkage
+    from cxr_relink.audit.relinkage import Relinkage
 
     tr, te = _train_test()
     tr["image_emb"] = tr["image_emb"].copy()
@@ -303,7 +303,7 @@ def test_probe_zero_vector_in_the_file_raises_before_any_audit(tmp_path, monkeyp
 # ---- split labelling and audit=all ---------------------------------------------------------------------
 def test_file_without_split_is_labelled_all_and_audit_all_skips_the_probe(tmp_path, caplog, monkeypatch):
     # audit.probe.Probe is what evaluate.audit_embeddings calls (and callbacks.audit.LinearProbe wraps).
-    from audit.probe import Probe
+    from cxr_relink.audit.probe import Probe
 
     data = {k: v for k, v in _rows().items() if k != "split"}
     monkeypatch.setattr(Probe, "probe", lambda *a, **k: pytest.fail("the probe ran without train rows"))

@@ -12,13 +12,13 @@ import gzip
 import numpy as np
 import pytest
 
-from datamodules.chexpert_plus import CheXpertPlusReader
-from datamodules.exporters import ID_MAP, export, image_array, main, wrap
-from datamodules.mimic_cxr import MimicCXRReader
-from datamodules.openi import OpenIReader
-from datamodules.reader_utils import clean
-from datamodules.records import NUM_LABELS, Study
-from datamodules.synthetic import SyntheticReader
+from cxr_relink.datamodules.chexpert_plus import CheXpertPlusReader
+from cxr_relink.datamodules.exporters import ID_MAP, export, image_array, main, wrap
+from cxr_relink.datamodules.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.openi import OpenIReader
+from cxr_relink.datamodules.reader_utils import clean
+from cxr_relink.datamodules.records import NUM_LABELS, Study
+from cxr_relink.datamodules.synthetic import SyntheticReader
 
 
 @pytest.fixture(scope="module")

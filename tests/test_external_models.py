@@ -35,7 +35,7 @@ def _images(seed: int = 0) -> list[np.ndarray]:
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    from datamodules.text import train_wordpiece
+    from cxr_relink.datamodules.text import train_wordpiece
 
     root = tmp_path_factory.mktemp("hf")
     tok = train_wordpiece(TEXTS * 10, vocab_size=120, min_frequency=1)
@@ -89,7 +89,7 @@ def oc_models(tmp_path_factory) -> dict[str, dict]:
     # config.json and tokenizer in the folder (nothing may be fetched from the hub).
     from transformers import BertConfig
 
-    from datamodules.text import train_wordpiece
+    from cxr_relink.datamodules.text import train_wordpiece
 
     biomed = root / "TinyBiomedBERT"
     biomed.mkdir()
@@ -113,14 +113,14 @@ def oc_models(tmp_path_factory) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def project_ckpt(tmp_path_factory) -> Path:
     """A tiny untrained cxr-relink dual tower, saved as Lightning + models.checkpoint save one."""
-    from datamodules.text import build_tokenizer
-    from models.checkpoint import plain, save_extras
-    from models.dual_tower import DualTowerModule
+    from cxr_relink.datamodules.text import build_tokenizer
+    from cxr_relink.models.checkpoint import plain, save_extras
+    from cxr_relink.models.dual_tower import DualTowerModule
 
     torch.manual_seed(2)
     m = DualTowerModule(
-        image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
-        text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+        image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+        text_tower={"_target_": "cxr_relink.models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
                     "intermediate_size": 32, "max_position_embeddings": 256},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, embed_dim=8,
         tokenizer=build_tokenizer(TEXTS * 20, vocab_size=120),
@@ -169,7 +169,7 @@ def _oc_reference(spec: dict, images: list, texts: list[str]) -> tuple[torch.Ten
 
 
 def _external(family: str, **kw):
-    from models.external import ExternalDualEncoder
+    from cxr_relink.models.external import ExternalDualEncoder
 
     return ExternalDualEncoder(family, **{k: str(v) for k, v in kw.items()})
 
@@ -238,8 +238,8 @@ def _model_overrides(family: str, spec) -> list[str]:
 
 @pytest.mark.parametrize("family,name", [("hf", "clip"), ("open_clip", "dir"), ("ckpt", None)])
 def test_evaluate_and_export_agree_with_library(hf_models, oc_models, project_ckpt, cache_dir, tmp_path, family, name):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
     from experiments.export_embeddings import export_embeddings
 
     spec = {"hf": lambda: hf_models[name], "open_clip": lambda: oc_models[name], "ckpt": lambda: project_ckpt}[family]()
@@ -265,7 +265,7 @@ def test_evaluate_and_export_agree_with_library(hf_models, oc_models, project_ck
         return
 
     # The exported rows are the library's embeddings of the cohort's raw images and report texts.
-    from datamodules.datamodule import load_image, study_text
+    from cxr_relink.datamodules.datamodule import load_image, study_text
     from hydra.utils import instantiate
 
     z = np.load(npz)
@@ -285,8 +285,8 @@ def test_evaluate_and_export_agree_with_library(hf_models, oc_models, project_ck
 
 
 def test_evaluate_refuses_ambiguous_or_missing_model(tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(compose("evaluate.yaml", ["model=hf_clip", "model.path=/x", "embeddings=/y.npz",
@@ -355,7 +355,7 @@ def test_hf_folder_without_tokenizer_files_is_refused(hf_models, tmp_path):
 
 
 def test_hf_tokenizer_of_another_model_is_refused(hf_models, tmp_path):
-    from datamodules.text import train_wordpiece
+    from cxr_relink.datamodules.text import train_wordpiece
 
     n_model = json.loads((hf_models["clip"] / "config.json").read_text())["text_config"]["vocab_size"]
     folder = _copy(hf_models["clip"], tmp_path / "clip", skip=HF_TOKENIZER_FILES)

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from audit import bundle
-from audit import result as R
-from audit.embeddings import EmbeddingSet
-from audit.probe import Probe
-from audit.relinkage import Relinkage
+from cxr_relink.audit import bundle
+from cxr_relink.audit import result as R
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.probe import Probe
+from cxr_relink.audit.relinkage import Relinkage
 
 
 def _callback_results():
@@ -90,8 +90,8 @@ def test_train_final_audit_writes_through_final_bundle(tmp_path, calls):
 
 
 def test_evaluate_writes_through_final_bundle(tmp_path, calls):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     rng = np.random.default_rng(1)
     n = 30

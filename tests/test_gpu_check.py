@@ -63,7 +63,7 @@ def test_flops_of_the_checked_tower_match_flop_counter(checkpointing):
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_flops_of_a_full_finetune_match_flop_counter(checkpointing):
     """Trainable base weights (no LoRA), mean pooling, GQA: the other branches of the formula."""
-    from models.llm_encoder import BidirectionalLLMEncoder
+    from cxr_relink.models.llm_encoder import BidirectionalLLMEncoder
 
     torch.manual_seed(0)
     tower = BidirectionalLLMEncoder(gpu_check.synthetic_tokenizer(512), hidden_size=64, num_layers=2, num_heads=4,

@@ -134,8 +134,8 @@ def test_no_import_cycles_among_the_projects_modules():
     modules = project_modules()
     graph = import_graph(modules)
     # the walk sees the project: its packages and the known edges between them
-    assert {"train", "evaluate", "audit.relinkage", "models.dp.features", "datamodules.synthetic"} <= set(modules)
-    assert "models.hashing" in graph["models.external_heads"] and "audit.result" in graph["evaluate"]
+    assert {"train", "evaluate", "cxr_relink.audit.relinkage", "cxr_relink.models.dp.features", "cxr_relink.datamodules.synthetic"} <= set(modules)
+    assert "cxr_relink.models.hashing" in graph["cxr_relink.models.external_heads"] and "cxr_relink.audit.result" in graph["evaluate"]
     found = cycles(graph)
     detail = "\n".join(
         " <-> ".join(c) + ":\n" + "\n".join(f"    {a} imports {b}" for a in c for b in sorted(graph[a]) if b in c)

@@ -17,10 +17,10 @@ import re
 import numpy as np
 import pytest
 
-from datamodules import synthetic_reports as rep
-from datamodules import synthetic_sampling as S
-from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
-from datamodules.synthetic import GENERATOR_VERSION, SyntheticReader
+from cxr_relink.datamodules import synthetic_reports as rep
+from cxr_relink.datamodules import synthetic_sampling as S
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
+from cxr_relink.datamodules.synthetic import GENERATOR_VERSION, SyntheticReader
 
 N = 43_793  # the study count of the shared distinct-vector figure
 # The pairs the issue names: deterministic in the legacy cohort, not in real labeler output.

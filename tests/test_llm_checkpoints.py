@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from datamodules.datamodule import CXRDataModule
-from datamodules.text import build_tokenizer, train_wordpiece
-from models.checkpoint import load_checkpoint_dict, load_module
-from models.dual_tower import DualTowerModule
-from models.llm_encoder import BidirectionalLLMEncoder, attention_linear_names, resolve_lora_targets
+from cxr_relink.datamodules.datamodule import CXRDataModule
+from cxr_relink.datamodules.text import build_tokenizer, train_wordpiece
+from cxr_relink.models.checkpoint import load_checkpoint_dict, load_module
+from cxr_relink.models.dual_tower import DualTowerModule
+from cxr_relink.models.llm_encoder import BidirectionalLLMEncoder, attention_linear_names, resolve_lora_targets
 from tests.conftest import InMemoryReader, random_studies
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -36,14 +36,14 @@ def save_tiny_llama(path: Path, texts: list[str], dtype=torch.bfloat16, tie: boo
 
 
 def tower_cfg(base: Path, **kw) -> dict:
-    cfg = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "pretrained": str(base), "pooling": "latent_attention",
+    cfg = {"_target_": "cxr_relink.models.llm_encoder.BidirectionalLLMEncoder", "pretrained": str(base), "pooling": "latent_attention",
            "pooler_kwargs": {"num_latents": 8, "num_heads": 4}, "lora_r": 4, "lora_alpha": 8}
     cfg.update(kw)
     return cfg
 
 
 TOWERS = dict(
-    image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+    image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
     optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2},
     embed_dim=16,
 )
@@ -216,8 +216,8 @@ def test_checkpoint_stores_only_trained_weights_and_checks_the_base(base_and_dm,
     loaded = load_module(path, overrides={"text_tower.pretrained": str(moved)})
     assert loaded.text_tower.pretrained == str(moved)
     # ... and by the documented evaluate.py override.
-    from configs import compose
-    from evaluate import load_audited_module
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import load_audited_module
 
     cfg = compose("evaluate.yaml", [f"ckpt_path={path}", f"+model.text_tower.pretrained={moved}"])
     assert load_audited_module(cfg).text_tower.pretrained == str(moved)
@@ -245,7 +245,7 @@ def test_checkpoint_stores_only_trained_weights_and_checks_the_base(base_and_dm,
 
 
 def test_fingerprint_is_deterministic_and_covers_the_weights(tmp_path):
-    from models.llm_encoder import base_fingerprint
+    from cxr_relink.models.llm_encoder import base_fingerprint
 
     base = save_tiny_llama(tmp_path / "a", ["small left effusion", "no acute process"] * 5)
     fp = base_fingerprint(base)
@@ -261,11 +261,11 @@ def test_fingerprint_is_deterministic_and_covers_the_weights(tmp_path):
 def test_project_towers_keep_full_checkpoints(tmp_path):
     """A tower built from a config (no base folder) stores every weight, as before."""
     tok = build_tokenizer([s.report for s in random_studies()], vocab_size=200, min_frequency=1)
-    tower = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+    tower = {"_target_": "cxr_relink.models.llm_encoder.BidirectionalLLMEncoder", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
              "num_kv_heads": 1, "intermediate_size": 64, "pooling": "mean"}
     module = DualTowerModule(**TOWERS, text_tower=tower, tokenizer=tok)
     assert module.text_tower.external_state() is None
-    from models.checkpoint import save_extras
+    from cxr_relink.models.checkpoint import save_extras
 
     ckpt = {"state_dict": module.state_dict()}
     save_extras(module, ckpt, strip_external=True)
@@ -291,7 +291,7 @@ def test_dp_checkpoint_on_an_llm_backbone_leaves_out_the_base(base_and_dm, tmp_p
     """The DP stage on a stage-2 checkpoint with an LLM tower: its checkpoints hold the heads and the
     stage-2 module's trained weights but not the frozen base (rebuilt from the base folder), and load
     back (evaluate.py's load_module, and a strict Lightning resume) to the same encoder."""
-    from models.dp.module import DPAlignmentModule
+    from cxr_relink.models.dp.module import DPAlignmentModule
 
     base, dm = base_and_dm
     s2 = tmp_path / "stage2.ckpt"

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from datamodules.text import train_wordpiece
-from models.llm_encoder import ENCODER_JSON, BidirectionalLLMEncoder
-from models.poolers import POOLERS, build_pooler
+from cxr_relink.datamodules.text import train_wordpiece
+from cxr_relink.models.llm_encoder import ENCODER_JSON, BidirectionalLLMEncoder
+from cxr_relink.models.poolers import POOLERS, build_pooler
 
 TEXTS = [
     "no acute cardiopulmonary process",

@@ -101,7 +101,7 @@ def test_open_clip_prefixed_or_missing_weights_are_refused(oc_models, tmp_path):
 
 # ------------------------------------------------------------------------------ this project's checkpoints
 def test_project_checkpoint_that_does_not_fit_is_refused_with_the_keys(project_ckpt, tmp_path):
-    from models.checkpoint import load_module
+    from cxr_relink.models.checkpoint import load_module
 
     ckpt = torch.load(project_ckpt, weights_only=True)
     dropped = sorted(ckpt["state_dict"])[0]
@@ -115,8 +115,8 @@ def test_project_checkpoint_that_does_not_fit_is_refused_with_the_keys(project_c
     assert dropped in module.load_notes[0]
     assert load_module(project_ckpt).load_notes == []
     # evaluate.py: `+model.allow_partial_load=true` is the override, not a hyper-parameter of the checkpoint.
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     _, out = evaluate(compose("evaluate.yaml", [f"ckpt_path={path}", "+model.allow_partial_load=true", *COHORT,
                                                 "audit=standard", "audit.relinkage.n_boot=0",
@@ -127,8 +127,8 @@ def test_project_checkpoint_that_does_not_fit_is_refused_with_the_keys(project_c
 
 # ------------------------------------------------------------------------------ evaluate.py flags an override
 def test_evaluate_flags_a_partial_load_everywhere(hf_models, cache_dir, tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     folder = _copy(hf_models["clip"], tmp_path / "clip")
     _rewrite_safetensors(folder, "model.safetensors",
@@ -157,8 +157,8 @@ def _same_size_other_vocabulary(folder: Path) -> None:
 
 
 def test_unprovable_preprocessing_is_stated_in_the_report(hf_models, cache_dir, tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
     from transformers import AutoTokenizer
 
     folder = _copy(hf_models["clip"], tmp_path / "clip")
@@ -184,7 +184,7 @@ def test_unprovable_preprocessing_is_stated_in_the_report(hf_models, cache_dir, 
 
 # ------------------------------------------------------------------------------ the DP stage's external heads
 def test_dp_stage_refuses_an_existing_model_whose_weights_did_not_load(hf_models, tmp_path):
-    from models.external_heads import ExternalSplit
+    from cxr_relink.models.external_heads import ExternalSplit
 
     folder = _copy(hf_models["clip"], tmp_path / "clip")
     _rewrite_safetensors(folder, "model.safetensors", lambda sd: {f"clip_model.{k}": v for k, v in sd.items()})

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from models.losses import ClipLoss
+from cxr_relink.models.losses import ClipLoss
 
 
 def brute_force_clip(img: torch.Tensor, txt: torch.Tensor, scale: float, groups: list[int] | None = None) -> float:

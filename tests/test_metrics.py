@@ -11,13 +11,13 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
-from audit import counting
-from audit.counting import hardneg_counts, rank_counts
-from audit.embeddings import EmbeddingSet
-from audit.labels import label_groups
-from audit.recall import hypergeom_cdf
-from audit.reference import hardneg_pools, monte_carlo_recall
-from audit.relinkage import relinkage_audit
+from cxr_relink.audit import counting
+from cxr_relink.audit.counting import hardneg_counts, rank_counts
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.labels import label_groups
+from cxr_relink.audit.recall import hypergeom_cdf
+from cxr_relink.audit.reference import hardneg_pools, monte_carlo_recall
+from cxr_relink.audit.relinkage import relinkage_audit
 
 
 def _cohort(seed=0, n_studies=60, extra_views=30, dim=6, n_patients=25, levels=3):

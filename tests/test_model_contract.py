@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from models.contract import MEMBERS, EmbeddingModel, LoadedState, as_embedding_model
+from cxr_relink.models.contract import MEMBERS, EmbeddingModel, LoadedState, as_embedding_model
 from tests.test_external_models import TEXTS, hf_models  # noqa: F401  (a session fixture: tiny CLIP/SigLIP folders)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dual_tower(seed: int = 0):
-    from datamodules.text import build_tokenizer
-    from models.dual_tower import DualTowerModule
+    from cxr_relink.datamodules.text import build_tokenizer
+    from cxr_relink.models.dual_tower import DualTowerModule
 
     torch.manual_seed(seed)
     return DualTowerModule(
-        image_tower={"_target_": "models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
-        text_tower={"_target_": "models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+        image_tower={"_target_": "cxr_relink.models.image_towers.SmallCNN", "in_channels": 1, "widths": [8, 16]},
+        text_tower={"_target_": "cxr_relink.models.text_towers.BertTextEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
                     "intermediate_size": 32, "max_position_embeddings": 256},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, embed_dim=8,
         tokenizer=build_tokenizer(TEXTS * 20, vocab_size=120),
@@ -35,7 +35,7 @@ def _dual_tower(seed: int = 0):
 def stage2(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny dual tower saved as Lightning + models.checkpoint save one, with the preprocessing and epoch
     a Trainer would record."""
-    from models.checkpoint import KEY, plain, save_extras
+    from cxr_relink.models.checkpoint import KEY, plain, save_extras
 
     m = _dual_tower()
     ckpt = {"state_dict": m.state_dict(), "hyper_parameters": plain(dict(m.hparams)), "epoch": 4}
@@ -99,7 +99,7 @@ def test_the_protocol_names_every_member_and_refuses_what_lacks_one():
 
 
 def test_dual_tower_in_memory_and_from_its_checkpoint(stage2):
-    from models.checkpoint import load_embedding_model
+    from cxr_relink.models.checkpoint import load_embedding_model
 
     path, data = stage2
     image = torch.rand(3, 1, 32, 32)
@@ -118,8 +118,8 @@ def test_dual_tower_in_memory_and_from_its_checkpoint(stage2):
 def test_dp_stage_in_memory_and_from_its_checkpoint(stage2, tmp_path):
     import lightning as L
 
-    from models.checkpoint import load_embedding_model
-    from models.dp.module import DPAlignmentModule
+    from cxr_relink.models.checkpoint import load_embedding_model
+    from cxr_relink.models.dp.module import DPAlignmentModule
 
     path, data = stage2
     image = torch.rand(2, 1, 32, 32)
@@ -139,7 +139,7 @@ def test_dp_stage_in_memory_and_from_its_checkpoint(stage2, tmp_path):
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_existing_model_constructor(hf_models, name):  # noqa: F811
-    from models.external import ExternalDualEncoder
+    from cxr_relink.models.external import ExternalDualEncoder
 
     model = ExternalDualEncoder("hf", str(hf_models[name]))
     transform = model.data_preprocessing["image_transform"]
@@ -152,11 +152,11 @@ def test_existing_model_constructor(hf_models, name):  # noqa: F811
 def test_evaluate_loads_through_the_contract(stage2, hf_models):  # noqa: F811
     from omegaconf import OmegaConf
 
-    from evaluate import load_audited_module
+    from cxr_relink.evaluation import load_audited_module
 
     path, _ = stage2
     ckpt_cfg = OmegaConf.create({"ckpt_path": str(path), "model": {}})
     assert isinstance(load_audited_module(ckpt_cfg), EmbeddingModel)
-    ext_cfg = OmegaConf.create({"ckpt_path": None, "model": {"_target_": "models.external.ExternalDualEncoder",
+    ext_cfg = OmegaConf.create({"ckpt_path": None, "model": {"_target_": "cxr_relink.models.external.ExternalDualEncoder",
                                                              "family": "hf", "path": str(hf_models["clip"])}})
     assert isinstance(load_audited_module(ext_cfg), EmbeddingModel)

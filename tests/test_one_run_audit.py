@@ -10,7 +10,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from audit.one_run import (
+from cxr_relink.audit.one_run import (
     audit_from_scores,
     default_k_grid,
     epsilon_lower_bound,

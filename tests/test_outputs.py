@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from audit import result as R
-from audit.embeddings import EmbeddingSet
-from audit.relinkage import relinkage_audit
-from callbacks.console import quiet_known_warnings
-from callbacks.run_dir import check_run_dir
+from cxr_relink.audit import result as R
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.relinkage import relinkage_audit
+from cxr_relink.callbacks.console import quiet_known_warnings
+from cxr_relink.callbacks.run_dir import check_run_dir
 from tests.conftest import ROOT
 
 
@@ -147,7 +147,7 @@ def test_second_cli_run_into_a_used_folder_is_refused_before_writing(tmp_path) -
 
 
 def test_config_mistakes_are_explained_with_the_valid_choices() -> None:
-    from configs.cli import explain
+    from cxr_relink.configs.cli import explain
 
     assert "Did you mean model?" in explain("train.yaml", ["modle=bert_encoder"])
     said = explain("train.yaml", ["data.root=/data/cohort"])  # a real cohort's key, the synthetic cohort chosen
@@ -214,7 +214,7 @@ def test_refusal_tells_guards_from_bugs() -> None:
     import numpy as np
     from hydra.errors import InstantiationException
 
-    from configs.cli import UsageError, refusal
+    from cxr_relink.configs.cli import UsageError, refusal
 
     def caught(f):
         try:
@@ -247,7 +247,7 @@ def test_refusal_tells_guards_from_bugs() -> None:
 
 
 def test_train_refuses_a_missing_checkpoint_before_any_work(compose_train) -> None:
-    from configs.cli import UsageError
+    from cxr_relink.configs.cli import UsageError
     from train import train
 
     with pytest.raises(UsageError, match="ckpt_path=/nonexistent/last.ckpt: no such checkpoint file"):

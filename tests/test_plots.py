@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 
-from audit import result as R  # noqa: E402
+from cxr_relink.audit import result as R  # noqa: E402
 
 
 def _row(k, n, nv, x, ci, pool=None, chance=None):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from audit.probe import apply_label_policy, linear_probe
-from datamodules.records import CHEXPERT_LABELS
+from cxr_relink.audit.probe import apply_label_policy, linear_probe
+from cxr_relink.datamodules.records import CHEXPERT_LABELS
 
 
 def _data(seed=0, n_train=300, n_test=200, dim=12):
@@ -110,7 +110,7 @@ def test_bootstrap_ci_equals_resampling_with_sklearn():
     patients of several rows included."""
     import torch
 
-    from audit.probe import _bootstrap_macro
+    from cxr_relink.audit.probe import _bootstrap_macro
 
     rng = np.random.default_rng(3)
     n, n_boot = 120, 40

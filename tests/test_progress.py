@@ -30,7 +30,7 @@ def _messages(caplog) -> list[str]:
 def test_progress_lines_name_the_step_total_and_eta(caplog) -> None:
     """A Lightning run with the callback, a line after each batch (interval ~0): training steps of
     every epoch with step/total, elapsed and ETA; the test loop's batches too."""
-    from callbacks.progress import Progress
+    from cxr_relink.callbacks.progress import Progress
 
     torch.manual_seed(0)
     trainer = Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, limit_test_batches=3,
@@ -52,7 +52,7 @@ def test_progress_lines_name_the_step_total_and_eta(caplog) -> None:
 
 def test_eta_is_the_remaining_steps_at_the_mean_step_time(monkeypatch) -> None:
     """The ETA arithmetic against a fake clock: 3 of 10 steps in 30 s -> 70 s left."""
-    from callbacks import progress as P
+    from cxr_relink.callbacks import progress as P
 
     now = [100.0]
     monkeypatch.setattr(P.time, "monotonic", lambda: now[0])
@@ -74,7 +74,7 @@ def test_heartbeat_reports_a_long_block(caplog) -> None:
     """A stretch outside the Trainer's hooks (cohort generation, writing the bundle): "still ..." lines
     from a background thread while the block runs, none after it ends; also where the `train` loggers
     are quieted (the reproduction)."""
-    from callbacks.progress import heartbeat
+    from cxr_relink.callbacks.progress import heartbeat
 
     quiet = logging.getLogger("train")  # as experiments/reproduce.py quiets train.py's own loggers
     level = quiet.level
@@ -93,7 +93,7 @@ def test_heartbeat_reports_a_long_block(caplog) -> None:
 
 
 def test_config_changes_lists_each_changed_key() -> None:
-    from callbacks.run_config import config_changes
+    from cxr_relink.callbacks.run_config import config_changes
 
     saved = {"trainer": {"max_epochs": 2, "devices": 1}, "model": {"lr": 1e-3}, "ckpt_path": None, "gone": 1}
     now = {"trainer": {"max_epochs": 6, "devices": 1}, "model": {"lr": 1e-3}, "ckpt_path": "x.ckpt", "new": {"a": 1}}
@@ -141,7 +141,7 @@ def test_on_a_terminal_with_the_bar_the_lines_go_to_the_log_file_only(tmp_path) 
     terminal handler gets no progress line, the run's log file gets them all."""
     import io
 
-    from callbacks.progress import Progress
+    from cxr_relink.callbacks.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.datamodule import load_image
-from datamodules.mimic_cxr import MimicCXRReader
-from datamodules.reader_utils import DataError, verify_image
-from datamodules.report_sections import parse_report
+from cxr_relink.datamodules.datamodule import load_image
+from cxr_relink.datamodules.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.reader_utils import DataError, verify_image
+from cxr_relink.datamodules.report_sections import parse_report
 from tests.test_readers import by_id, make_mimic
 
 BOM = "\ufeff"

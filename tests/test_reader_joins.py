@@ -11,9 +11,9 @@ import logging
 import numpy as np
 import pytest
 
-from datamodules.chexpert_plus import CheXpertPlusReader
-from datamodules.mimic_cxr import MimicCXRReader
-from datamodules.reader_utils import DataError, hash_split
+from cxr_relink.datamodules.chexpert_plus import CheXpertPlusReader
+from cxr_relink.datamodules.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.reader_utils import DataError, hash_split
 from tests.test_readers import CXP_HEADER, MIMIC_STUDIES, by_id, make_chexpert_plus, make_mimic, write_csv
 
 

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.chexpert_plus import CheXpertPlusReader
-from datamodules.mimic_cxr import MimicCXRReader
-from datamodules.openi import OpenIReader, _xml_sources, parse_ecgen_xml
-from datamodules.reader_utils import DataError, apply_uncertainty, cap_studies_per_patient, hash_split
-from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
-from datamodules.report_sections import normalize_header, parse_report, section_text
+from cxr_relink.datamodules.chexpert_plus import CheXpertPlusReader
+from cxr_relink.datamodules.mimic_cxr import MimicCXRReader
+from cxr_relink.datamodules.openi import OpenIReader, _xml_sources, parse_ecgen_xml
+from cxr_relink.datamodules.reader_utils import DataError, apply_uncertainty, cap_studies_per_patient, hash_split
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
+from cxr_relink.datamodules.report_sections import normalize_header, parse_report, section_text
 
 OPENI_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "openi" / "NLMCXR_reports.tgz"
 SECRET = "Zanzibarite"  # a token planted in report text: it must never appear in errors or logs
@@ -218,7 +218,7 @@ def test_mimic_corrupt_image_eager_and_lazy(tmp_path):
     with pytest.raises(DataError, match=r"d6\.jpg: corrupt image file"):
         MimicCXRReader(root=str(root), check_images="verify").load()
     # default check is only "exists": the datamodule names the file when it decodes it
-    from datamodules.datamodule import load_image
+    from cxr_relink.datamodules.datamodule import load_image
 
     study = by_id(MimicCXRReader(root=str(root)).load())["51178377"]
     with pytest.raises(ValueError, match="d6.jpg could not be decoded"):
@@ -501,14 +501,14 @@ def test_data_configs_build_the_readers(tmp_path, cohort):
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose("train.yaml", overrides=[f"data={cohort}", f"data.root={root}", "data.reader.max_skip_fraction=0.5"])
     GlobalHydra.instance().clear()
-    assert cfg.data._target_ == "datamodules.datamodule.CXRDataModule"
+    assert cfg.data._target_ == "cxr_relink.datamodules.datamodule.CXRDataModule"
     studies = instantiate(cfg.data.reader).load()
     assert len(studies) == {"mimic_cxr": 4, "chexpert_plus": 3, "openi": 2}[cohort]
 
 
 # ---- issue 13: documented paths and bad input that passed silently or crashed unclearly ------------------
 def _datamodule(reader, tmp_path):
-    from datamodules.datamodule import CXRDataModule
+    from cxr_relink.datamodules.datamodule import CXRDataModule
 
     return CXRDataModule(reader, tokenizer={"vocab_size": 64, "min_frequency": 1}, cache_dir=str(tmp_path / "tok"),
                          batch_size=2, image_size=16)
@@ -832,7 +832,7 @@ def test_deid_marks_only_and_heading_only_reports_are_empty(tmp_path, caplog):
 
 
 def test_chexpert_plus_report_longer_than_csv_default_field_limit(tmp_path, monkeypatch):
-    import datamodules.reader_utils as ru
+    import cxr_relink.datamodules.reader_utils as ru
 
     root = make_chexpert_plus(tmp_path)
     csv_path = root / "df_chexpert_plus_240401.csv"
@@ -889,8 +889,8 @@ def test_annotation_split_key_hydra_cannot_express(tmp_path):
 def test_16_bit_png_reads_like_its_8_bit_equivalent(tmp_path):
     from PIL import PngImagePlugin
 
-    from datamodules.datamodule import load_image
-    from datamodules.reader_utils import grey_uint8, verify_image
+    from cxr_relink.datamodules.datamodule import load_image
+    from cxr_relink.datamodules.reader_utils import grey_uint8, verify_image
 
     a8 = np.random.default_rng(0).integers(30, 200, (12, 12), dtype=np.uint8)  # not spanning 0..255
     Image.fromarray(a8).save(tmp_path / "a8.png")

@@ -17,8 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONFIG_DIR, ROOT
 
-from datamodules.exporters import export
-from datamodules.synthetic import SyntheticReader
+from cxr_relink.datamodules.exporters import export
+from cxr_relink.datamodules.synthetic import SyntheticReader
 
 MISSING = [name for name in ("train.py", "evaluate.py", "configs/train.yaml", "configs/evaluate.yaml")
            if not (ROOT / name).is_file()]
@@ -76,7 +76,7 @@ def test_train_on_exported_mimic_tree(mimic_run):
 
 
 def test_evaluate_hardneg_on_exported_chexpert_plus_tree(mimic_run, exported, tmp_path):
-    from evaluate import evaluate
+    from cxr_relink.evaluation import evaluate
 
     _, _, _, train_out = mimic_run
     cfg = compose_config("evaluate.yaml", [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from audit.report_quality import (
+from cxr_relink.audit.report_quality import (
     COUNT_KEYS,
     ReportSet,
     bleu4,
@@ -114,7 +114,7 @@ def test_green_is_matched_over_matched_plus_significant_errors():
 
 
 def test_every_synthetic_report_matches_itself_and_its_one_error_variant_differs(cache_dir):
-    from datamodules.synthetic import SyntheticReader
+    from cxr_relink.datamodules.synthetic import SyntheticReader
 
     studies = SyntheticReader(num_patients=30, seed=3, image_size=32, cache_dir=cache_dir).load()
     truths = ReportSet.from_studies(studies).truths
@@ -274,9 +274,9 @@ def test_cohort_without_structured_truth_skips_green_exact():
 
 # ---- wiring --------------------------------------------------------------------------------------------
 def test_evaluate_from_an_embeddings_file_with_report_ids(tmp_path, cache_dir):
-    from configs import compose
-    from datamodules.synthetic import SyntheticReader
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.datamodules.synthetic import SyntheticReader
+    from cxr_relink.evaluation import evaluate
 
     data_over = ["data.reader.num_patients=40", "data.image_size=32", f"data.reader.cache_dir={cache_dir}"]
     studies = SyntheticReader(num_patients=40, seed=1234, image_size=32, cache_dir=cache_dir).load()
@@ -308,12 +308,12 @@ def test_evaluate_from_an_embeddings_file_with_report_ids(tmp_path, cache_dir):
 
 
 def test_validation_callback_and_evaluate_from_a_checkpoint(compose_train, tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
     from train import train
 
     cfg = compose_train("trainer.max_epochs=1", "final_audit=false", "callbacks=none", "logger=csv",
-                        "+callbacks.rq._target_=callbacks.audit.ReportQualityAudit", "+callbacks.rq.n_boot=20",
+                        "+callbacks.rq._target_=cxr_relink.callbacks.audit.ReportQualityAudit", "+callbacks.rq.n_boot=20",
                         "+callbacks.rq.lexical=false", "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
                         f"+callbacks.ckpt.dirpath={tmp_path}/ck", "+callbacks.ckpt.save_last=true")
     metrics, objs = train(cfg)
@@ -332,8 +332,8 @@ def test_validation_callback_and_evaluate_from_a_checkpoint(compose_train, tmp_p
 
 
 def test_baselines_are_exact_expectations(cache_dir):
-    from audit.report_quality import expected_green
-    from datamodules.synthetic import SyntheticReader
+    from cxr_relink.audit.report_quality import expected_green
+    from cxr_relink.datamodules.synthetic import SyntheticReader
 
     studies = SyntheticReader(num_patients=30, seed=3, image_size=32, cache_dir=cache_dir).load()
     rs = ReportSet.from_studies(studies)
@@ -374,7 +374,7 @@ The candidate misplaces the effusion.
 
 
 def test_parse_green_answers():
-    from audit.green_model import parse_green_response
+    from cxr_relink.audit.green_model import parse_green_response
 
     got = parse_green_response(ANSWER)
     assert (got["matched"], got["a"], got["b"], got["c"], got["d"]) == (3, 1, 0, 2, 0)  # insignificant (a) 3 ignored
@@ -386,8 +386,8 @@ def test_parse_green_answers():
 def test_green_model_plumbing_with_a_tiny_random_causal_lm(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from audit.green_model import GreenModel
-    from datamodules.text import train_wordpiece
+    from cxr_relink.audit.green_model import GreenModel
+    from cxr_relink.datamodules.text import train_wordpiece
 
     tok = train_wordpiece(["small left effusion", "no pneumothorax", "reference candidate"] * 20, vocab_size=60,
                           min_frequency=1)
@@ -410,7 +410,7 @@ def test_green_model_plumbing_with_a_tiny_random_causal_lm(tmp_path):
 
 
 def test_green_model_section_aggregates_parsed_answers():
-    from audit.green_model import parse_green_response
+    from cxr_relink.audit.green_model import parse_green_response
 
     class Fake:  # stands in for GreenModel: one fixed answer per pair
         def score(self, refs, cands):

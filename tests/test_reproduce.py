@@ -159,8 +159,8 @@ def test_bootstrap_one_sided_bounds_match_brute_force() -> None:
     recomputed here by resampling patients with the same draws and looping over them."""
     import torch
 
-    from audit.embeddings import EmbeddingSet
-    from audit.relinkage import relinkage_audit
+    from cxr_relink.audit.embeddings import EmbeddingSet
+    from cxr_relink.audit.relinkage import relinkage_audit
 
     g = torch.Generator().manual_seed(0)
     n_st, dim = 40, 8

@@ -22,8 +22,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from callbacks.run_dir import check_run_dir, lock_run_dir
-from models.checkpoint import load_checkpoint_dict
+from cxr_relink.callbacks.run_dir import check_run_dir, lock_run_dir
+from cxr_relink.models.checkpoint import load_checkpoint_dict
 from tests.conftest import ROOT, TINY
 
 # Three short epochs; the audits with few bootstrap draws (they are not what is tested here).

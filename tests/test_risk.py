@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.adaptive import PairedFeatures
-from audit.relinkage import relinkage_audit
-from audit.risk import memorisation, per_query_hits, pool_centring_embed, risk_audit
+from cxr_relink.audit.adaptive import PairedFeatures
+from cxr_relink.audit.relinkage import relinkage_audit
+from cxr_relink.audit.risk import memorisation, per_query_hits, pool_centring_embed, risk_audit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEAD = {"steps": 150, "eval_every": 25, "restarts": 1}

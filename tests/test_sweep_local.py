@@ -1,4 +1,4 @@
-"""The documented offline path for W&B sweep files (docs/sweeps.md): `python -m configs.sweep_local`
+"""The documented offline path for W&B sweep files (docs/sweeps.md): `python -m cxr_relink.configs.sweep_local`
 suggests runs with W&B's own engine from the same sweep yaml and runs train.py with each; and the
 sweep table's best row carries its 95% CI (issue #29)."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from audit import result as R
-from callbacks.sweep_table import JOB_FILE, metric_ci, sweep_table
+from cxr_relink.audit import result as R
+from cxr_relink.callbacks.sweep_table import JOB_FILE, metric_ci, sweep_table
 from tests.conftest import CONFIG_DIR, ROOT, compose_config
 
 SWEEP_DIR = Path(CONFIG_DIR) / "sweep"
@@ -32,7 +32,7 @@ def _engine():
 def test_grid_suggestions_follow_the_engine_and_stop_when_exhausted() -> None:
     """dp_alignment.yaml is a grid: the controller's suggestions, fed back as finished runs, are the
     engine's grid in order (the in-repo grid as the independent reference), then None."""
-    from configs.sweep_local import LocalController, as_served, grid_suggestions, load_sweep
+    from cxr_relink.configs.sweep_local import LocalController, as_served, grid_suggestions, load_sweep
 
     sweep = load_sweep(SWEEP_DIR / "dp_alignment.yaml")
     want = [as_served(p) for p in grid_suggestions(sweep["parameters"])]
@@ -51,7 +51,7 @@ def test_bayes_suggestion_uses_the_finished_runs_and_lands_in_the_config(tmp_pat
     next suggestion stays in the parameter space, and the local command line composes it into the
     config with W&B offline and the run in the given folder; an extra override replaces a swept key."""
     _engine()
-    from configs.sweep_local import LocalController, load_sweep, local_command
+    from cxr_relink.configs.sweep_local import LocalController, load_sweep, local_command
 
     sweep = load_sweep(SWEEP_DIR / "dual_tower.yaml")
     ctl = LocalController(sweep, seed=3)
@@ -122,7 +122,7 @@ def test_local_sweep_runs_train_py_end_to_end(tmp_path, cache_dir) -> None:
             "trainer.limit_val_batches=null", "trainer.limit_train_batches=2", "callbacks.relinkage_audit.n_boot=20",
             "final_audit=false", "~callbacks.linear_probe", "trainer.enable_progress_bar=false"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SWEEP") and k != "WANDB_RUN_ID"}
-    p = subprocess.run([sys.executable, "-m", "configs.sweep_local", "configs/sweep/dual_tower.yaml", "--count", "2",
+    p = subprocess.run([sys.executable, "-m", "cxr_relink.configs.sweep_local", "configs/sweep/dual_tower.yaml", "--count", "2",
                         "--sweep-dir", str(sweep_dir), *tiny], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**env, "CXR_RELINK_CACHE": str(cache_dir)})
     assert p.returncode == 0, p.stderr[-3000:]

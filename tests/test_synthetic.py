@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules import synthetic
-from datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
-from datamodules.synthetic import SyntheticReader
+from cxr_relink.datamodules import synthetic
+from cxr_relink.datamodules.records import CHEXPERT_LABELS, LABEL_INDEX
+from cxr_relink.datamodules.synthetic import SyntheticReader
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "data"
 SMALL = dict(num_patients=40, seed=7, image_size=64)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from datamodules.synthetic import GENERATOR_VERSION, SyntheticReader
+from cxr_relink.datamodules.synthetic import GENERATOR_VERSION, SyntheticReader
 
 TINY = dict(num_patients=20, seed=5, image_size=32, num_variants=1)
 EXTRA = 13
@@ -116,7 +116,7 @@ def test_default_cache_key_unchanged():
 
 
 def test_configs_leave_it_unset():
-    from configs import compose
+    from cxr_relink.configs import compose
 
     for name in ("synthcxr", "synthcxr_external"):
         cfg = compose("train.yaml", [f"data={name}"])
@@ -136,7 +136,7 @@ def test_all_patients_train_with_zero_test_fraction():
 
 def test_extra_patients_independent_of_chunking(tmp_path, cohorts, monkeypatch):
     """Chunk boundaries that straddle the extra patients change no byte (same for workers)."""
-    from datamodules import synthetic
+    from cxr_relink.datamodules import synthetic
 
     _, _, more, _ = cohorts
     monkeypatch.setattr(synthetic, "CHUNK_PATIENTS", 7)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.records import NUM_LABELS, Study
-from datamodules.report_variants import (
+from cxr_relink.datamodules.records import NUM_LABELS, Study
+from cxr_relink.datamodules.report_variants import (
     ReportVariantsDataModule,
     StudyVariantsDataset,
     collate_variants,
@@ -21,8 +21,8 @@ from datamodules.report_variants import (
     swap_first_side,
     variant_pool,
 )
-from datamodules.text import train_wordpiece
-from models.losses import IGNORE_INDEX, SupConLoss, mask_tokens, mntp_labels, mntp_loss
+from cxr_relink.datamodules.text import train_wordpiece
+from cxr_relink.models.losses import IGNORE_INDEX, SupConLoss, mask_tokens, mntp_labels, mntp_loss
 
 # ---- MNTP -------------------------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def test_supcon_gradient_and_hard_negative_effect():
 
 def test_supcon_excludes_self_at_rank_offset(monkeypatch):
     # Simulate rank 1 of 2: the gathered batch is [other rank's 3 rows, our 3 rows].
-    import models.losses as losses
+    import cxr_relink.models.losses as losses
 
     g = torch.Generator().manual_seed(2)
     other, mine = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
@@ -211,15 +211,15 @@ def test_variants_batch_shapes():
 
 
 def test_stage1_smoke_and_handoff(tmp_path):
-    from models.llm_encoder import BidirectionalLLMEncoder
-    from models.text_adapt import TextAdaptModule
+    from cxr_relink.models.llm_encoder import BidirectionalLLMEncoder
+    from cxr_relink.models.text_adapt import TextAdaptModule
 
     L.seed_everything(0)
     studies = variant_studies(24)
     dm = ReportVariantsDataModule(_Reader(studies), tokenizer={"vocab_size": 300}, batch_size=4, max_length=48,
                                   variants_per_study=2, error_variants_per_study=1, cache_dir=str(tmp_path))
     dm.setup("fit")
-    tower = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+    tower = {"_target_": "cxr_relink.models.llm_encoder.BidirectionalLLMEncoder", "hidden_size": 32, "num_layers": 2, "num_heads": 4,
              "num_kv_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64, "pooling": "mean", "use_lora": False}
     module = TextAdaptModule(
         text_tower=tower, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
@@ -233,7 +233,7 @@ def test_stage1_smoke_and_handoff(tmp_path):
     for k in ("train/mntp_loss", "train/supcon_loss", "val/loss", "val/variant_acc", "val/error_disc"):
         assert k in m and torch.isfinite(m[k]), k
     # Stage 2 loads the exported directory by path, with the tokenizer saved beside it.
-    from datamodules.text import build_tokenizer
+    from cxr_relink.datamodules.text import build_tokenizer
 
     tok2 = build_tokenizer(None, pretrained=str(tmp_path / "hf"))
     assert len(tok2) == len(dm.tokenizer)
@@ -270,7 +270,7 @@ def test_stage1_hydra_smoke(tmp_path):
     """`python train.py experiment=text_adapt` on tiny settings; the HF output loads as a stage-2 tower."""
     from train import train
 
-    from models.llm_encoder import BidirectionalLLMEncoder
+    from cxr_relink.models.llm_encoder import BidirectionalLLMEncoder
 
     tiny = ["data.reader.num_patients=40", "data.reader.image_size=32", "data.image_size=32", "data.batch_size=4",
             "data.eval_batch_size=8", "++trainer.max_epochs=1", "++trainer.limit_train_batches=3",
@@ -287,7 +287,7 @@ def test_stage1_hydra_smoke(tmp_path):
     assert tower.pooling == "latent_attention" and tower.bidirectional and tower.max_length == cfg.data.max_length
     # Stage 2 from the stage-1 output, by path (tokenizer from the same directory), then a checkpoint
     # round trip: the dual tower rebuilds from its checkpoint alone with identical report embeddings.
-    from models.checkpoint import load_module
+    from cxr_relink.models.checkpoint import load_module
 
     cfg2 = compose_stage1(tmp_path / "s2", ["model=llm_encoder", f"model.text_tower.pretrained={out}", "logger=none",
                                             "callbacks=none", "final_audit=false", *tiny[:5], "++trainer.max_epochs=1",
@@ -308,11 +308,11 @@ def test_stage1_hydra_smoke(tmp_path):
 
 
 def test_mask_token_added_when_absent():
-    from models.text_adapt import TextAdaptModule
+    from cxr_relink.models.text_adapt import TextAdaptModule
 
     tok = train_wordpiece(["small left pleural effusion", "no pneumothorax"] * 5, vocab_size=100)
     n = len(tok)
-    tower = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+    tower = {"_target_": "cxr_relink.models.llm_encoder.BidirectionalLLMEncoder", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
              "num_kv_heads": 1, "intermediate_size": 32, "pooling": "mean"}
     m = TextAdaptModule(text_tower=tower, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True}, mask_token="<mask>",
                         tokenizer=tok)
@@ -326,7 +326,7 @@ def test_error_disc_has_one_definition():
     import inspect
 
     import experiments.text_eval as text_eval
-    from models.text_adapt import error_discrimination
+    from cxr_relink.models.text_adapt import error_discrimination
 
     s_pos = torch.tensor([0.5, 0.2, 0.9])
     s_err = torch.tensor([[0.4, 0.6], [0.1, 0.2], [0.3, 0.95]])  # a tie (0.2) is not a win
@@ -341,14 +341,14 @@ def test_error_disc_has_one_definition():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_stage1_lora_trains_only_adapters_and_pooler(tmp_path, tie):
-    from models.poolers import build_pooler
-    from models.text_adapt import TextAdaptModule
-    from datamodules.text import build_tokenizer
+    from cxr_relink.models.poolers import build_pooler
+    from cxr_relink.models.text_adapt import TextAdaptModule
+    from cxr_relink.datamodules.text import build_tokenizer
     from tests.test_llm_checkpoints import save_tiny_llama
 
     base = save_tiny_llama(tmp_path / "base", [s.report for s in variant_studies(8)] * 3, tie=tie)
     tok = build_tokenizer(None, pretrained=str(base))
-    tower = {"_target_": "models.llm_encoder.BidirectionalLLMEncoder", "pretrained": str(base), "lora_r": 4,
+    tower = {"_target_": "cxr_relink.models.llm_encoder.BidirectionalLLMEncoder", "pretrained": str(base), "lora_r": 4,
              "pooling": "latent_attention", "pooler_kwargs": {"num_latents": 8, "num_heads": 4}}
     n_vocab = len(tok)
     # tied: a new "<mask>" token grows the vocabulary; untied: the WordPiece [MASK] already exists

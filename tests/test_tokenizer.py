@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from datamodules.text import SPECIAL_TOKENS, learn_wordpiece_vocab, train_wordpiece
+from cxr_relink.datamodules.text import SPECIAL_TOKENS, learn_wordpiece_vocab, train_wordpiece
 
 SPECIALS = list(SPECIAL_TOKENS.values())
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

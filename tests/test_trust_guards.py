@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from audit import relinkage as RL
-from audit import result as R
-from audit.embeddings import EmbeddingSet
-from audit.relinkage import DegenerateEmbeddingsError, Relinkage, relinkage_audit
+from cxr_relink.audit import relinkage as RL
+from cxr_relink.audit import result as R
+from cxr_relink.audit.embeddings import EmbeddingSet
+from cxr_relink.audit.relinkage import DegenerateEmbeddingsError, Relinkage, relinkage_audit
 
 KW = dict(ks=[1], ns=[10, "full"], n_boot=0)
 
@@ -120,8 +120,8 @@ def _write(tmp_path, rep, img):
 
 
 def test_evaluate_refuses_and_flags_degenerate_embeddings(tmp_path):
-    from configs import compose
-    from evaluate import evaluate
+    from cxr_relink.configs import compose
+    from cxr_relink.evaluation import evaluate
 
     rng = np.random.default_rng(5)
     rep = np.tile(rng.normal(size=8), (40, 1))  # what a folder without tokenizer files gave

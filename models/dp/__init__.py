@@ -9,6 +9,6 @@ Its empirical checks (member vs non-member linkage, the one-run epsilon lower bo
 audit/membership.py and audit/one_run.py.
 """
 
-from models.dp.losses import LOSS_MODES, SENSITIVITY_FACTOR, VALID_DP_MODES
+from cxr_relink.models.dp.losses import LOSS_MODES, SENSITIVITY_FACTOR, VALID_DP_MODES
 
 __all__ = ["LOSS_MODES", "SENSITIVITY_FACTOR", "VALID_DP_MODES"]

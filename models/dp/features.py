@@ -44,11 +44,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from audit.embeddings import report_hash
-from datamodules.datamodule import CXRDataModule, study_text
-from datamodules.records import SPLITS, Study
-from models.embedding_cache import code_hash, image_signature, package_versions
-from models.hashing import file_sha256  # noqa: F401  (also imported from here: models/dp/module.py, experiments/)
+from cxr_relink.audit.embeddings import report_hash
+from cxr_relink.datamodules.datamodule import CXRDataModule, study_text
+from cxr_relink.datamodules.records import SPLITS, Study
+from cxr_relink.models.embedding_cache import code_hash, image_signature, package_versions
+from cxr_relink.models.hashing import file_sha256  # noqa: F401  (also imported from here: models/dp/module.py, experiments/)
 
 # The code that shapes the cached features: the readers and datamodule, the towers, this module.
 FEATURE_CODE = ("datamodules", "models/dual_tower.py", "models/image_towers.py", "models/text_towers.py",
@@ -464,11 +464,11 @@ class FeatureDataModule(FeatureServing, CXRDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.features is not None:
             return
-        from models.checkpoint import load_module
+        from cxr_relink.models.checkpoint import load_module
 
         device = self._device()
         if self.external is not None:
-            from models.external_heads import ExternalSplit
+            from cxr_relink.models.external_heads import ExternalSplit
 
             if self.backbone_ckpt:
                 raise ValueError("give one frozen backbone: model.backbone_ckpt or model.external.path, not both")

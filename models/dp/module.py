@@ -54,15 +54,15 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 
-from audit.embeddings import validation_outputs
-from models.checkpoint import (KEY, import_module_class, load_checkpoint_dict, load_module, plain,
+from cxr_relink.audit.embeddings import validation_outputs
+from cxr_relink.models.checkpoint import (KEY, import_module_class, load_checkpoint_dict, load_module, plain,
                                restore_external_weights, save_extras)
-from models.contract import LoadedState
-from models.dp import record
-from models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs, load_accountant_state
-from models.dp.plan import DataFacts, DPPlan, make_plan, settings
-from models.dp.features import file_sha256
-from models.dp.losses import (
+from cxr_relink.models.contract import LoadedState
+from cxr_relink.models.dp import record
+from cxr_relink.models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs, load_accountant_state
+from cxr_relink.models.dp.plan import DataFacts, DPPlan, make_plan, settings
+from cxr_relink.models.dp.features import file_sha256
+from cxr_relink.models.dp.losses import (
     LOSS_MODES,
     SENSITIVITY_FACTOR,
     group_assignment,
@@ -70,7 +70,7 @@ from models.dp.losses import (
     in_batch_loss,
     public_negatives_loss,
 )
-from models.heads import ProjectionHead
+from cxr_relink.models.heads import ProjectionHead
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class DPAlignmentModule(LoadedState, L.LightningModule):  # an embedding model (
         # frozen and copies of its own projections are the heads; rebuilt the same way from a DP checkpoint.
         ext = None
         if (external or {}).get("path"):
-            from models.external_heads import ExternalSplit
+            from cxr_relink.models.external_heads import ExternalSplit
 
             if backbone_ckpt:
                 raise ValueError("give one frozen backbone: model.backbone_ckpt (a stage-2 checkpoint) or "
@@ -746,7 +746,7 @@ class DPAlignmentModule(LoadedState, L.LightningModule):  # an embedding model (
 
     def export_model(self, out) -> Any:
         """Write the existing model with the trained projections in its own format + dp_record.json."""
-        from models.external_heads import export_model
+        from cxr_relink.models.external_heads import export_model
 
         if self._external is None:
             raise ValueError("export_model is for DP runs on an existing model (model.external.path)")

@@ -147,7 +147,7 @@ def make_plan(dp: dict[str, Any], mode: str, facts: DataFacts, epochs: int, rest
     the data facts and the planned epochs. ``restored``: a resumed run's saved record, whose sigma is kept (the
     accountant's history continues with it). Raises on a delta >= 1/N unless allowed, and on a declared bound
     below N."""
-    from models.dp.accounting import default_delta, noise_multiplier_for
+    from cxr_relink.models.dp.accounting import default_delta, noise_multiplier_for
 
     if facts.privacy_unit not in PRIVACY_UNITS:
         raise ValueError(f"data.privacy_unit must be one of {PRIVACY_UNITS}, got {facts.privacy_unit!r}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.dp.accounting import group_privacy
-from models.dp.losses import SENSITIVITY_FACTOR, VALID_DP_MODES
-from models.dp.plan import DPPlan
+from cxr_relink.models.dp.accounting import group_privacy
+from cxr_relink.models.dp.losses import SENSITIVITY_FACTOR, VALID_DP_MODES
+from cxr_relink.models.dp.plan import DPPlan
 
 INVALID_LABEL = "in_batch: NO valid epsilon (InfoNCE is not per-example decomposable)"
 SCOPE = "epsilon covers this stage given the frozen checkpoint; end-to-end only if that checkpoint never saw these units"

@@ -44,12 +44,12 @@ from hydra.utils import instantiate
 from opacus.accountants import create_accountant
 from opacus.validators import ModuleValidator
 
-from models.checkpoint import plain
-from models.dp import record
-from models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs
-from models.dp.losses import in_batch_loss, public_negatives_loss
-from models.dp.plan import DataFacts, DPPlan, make_plan, settings
-from models.dual_tower import DualTowerModule
+from cxr_relink.models.checkpoint import plain
+from cxr_relink.models.dp import record
+from cxr_relink.models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs
+from cxr_relink.models.dp.losses import in_batch_loss, public_negatives_loss
+from cxr_relink.models.dp.plan import DataFacts, DPPlan, make_plan, settings
+from cxr_relink.models.dual_tower import DualTowerModule
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ class DPWholeModule(DualTowerModule):
         DP-SGD's analysis holds for any start that depends on no private unit. Its towers, heads and temperature
         are loaded; the datamodule takes its tokenizer too (data.tokenizer_ckpt), so token ids keep their meaning.
         Why: from a random init the public-negatives loss found the collapse (every embedding one point) first."""
-        from models.checkpoint import load_checkpoint_dict
-        from models.dp.features import file_sha256
+        from cxr_relink.models.checkpoint import load_checkpoint_dict
+        from cxr_relink.models.dp.features import file_sha256
 
         sd = load_checkpoint_dict(path)["state_dict"]
         sd = {k: v for k, v in sd.items() if k.split(".")[0] in ("image_tower", "text_tower", "image_head", "text_head",

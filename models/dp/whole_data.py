@@ -22,7 +22,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.datamodule import CXRDataModule, StudyImageDataset, collate
+from cxr_relink.datamodules.datamodule import CXRDataModule, StudyImageDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class PatientUnitDataModule(CXRDataModule):
         if self.tokenizer is None and self.tokenizer_ckpt:
             # The public starting checkpoint's tokenizer (model.init_ckpt): its token ids, and no vocabulary
             # fitted on the private reports.
-            from datamodules.text import tokenizer_from_state
-            from models.checkpoint import KEY, load_checkpoint_dict
+            from cxr_relink.datamodules.text import tokenizer_from_state
+            from cxr_relink.models.checkpoint import KEY, load_checkpoint_dict
 
             self.tokenizer = tokenizer_from_state(load_checkpoint_dict(self.tokenizer_ckpt)[KEY]["tokenizer"])
         super().setup(stage)
