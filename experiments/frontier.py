@@ -284,7 +284,7 @@ def main(argv=None) -> None:
     ap.add_argument("--head-epochs", type=int, default=20)
     ap.add_argument("--public-epochs", type=int, default=6, help="stage 2 on the public cohort (the starting point)")
     ap.add_argument("--head-batch", type=int, default=128)
-    ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--draws", type=int, default=5, help="auxiliary draws per arm (issue #31: at least 5)")
     ap.add_argument("--n-aux", type=int, default=100)
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--probe-boot", type=int, default=100)

@@ -206,3 +206,45 @@ def test_head_lists_every_summary_row_and_appendix_only_old_protocol_runs() -> N
     assert "| 1 | 2 | dp_public_negatives | – | – | – | – | – | 0.300 (≥ 0.100) |" in app  # R@1 (%), its bound
     assert "external" not in app  # transfer runs are not part of the appendix table
     assert "Seeds kept under older protocols (protocol 1 s2)" in "\n".join(R.head(rec, 90.0, "", summary))
+
+
+# ------------------------------------------------------------------ beyond the papers (experiments/reproduce/beyond.py)
+def frontier_arm(ridge: float, head: float, mem: float, mem_lb: float, ra: float, ra_ci: tuple[float, float]) -> dict:
+    """A kept frontier record with the numbers the section reads (two aux draws with these trunk-attack values)."""
+    draws = [{"attacks": {"with": {"cosine": 0.05, "ridge": ridge + d, "head": head - d}}} for d in (-0.01, 0.01)]
+    return {"scale": {"draws": 2, "seed": 1, "patients": 60, "image_size": 32, "public_patients": 40, "epochs": 1,
+                      "head_epochs": 2, "n_aux": 10, "epsilons": [1, 3]},
+            "privacy": {"enabled": True, "guarantee_valid": True, "epsilon_spent": 1.0},
+            "capability": {"value": 0.1, "ci": [0.08, 0.12]},
+            "best_attack_with_release": {"attack": "ridge", "mean_over_draws": ridge},
+            "release_attributable": {"value": ra, "ci": list(ra_ci), "draws": draws},
+            "memorisation": {"best": {"attack": "ridge", "difference": mem, "difference_ci": [mem_lb - 0.01, mem + 0.02],
+                                      "difference_lower95_one_sided": mem_lb}},
+            "probe": {"macro_auroc": 0.7, "macro_auroc_ci": [0.65, 0.75]}, "cpu_s": 60.0}
+
+
+def test_beyond_states_what_each_arm_shows_from_its_own_numbers() -> None:
+    from experiments.reproduce.beyond import beyond
+
+    rec = Records("paper", SEEDS, OUT, 0.34)
+    rec.frontier_dir = Path("experiments/results/frontier")
+    rec.frontier = {"control": frontier_arm(0.07, 0.06, 0.03, 0.004, 0.05, (0.01, 0.09)),
+                    "head_dp_eps1": frontier_arm(0.07, 0.06, 0.01, -0.01, 0.0, (-0.02, 0.02)),
+                    "whole_dp_eps1": frontier_arm(0.05, 0.065, 0.0, -0.02, 0.01, (-0.03, 0.05))}
+    L, rows = beyond(rec)
+    by = {r[0]: r[1] for r in rows}
+    # control: one-sided lower bound 0.4 points > 0; its release-attributable CI [1, 9] excludes 0
+    assert by["B. control"].startswith("memorisation shown (one-sided 95% lower bound 0.4 > 0)")
+    assert "release-attributable shown" in by["B. control"]
+    assert by["B. head_dp_eps1"].startswith("memorisation not shown") and "by construction" in by["B. head_dp_eps1"]
+    # whole-model DP: ridge below the control's (5.0 < 7.0 mean over draws), head above it (6.5 > 6.0)
+    assert "trunk attacks below the control's: ridge" in by["B. whole_dp_eps1"] and "head" not in by["B. whole_dp_eps1"].split(": ")[-1]
+    text = "\n".join(L)
+    assert "| whole_dp_eps3 | not run |" in text and "whole_dp_eps1: ridge 5.0, head 6.5" in text
+
+
+def test_beyond_without_frontier_records_says_not_available() -> None:
+    from experiments.reproduce.beyond import beyond
+
+    L, rows = beyond(Records("paper", SEEDS, OUT, 0.34))
+    assert rows == [] and any(line.startswith("not available") for line in L)

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--resume", action="store_true", help="load complete kept seeds, reuse finished runs in <out>, run the rest")
     ap.add_argument("--keep", default=None, help="keep finished runs here, per seed (default: experiments/results/<scale> "
                     f"for {', '.join(KEEP_BY_DEFAULT)}; 'none' to keep nothing)")
+    ap.add_argument("--frontier", default=None, help="the kept privacy-utility frontier (experiments/frontier.py) for the "
+                    f"section beyond the papers (default: experiments/results/frontier for {', '.join(KEEP_BY_DEFAULT)}; "
+                    "'none' to leave it out)")
     ap.add_argument("--render-only", action="store_true", help="write RESULTS.md from the kept seeds, run nothing")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> Path:
     keep = args.keep or (str(ROOT / "experiments" / "results" / args.scale) if args.scale in KEEP_BY_DEFAULT else None)
     keep = None if keep in (None, "none") else Path(keep)
     rep = Reproduction(args.scale, seeds, out, args.resume, args.epsilon, keep)
+    frontier = args.frontier or (str(ROOT / "experiments" / "results" / "frontier") if args.scale in KEEP_BY_DEFAULT else None)
+    if frontier not in (None, "none"):
+        rep.load_frontier(Path(frontier))
     if args.render_only:
         rep.seeds = [s for s in seeds if rep.load_kept(s, partial=True)]
         rep.find_old()

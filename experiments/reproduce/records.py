@@ -115,6 +115,15 @@ class Records:
     old: dict[tuple[int, int], list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
     n_ran: int = 0  # runs executed by this invocation
     rebuilt_check: dict[str, str] = field(default_factory=dict)  # run name -> its re-run's audit against the kept one
+    frontier: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> kept frontier record (beyond.py)
+    frontier_dir: Path | None = None
+
+    def load_frontier(self, folder: Path) -> None:
+        """The privacy-utility frontier's kept arms (experiments/frontier.py writes one JSON per arm)."""
+        import json
+
+        self.frontier_dir = folder
+        self.frontier = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
     # ------------------------------------------------------------------ reading runs by tag, over seeds
 

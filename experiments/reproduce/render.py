@@ -12,6 +12,7 @@ from experiments import verdict as V
 from experiments.reproduce.plan import (ADAPTIVE, ADAPTIVE_ATTACKS, ADAPTIVE_AUX, ADAPTIVE_OVERRIDES, BEFORE_DP, DP_ARMS,
                                         DP_TITLE, EXTERNAL, PROBE_PROTOCOL, PROTOCOL, PROTOCOL_NOTE, READINGS,
                                         RUNTIME_NOTE, SCALE_CAVEAT, SCALES, TOWERS, TRUNK_ATTACKS, scale_overrides)
+from experiments.reproduce.beyond import beyond
 from experiments.reproduce.records import (Records, adaptive_row, dp_record, headline_n, pool_sizes, probe_row, recall,
                                            rows_of, values, x_high)
 from experiments.reproduce.text import (combine, drop_text, per_patient_cell, ratio_text, rel_path, run_cell,
@@ -316,7 +317,10 @@ def claim4c(rec: Records) -> Claim:
     L += ["", "The ridge and head attacks are fitted on the frozen trunk's features, which head-only DP never "
           "changes: **head-only DP cannot change them, by construction** (no test is run on a fact of construction; "
           "their rows above are identical before and after DP wherever the attack's own draws are). The cosine and "
-          "Procrustes attacks read the released (head) embeddings: those are tested, paired by seed.", ""]
+          "Procrustes attacks read the released (head) embeddings: those are tested, paired by seed. In the terms of "
+          "docs/audit.md's three numbers: head-only DP can lower *capability* through the released embeddings, but "
+          "not what the trunk carries, so neither the release-attributable risk nor memorisation read through the "
+          "trunk attacks; the section beyond the papers measures both, and whole-model DP beside it.", ""]
     for label, title, dp, _, hi, _ in READINGS:
         if dp not in ADAPTIVE:
             continue
@@ -469,7 +473,7 @@ def appendix(rec: Records) -> list[str]:
 
 
 # Sections in RESULTS.md's order.
-CLAIMS = (claim1, claim2, claim3, claim4, claim4b, claim4c, claim5)
+CLAIMS = (claim1, claim2, claim3, claim4, claim4b, claim4c, claim5, beyond)
 
 
 def render(rec: Records, seconds: float, invocation: str = "") -> tuple[str, list[Summary]]:
