@@ -238,7 +238,7 @@ def test_beyond_states_what_each_arm_shows_from_its_own_numbers() -> None:
     assert "release-attributable shown" in by["B. control"]
     assert by["B. head_dp_eps1"].startswith("memorisation not shown") and "by construction" in by["B. head_dp_eps1"]
     # whole-model DP: ridge below the control's (5.0 < 7.0 mean over draws), head above it (6.5 > 6.0)
-    assert "trunk attacks below the control's: ridge" in by["B. whole_dp_eps1"] and "head" not in by["B. whole_dp_eps1"].split(": ")[-1]
+    assert "trunk-attack means below the control's (point estimates): ridge" in by["B. whole_dp_eps1"] and "head" not in by["B. whole_dp_eps1"].split(": ")[-1]
     text = "\n".join(L)
     assert "| whole_dp_eps3 | not run |" in text and "whole_dp_eps1: ridge 5.0, head 6.5" in text
 
