@@ -23,6 +23,7 @@ TINY_DP = ["experiment=dp_alignment", "data.reader.num_patients=30", "public_coh
 
 
 @pytest.mark.parametrize("unit", ["study", "patient"])
+@pytest.mark.slow
 def test_tiny_stage3_states_a_per_patient_guarantee_only_where_it_holds(tmp_path, stage2_ckpt, unit, capsys) -> None:  # noqa: F811
     from train import train
 

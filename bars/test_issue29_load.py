@@ -53,6 +53,7 @@ def _evaluate(folder: Path, tmp: Path, name: str) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_prefixed_hf_clip_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -60,6 +60,7 @@ def test_the_reproduction_is_not_one_file_of_more_than_600_lines() -> None:
     assert not long, long
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_only_the_project_namespace_and_its_command_audits_a_file(tmp_path) -> None:
     whl = build_wheel(tmp_path)
     with zipfile.ZipFile(whl) as z:
@@ -100,6 +101,7 @@ def _collected(marker: str) -> set[str]:
     return {line.split("[")[0] for line in proc.stdout.splitlines() if "::" in line}
 
 
+@pytest.mark.slow
 def test_a_slow_marker_splits_the_suite() -> None:
     slow, fast = _collected("slow"), _collected("not slow")
     assert slow and fast and not slow & fast

@@ -233,6 +233,7 @@ def test_head_restarts_ensemble_is_the_mean_cosine():
     torch.testing.assert_close(ens, sum(per) / 3, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_head_attack_stable_under_tiny_feature_perturbations():
     """Features 1e-6 apart (the reviewer's 4.8e-7): the same attack to within a re-linkage point."""
     target, aux = _cohort(60, 0), _cohort(150, 1, first_patient=10_000)
@@ -336,6 +337,7 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_audit_adaptive_end_to_end(tiny_ckpt, cache_dir, tmp_path):
     from cxr_relink.configs import compose
     from cxr_relink.evaluation import evaluate

@@ -153,6 +153,7 @@ def test_single_process_scalars_json_and_plot(tmp_path):
     assert m["probe/macro_auroc"].item() == pytest.approx(probe["macro_auroc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path):
     _validate(tmp_path / "one", accelerator="cpu", devices=1)
     _validate(tmp_path / "two", accelerator="cpu", devices=2, strategy="ddp_spawn")

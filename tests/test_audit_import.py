@@ -96,6 +96,7 @@ def test_audit_imports_nothing_of_the_project_statically() -> None:
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_a_copy_of_audit_alone_imports_and_runs(tmp_path) -> None:
     """Every module of a copy of audit/ alone imports (no Lightning, Hydra, torchmetrics pulled in) and
     the public API runs, in a fresh interpreter (this test process has imported Lightning already)."""
@@ -135,6 +136,7 @@ def build_wheel(tmp_path: Path) -> Path:
     return whl
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_imports_from_elsewhere(tmp_path) -> None:
     """Installed into an empty folder, `from cxr_relink import audit` works from another directory, with the
     configs' YAML, and the package knows it is not in a checkout (no repository on its search path)."""

@@ -253,6 +253,7 @@ def test_accountant_epsilon_matches_independent_rdp(target_eps, q, steps) -> Non
     assert 0.6 * eps_opacus <= eps_prv <= eps_opacus * 1.01
 
 
+@pytest.mark.slow
 def test_prv_sigma_search_spends_the_budget_tightly() -> None:
     """Opacus' default PRV error (0.01) leaves epsilon = 0.34 about 3% short: sigma is over-estimated.
     With the error matched to the target the spent epsilon (tight estimate) is within 0.5%."""
@@ -304,6 +305,7 @@ def fit(module, dm, tmp_path, max_epochs, ckpt_path=None, callbacks=()):
 
 
 @pytest.mark.parametrize("mode", ["public_negatives", "group_clipping"])
+@pytest.mark.slow
 def test_resume_continues_the_same_budget(tmp_path, mode) -> None:
     L.seed_everything(0)
     feats, pub = synthetic_features()
@@ -355,6 +357,7 @@ def released(m: DPAlignmentModule) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["public_negatives", "group_clipping"])
+@pytest.mark.slow
 def test_replay_attack_needs_the_insecure_switch(mode) -> None:
     """The adversary knows the code, the config (seed included) and every record but the target. It
     retrains with and without the target and compares with the release. With noise and batches drawn
@@ -377,6 +380,7 @@ def test_replay_attack_needs_the_insecure_switch(mode) -> None:
     assert float((replay_in - released(release)).abs().max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_delta_not_below_one_over_n_is_refused_unless_overridden() -> None:
     feats, pub = synthetic_features()  # N = 240 study units
     with pytest.raises(ValueError, match=r"not below 1/N"):
@@ -477,6 +481,7 @@ def stage2_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckpt, monkeypatch) -> None:
     from cxr_relink.models.checkpoint import load_module
     from cxr_relink.models.dp import features as feat_mod
@@ -545,6 +550,7 @@ def test_experiment_end_to_end_caches_features_and_rebuilds(tmp_path, stage2_ckp
     assert "## Differential privacy" in (tmp_path / "eval" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_patient_level_units_train_privately(tmp_path) -> None:
     L.seed_everything(0)
     feats, pub = synthetic_features()
@@ -554,6 +560,7 @@ def test_patient_level_units_train_privately(tmp_path) -> None:
     assert 0 < m.epsilon_spent() <= 1.0
 
 
+@pytest.mark.slow
 def test_progress_bar_epsilon_is_current_at_each_validation(tmp_path) -> None:
     """The epsilon the progress bar shows while an epoch validates is the budget spent by that
     epoch's last step (it used to be logged after the bar's epoch-end refresh: one epoch stale)."""
@@ -650,6 +657,7 @@ def dp_run_230():
     return m, logged, feats, pub
 
 
+@pytest.mark.slow
 def test_dp_run_logs_no_private_loss(dp_run_230) -> None:
     """Under DP the private Poisson batch's loss (and its batch-size weighted epoch mean) is not logged;
     train/public_loss, on public pairs, is."""
@@ -668,6 +676,7 @@ def test_dp_per_patient_guarantee_is_the_group_bound(dp_run_230) -> None:
     assert any("max_studies_per_patient = 2" in x for x in st["outside_guarantee"])
 
 
+@pytest.mark.slow
 def test_dp_record_withholds_n_unless_declared_public(dp_run_230) -> None:
     """N is withheld (an upper bound B*ceil(N/B) stated instead, delta set from it) unless the data
     holder declares it public (model.dp.n_public=true: exact N, delta = 1/(10 N), listed)."""
@@ -690,6 +699,7 @@ def test_dp_record_withholds_n_unless_declared_public(dp_run_230) -> None:
     assert any("N = 230" in x and "declared public" in x for x in st["outside_guarantee"])
 
 
+@pytest.mark.slow
 def test_per_patient_cap_keeps_the_smallest_keys_and_makes_k_public() -> None:
     """data.max_studies_per_patient=k keeps each patient's k studies with the smallest stable keys
     (checked by brute force), and the record's per-patient bound uses the public k."""

@@ -120,6 +120,7 @@ def hf_dp_run(hf_models, tmp_path_factory):  # noqa: F811
             "out": Path(cfg.paths.output_dir) / "dp_model", "src": hf_models["clip"], "cache": tmp / "cache"}
 
 
+@pytest.mark.slow
 def test_hf_dp_run_changes_only_the_projections_and_saves_in_library_format(hf_dp_run):
     from safetensors.torch import load_file
     from transformers import CLIPModel
@@ -219,6 +220,7 @@ def _oc_library(folder: Path):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_open_clip_dp_run_saves_a_local_dir_folder(oc_models, tmp_path):  # noqa: F811
     from safetensors.torch import load_file
 

@@ -35,6 +35,7 @@ def test_a_misspelt_setting_is_refused() -> None:
 
 
 @pytest.mark.parametrize("n, b, epochs, eps", [(2300, 256, 20, 0.34), (230, 48, 3, 2.0), (17, 8, 1, 3.0)])
+@pytest.mark.slow
 def test_plan_matches_independent_computations(n, b, epochs, eps) -> None:
     """q = 1/ceil(N/B), steps = epochs ceil(N/B), delta = 1/(10 B ceil(N/B)) (N withheld), the divisor B, and
     Opacus' own RDP accountant spends the target epsilon (to the search tolerance) for the planned sigma."""
@@ -49,6 +50,7 @@ def test_plan_matches_independent_computations(n, b, epochs, eps) -> None:
                      epochs) == plan  # pure: the same inputs, the same plan
 
 
+@pytest.mark.slow
 def test_delta_rule_and_declared_bound_are_the_plans() -> None:
     facts = DataFacts(n_units=100, batch_size=10)
     with pytest.raises(ValueError, match="not below 1/N"):
@@ -73,3 +75,17 @@ def test_record_is_read_off_the_plan() -> None:
                                   "basis": "patient units: all studies of a patient are one unit"}
     assert not any("230" in x for x in record.outside_guarantee_of_data(plan))
     assert math.isclose(rec["delta"], 1 / 2400)
+
+
+@pytest.mark.parametrize("change, message", [({"world_size": 2}, "one device"),
+                                             ({"precision": "bf16-mixed"}, "fp32"),
+                                             ({"gradient_clip_val": 1.0}, "gradient_clip_val=null")])
+def test_every_dp_module_refuses_a_trainer_dp_sgd_cannot_run_under(change, message):
+    from types import SimpleNamespace
+
+    from cxr_relink.models.dp.plan import check_trainer
+
+    ok = {"world_size": 1, "precision": "32-true", "gradient_clip_val": None}
+    check_trainer(SimpleNamespace(**ok), "unit")  # the supported set-up passes
+    with pytest.raises(ValueError, match=message):
+        check_trainer(SimpleNamespace(**{**ok, **change}), "unit")

@@ -46,6 +46,7 @@ def first_batch_mask(seed: int, n: int, q: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("grad_sample_mode", ["ghost", "hooks"])
+@pytest.mark.slow
 def test_update_is_the_same_for_neighbours_n_and_n_minus_1(grad_sample_mode) -> None:
     """N = 21 and N - 1 = 20 study units, B = 8: ceil(N/B) = 3 for both (same q, same steps), but Opacus'
     own divisor int(N q) is 7 vs 6. With the same noise and the same sampled units (the removed unit not
@@ -64,6 +65,7 @@ def test_update_is_the_same_for_neighbours_n_and_n_minus_1(grad_sample_mode) -> 
     assert a.dp_state()["gradient_divisor"].startswith("B = 8")
 
 
+@pytest.mark.slow
 def test_declared_bound_fixes_q_and_steps_across_a_multiple_of_b() -> None:
     """Without a bound, N = 17 and 16 (B = 8) run different mechanisms (3 vs 2 steps an epoch), and the
     record says which adjacency that leaves; with model.dp.n_units_bound = 40 both run q = 1/5, 5 steps."""
@@ -81,6 +83,7 @@ def test_declared_bound_fixes_q_and_steps_across_a_multiple_of_b() -> None:
         one_step(feats, pub, 8, {"target_delta": 1e-3, "n_units_bound": 10})
 
 
+@pytest.mark.slow
 def test_ghost_clipping_survives_empty_poisson_batches() -> None:
     """N = 18, B = 2 (q = 1/9): empty Poisson batches are common. The step after one used to fail inside
     Opacus ('Parameter tying is not supported'); now every step runs and each is accounted."""
@@ -103,6 +106,7 @@ def test_ghost_clipping_survives_empty_poisson_batches() -> None:
     assert len(sizes) == 36 and sum(int(h[2]) for h in m.accountant.history) == 36
 
 
+@pytest.mark.slow
 def test_dp_metrics_reach_the_csv_every_epoch(tmp_path) -> None:
     """3 steps an epoch < log_every_n_steps (50): dp/epsilon, dp/delta, ... still reach the logger once
     per epoch, and epsilon grows epoch by epoch."""
@@ -132,6 +136,7 @@ def record(per_patient: dict | None, unit: str = "study") -> dict:
             "noise_source": "secret", "outside_guarantee": []}
 
 
+@pytest.mark.slow
 def test_per_patient_group_bound_with_delta_above_one_over_patients_is_not_a_guarantee() -> None:
     """eps 3 per study, k = 6 studies per patient: group privacy gives delta = 6 e^15 delta_study, far above
     1 (the issue saw 847): the record and the report say there is no meaningful per-patient guarantee, and

@@ -45,6 +45,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_epsilon_equals_opacus_for_the_recorded_sigma_q_steps(compose_train) -> None:
     cfg, dm, model = build(compose_train, "model.dp.target_epsilon=2")
     fit(cfg, dm, model, epochs=2)
@@ -70,6 +71,7 @@ def test_epsilon_equals_opacus_for_the_recorded_sigma_q_steps(compose_train) -> 
     assert more.get_epsilon(delta=delta) > 2.05
 
 
+@pytest.mark.slow
 def test_prv_accountant_run_matches_a_fresh_prv_accountant(compose_train) -> None:
     cfg, dm, model = build(compose_train, "model.dp.accountant=prv", "model.dp.target_epsilon=3")
     fit(cfg, dm, model, epochs=1)
@@ -104,6 +106,7 @@ def brute_force_unit_grad(model, unit, bank) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for _, p in m.dp_parameters()]
 
 
+@pytest.mark.slow
 def test_per_patient_clipping_bounds_each_patients_contribution(compose_train) -> None:
     c = 0.05  # small enough that every unit is clipped: the bound is then binding, not vacuous
     cfg, dm, model = build(compose_train, f"model.dp.max_grad_norm={c}", "data.max_pairs_per_unit=null")
@@ -131,6 +134,7 @@ def test_per_patient_clipping_bounds_each_patients_contribution(compose_train) -
     assert (torch.cat([a.flatten() for a in raw]) - torch.cat([b.flatten() for b in raw_rest])).norm() > c
 
 
+@pytest.mark.slow
 def test_whole_model_dp_changes_the_trunks(compose_train) -> None:
     cfg, dm, model = build(compose_train)
     before = snapshot(model)
@@ -142,6 +146,7 @@ def test_whole_model_dp_changes_the_trunks(compose_train) -> None:
     assert torch.equal(before["logit_scale"], after["logit_scale"])  # the frozen temperature
 
 
+@pytest.mark.slow
 def test_lora_scope_trains_adapters_and_heads_only(compose_train) -> None:
     cfg, dm, model = build(compose_train, "experiment=dp_whole_lora", "model.text_tower.hidden_size=32",
                            "model.text_tower.num_layers=1", "model.text_tower.intermediate_size=64")

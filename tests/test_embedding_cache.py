@@ -263,6 +263,7 @@ def test_files_hash_is_the_content_hash(tmp_path, model):
 from tests.test_external_models import COHORT, hf_models  # noqa: E402, F401  (the tiny local models fixture)
 
 
+@pytest.mark.slow
 def test_evaluate_reads_an_existing_models_embeddings_from_the_cache(hf_models, cache_dir, tmp_path, monkeypatch):  # noqa: F811
     """The second audit of the same model loads no model (the encoder is never called) and gives the
     numbers of the first, which are those of the Trainer path (cache_embeddings=false)."""

@@ -22,15 +22,25 @@ def _npz(tmp_path):
 
 
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
+@pytest.mark.slow
 def test_evaluate_logs_the_audit_numbers(tmp_path, logger, monkeypatch):
     from cxr_relink.configs import compose
     from cxr_relink.evaluation import evaluate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb.init in this process starts a wandb-core service and advertises it in WANDB_SERVICE, which every
+    # later subprocess (train.py in other tests) would then join: the variable goes when this test ends.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     out = tmp_path / "out"
-    evaluate(compose("evaluate.yaml", [f"embeddings={_npz(tmp_path)}", f"logger={logger}", "audit.relinkage.n_boot=20",
-                                       f"paths.output_dir={out}"]))
+    try:
+        evaluate(compose("evaluate.yaml", [f"embeddings={_npz(tmp_path)}", f"logger={logger}",
+                                           "audit.relinkage.n_boot=20", f"paths.output_dir={out}"]))
+    finally:
+        if logger == "wandb":
+            import wandb
+
+            wandb.teardown()
     res = json.loads((out / "audit.json").read_text())
     row = next(r for r in res["relinkage"]["i2t"]["recall"] if r["k"] == 1 and r["n"] == "100")
     if logger == "csv":

@@ -237,6 +237,7 @@ def _model_overrides(family: str, spec) -> list[str]:
 
 
 @pytest.mark.parametrize("family,name", [("hf", "clip"), ("open_clip", "dir"), ("ckpt", None)])
+@pytest.mark.slow
 def test_evaluate_and_export_agree_with_library(hf_models, oc_models, project_ckpt, cache_dir, tmp_path, family, name):
     from cxr_relink.configs import compose
     from cxr_relink.evaluation import evaluate
@@ -296,6 +297,7 @@ def test_evaluate_refuses_ambiguous_or_missing_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the ladder
+@pytest.mark.slow
 def test_ladder_three_families_and_a_checkpoint(hf_models, oc_models, project_ckpt, cache_dir, tmp_path):
     from experiments.ladder import main
 

@@ -15,6 +15,7 @@ from bench import gpu_check
 REL_TOL = 1e-6
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_every_row(capsys):
     res = gpu_check.main(["--tiny", "--device", "cpu", "--threads", "2"])
     out = capsys.readouterr().out

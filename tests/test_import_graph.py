@@ -9,6 +9,8 @@ edges to those packages too (not to the importer's own packages, which are alrea
 
 from __future__ import annotations
 
+import pytest
+
 import ast
 from pathlib import Path
 
@@ -146,6 +148,7 @@ def test_no_import_cycles_among_the_projects_modules():
     assert not found, f"import cycles among the project's modules (move the shared piece to one home):\n{detail}"
 
 
+@pytest.mark.slow
 def test_nothing_imports_the_generic_top_level_names():
     """Code, tests and scripts reach the project's packages only as cxr_relink.<name>: a bare `import models`
     would load a second copy of a module in a checkout and fail where the wheel is installed."""

@@ -75,6 +75,7 @@ def _worker(rank: int, world_size: int, port: int, img, txt, groups, local_loss:
 
 
 @pytest.mark.parametrize("local_loss", [False, True])
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(local_loss: bool) -> None:
     g = torch.Generator().manual_seed(2)
     img = F.normalize(torch.randn(8, 12, generator=g), dim=-1)

@@ -300,6 +300,7 @@ def _bruteforce_counts(scores, st, study_patient, groups, sub_mask, sub_target):
 
 
 @pytest.mark.parametrize("chunk", [None, 4, (3, 5), (7, 2), (1, 1), (50, 9)])
+@pytest.mark.slow
 def test_one_pass_counts_every_direction_as_bruteforce(chunk):
     # One tiled pass must give what each direction's own pass gives: items in shuffled order,
     # several images per study, many exact ties, tiles smaller than a run of targets.

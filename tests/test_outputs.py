@@ -135,6 +135,7 @@ def test_runs_started_in_the_same_second_get_two_folders(config_name, tmp_path) 
     assert "ckpt_path" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_second_cli_run_into_a_used_folder_is_refused_before_writing(tmp_path) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -164,6 +165,7 @@ def test_config_mistakes_are_explained_with_the_valid_choices() -> None:
     (["evaluate.py"], "give exactly one of ckpt_path="),
     (["evaluate.py", "embeddings=/nonexistent/e.npz"], "embeddings=/nonexistent/e.npz: no such file"),
 ])
+@pytest.mark.slow
 def test_cli_usage_mistakes_end_in_one_clear_line_and_exit_status_2(argv, says, tmp_path) -> None:
     p = subprocess.run([sys.executable, *argv, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
@@ -188,6 +190,7 @@ def _foreign_files(tmp_path):
      "train, val, test (did you mean split=test?)"),
     (["evaluate.py", "embeddings={foreign}"], "embeddings file {foreign} is not a readable .npz of arrays"),
 ])
+@pytest.mark.slow
 def test_refusals_inside_a_run_are_one_line_and_exit_status_2(argv, says, tmp_path) -> None:
     """Guards and data errors raised inside the task: one line naming the key or file, no Hydra traceback."""
     foreign = _foreign_files(tmp_path)
@@ -201,6 +204,7 @@ def test_refusals_inside_a_run_are_one_line_and_exit_status_2(argv, says, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("Error: ") and says.format(foreign=foreign) in lines[0], p.stderr
 
 
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback_of_a_refusal(tmp_path) -> None:
     foreign = _foreign_files(tmp_path)
     p = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={foreign}", f"hydra.run.dir={tmp_path / 'run'}"],

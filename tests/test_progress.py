@@ -70,6 +70,7 @@ def test_eta_is_the_remaining_steps_at_the_mean_step_time(monkeypatch) -> None:
                    "(validation included so far)"
 
 
+@pytest.mark.slow
 def test_heartbeat_reports_a_long_block(caplog) -> None:
     """A stretch outside the Trainer's hooks (cohort generation, writing the bundle): "still ..." lines
     from a background thread while the block runs, none after it ends; also where the `train` loggers
@@ -101,6 +102,7 @@ def test_config_changes_lists_each_changed_key() -> None:
                                           ("trainer.max_epochs", 2, 6)]
 
 
+@pytest.mark.slow
 def test_resume_logs_each_changed_key(compose_train, tmp_path, caplog) -> None:
     """A run of 1 epoch, resumed from its checkpoint with max_epochs=2 and another learning rate:
     the resume names both changes (and nothing else) against the checkpoint's saved config."""

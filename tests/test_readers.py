@@ -454,6 +454,7 @@ def test_openi_r2gen_annotation(tmp_path):
 
 # ---- the real Open-I reports -------------------------------------------------------------------------
 @pytest.mark.skipif(not OPENI_ARCHIVE.is_file(), reason=f"real Open-I reports not at {OPENI_ARCHIVE}")
+@pytest.mark.slow
 def test_openi_real_reports_from_archive(caplog):
     """All 3,955 published reports parse; section counts match NLM's (3,425 / 3,921 / 3,419)."""
     n = findings = impression = both = 0

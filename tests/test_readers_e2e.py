@@ -66,6 +66,7 @@ def mimic_run(exported, tmp_path_factory, cache_dir):
     return cfg, metrics, objects, out
 
 
+@pytest.mark.slow
 def test_train_on_exported_mimic_tree(mimic_run):
     cfg, metrics, objects, out = mimic_run
     assert math.isfinite(metrics["val/loss"])

@@ -307,6 +307,7 @@ def test_evaluate_from_an_embeddings_file_with_report_ids(tmp_path, cache_dir):
     assert clauses and not [c for c in clauses if c in text]  # no report text in the outputs
 
 
+@pytest.mark.slow
 def test_validation_callback_and_evaluate_from_a_checkpoint(compose_train, tmp_path):
     from cxr_relink.configs import compose
     from cxr_relink.evaluation import evaluate

@@ -3,6 +3,8 @@ and one shrunk arm trains, evaluates, writes the table and is reused on a second
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from experiments import report_quality_results as rqr
@@ -20,6 +22,7 @@ def test_style_eval_sees_the_training_cohort(tmp_path) -> None:
         assert ev.audit.report_quality is not None
 
 
+@pytest.mark.slow
 def test_one_arm_end_to_end_and_resume(tmp_path, cache_dir, monkeypatch) -> None:
     tiny = dict(rp.SCALES["tiny"], patients=60, n_boot=5, probe_boot=5, probe_train=64)
     monkeypatch.setitem(rp.SCALES, "tiny", tiny)

@@ -48,6 +48,7 @@ def planned(scale: str) -> list[tuple[str, list[str]]]:
 
 
 @pytest.mark.parametrize("scale", sorted(rp.SCALES))
+@pytest.mark.slow
 def test_every_planned_config_composes(scale, tmp_path) -> None:
     for entry, overrides in planned(scale):
         cfg = rp.compose_cfg(f"{entry}.yaml", overrides, tmp_path)
@@ -60,6 +61,7 @@ def test_every_planned_config_composes(scale, tmp_path) -> None:
             assert cfg.data.reader.test_patients == (1000 if "audit=all" in overrides else 4500)
 
 
+@pytest.mark.slow
 def test_generic_text_tower_is_frozen_at_init(compose_train) -> None:
     """experiment=generic_text: the text tower never trains (its weights never see a report)."""
     import torch

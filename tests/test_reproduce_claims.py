@@ -246,5 +246,8 @@ def test_beyond_states_what_each_arm_shows_from_its_own_numbers() -> None:
 def test_beyond_without_frontier_records_says_not_available() -> None:
     from experiments.reproduce.beyond import beyond
 
-    L, rows = beyond(Records("paper", SEEDS, OUT, 0.34))
+    rec = Records("paper", SEEDS, OUT, 0.34)
+    assert beyond(rec) == ([], [])  # no frontier asked for: no section
+    rec.frontier_dir = Path("/nowhere")  # asked for, none kept: the section says so
+    L, rows = beyond(rec)
     assert rows == [] and any(line.startswith("not available") for line in L)

@@ -26,6 +26,9 @@ from cxr_relink.callbacks.run_dir import check_run_dir, lock_run_dir
 from cxr_relink.models.checkpoint import load_checkpoint_dict
 from tests.conftest import ROOT, TINY
 
+# Every test here shares one module fixture that trains, interrupts and resumes real runs (minutes): the slow tier.
+pytestmark = pytest.mark.slow
+
 # Three short epochs; the audits with few bootstrap draws (they are not what is tested here).
 RUN = [*TINY, "trainer.max_epochs=3", "trainer.deterministic=true", "callbacks.relinkage_audit.n_boot=10",
        "callbacks.linear_probe.n_boot=10", "callbacks.linear_probe.max_train_samples=64",

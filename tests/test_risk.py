@@ -36,6 +36,7 @@ def _cohort(n_patients, seed, first_patient=0, noise=0.3, released=None, di=24, 
                           torch.arange(n), np.repeat(np.arange(n_patients), 2) + first_patient)
 
 
+@pytest.mark.slow
 def test_release_attributable_is_zero_when_the_release_adds_nothing():
     """The released model's trunk features *are* the release-free features (and its released embeddings
     hide them): whatever an attacker does with the release, it can do without it."""

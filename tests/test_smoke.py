@@ -56,6 +56,7 @@ def run_option(compose_train, group: str, option: str, *extra: str) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 def test_default_run_learns_and_audits(compose_train, capsys, caplog) -> None:
     cfg = compose_train("trainer.max_epochs=3", "trainer.limit_train_batches=4", "logger=csv")
     with caplog.at_level("INFO", logger="train"):  # (an in-process experiments.reproduce run quiets it)
@@ -93,6 +94,7 @@ def test_default_run_learns_and_audits(compose_train, capsys, caplog) -> None:
     assert f"probe/macro_auroc {metrics['probe/macro_auroc']:.4f}" in lines[-1]  # a watched metric, where it exists
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_checkpoint_tokenizer(compose_train, tmp_path) -> None:
     cfg = compose_train("trainer.max_epochs=1", "final_audit=false", "callbacks=none", "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
                         f"+callbacks.ckpt.dirpath={tmp_path}/ck", "+callbacks.ckpt.save_last=true", "logger=none")
@@ -107,6 +109,7 @@ def test_resume_keeps_the_checkpoint_tokenizer(compose_train, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("option", options("model"))
+@pytest.mark.slow
 def test_model_options(compose_train, option, caplog) -> None:
     with caplog.at_level("INFO", logger="train"):
         run_option(compose_train, "model", option)
@@ -119,31 +122,37 @@ def test_model_options(compose_train, option, caplog) -> None:
 
 
 @pytest.mark.parametrize("option", options("data"))
+@pytest.mark.slow
 def test_data_options(compose_train, option) -> None:
     run_option(compose_train, "data", option)
 
 
 @pytest.mark.parametrize("option", options("trainer"))
+@pytest.mark.slow
 def test_trainer_options(compose_train, option) -> None:
     run_option(compose_train, "trainer", option, "final_audit=false")
 
 
 @pytest.mark.parametrize("option", options("logger"))
+@pytest.mark.slow
 def test_logger_options(compose_train, option) -> None:
     run_option(compose_train, "logger", option, "final_audit=false")
 
 
 @pytest.mark.parametrize("option", options("callbacks"))
+@pytest.mark.slow
 def test_callbacks_options(compose_train, option) -> None:
     run_option(compose_train, "callbacks", option)
 
 
 @pytest.mark.parametrize("option", options("debug"))
+@pytest.mark.slow
 def test_debug_options(compose_train, option) -> None:
     extra = ["trainer.max_epochs=2"] if option == "overfit" else []
     run_option(compose_train, "debug", option, *extra)
 
 
 @pytest.mark.parametrize("option", options("experiment"))
+@pytest.mark.slow
 def test_experiment_options(compose_train, option) -> None:
     run_option(compose_train, "experiment", option)

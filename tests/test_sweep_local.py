@@ -29,6 +29,7 @@ def _engine():
     return sw
 
 
+@pytest.mark.slow
 def test_grid_suggestions_follow_the_engine_and_stop_when_exhausted() -> None:
     """dp_alignment.yaml is a grid: the controller's suggestions, fed back as finished runs, are the
     engine's grid in order (the in-repo grid as the independent reference), then None."""

@@ -185,6 +185,7 @@ def engine():
 
 
 @pytest.mark.parametrize("name", SWEEPS)
+@pytest.mark.slow
 def test_in_repo_sampler_equals_the_sweeps_engine(name) -> None:
     sw = engine()
     sweep = load_sweep(SWEEP_DIR / f"{name}.yaml")
@@ -283,6 +284,7 @@ def agent_run(tmp_path_factory, cache_dir):
     return sweep, values, run_dir, read_wandb_log(logs[0])
 
 
+@pytest.mark.slow
 def test_agent_command_line_runs_train_py(agent_run) -> None:
     sweep, values, run_dir, records = agent_run
     composed = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
@@ -349,6 +351,7 @@ def test_dp_sweep_point_trains_in_process(agent_run, tmp_path, monkeypatch) -> N
 # --------------------------------------------------------------------------- offline sweeps
 
 
+@pytest.mark.slow
 def test_offline_multirun_sweep_writes_a_comparison_table(tmp_path, cache_dir, monkeypatch) -> None:
     """Two tiny trials with no W&B server (docs/sweeps.md, "Offline"): Hydra multirun, one folder per
     trial, and <sweep dir>/sweep_table.md comparing them (values checked against each trial's own

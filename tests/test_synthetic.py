@@ -254,6 +254,7 @@ def test_every_label_matches_every_style_and_variant(studies):
     assert set(n_checked) == {"structured", "impression_only", "abbreviated"}
 
 
+@pytest.mark.slow
 def test_uncertain_and_negative_labels_occur(big):
     lab = np.stack([s.labels for s in big])
     assert (lab == -1).any(axis=0).sum() >= 8  # hedged mentions across many observations

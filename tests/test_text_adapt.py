@@ -266,6 +266,7 @@ def compose_stage1(tmp_path, overrides):
     return cfg
 
 
+@pytest.mark.slow
 def test_stage1_hydra_smoke(tmp_path):
     """`python train.py experiment=text_adapt` on tiny settings; the HF output loads as a stage-2 tower."""
     from train import train

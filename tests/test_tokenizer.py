@@ -89,6 +89,7 @@ def test_same_vocabulary_as_hf_trainer_until_the_first_tie(seed):
     assert {t: ours[t] for t in SPECIALS} == {t: hf.get_vocab()[t] for t in SPECIALS}
 
 
+@pytest.mark.slow
 def test_tokenizer_is_identical_across_processes():
     """HF's trainer numbered pieces in hash-map order, so two processes trained on the same reports
     gave different vocabularies (huggingface/tokenizers#1794); string hashing differs per process."""

@@ -31,6 +31,8 @@ def beyond(rec: Records) -> Claim:
     from experiments.frontier import arm_names, table
 
     fr = rec.frontier
+    if rec.frontier_dir is None:  # this reproduction was not given a frontier (scale tiny, --frontier none)
+        return [], []
     L = ["## Beyond the papers: what a release adds, what DP protects, and a defence that moves the trunk attacks", ""]
     if not fr:
         return L + ["not available: no frontier records kept (`python -m experiments.frontier`, "

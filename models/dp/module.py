@@ -60,7 +60,7 @@ from cxr_relink.models.checkpoint import (KEY, current_name, current_names, impo
 from cxr_relink.models.contract import LoadedState
 from cxr_relink.models.dp import record
 from cxr_relink.models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs, load_accountant_state
-from cxr_relink.models.dp.plan import DataFacts, DPPlan, make_plan, settings
+from cxr_relink.models.dp.plan import DataFacts, DPPlan, check_trainer, make_plan, settings
 from cxr_relink.models.hashing import file_sha256
 from cxr_relink.models.dp.losses import (
     LOSS_MODES,
@@ -376,12 +376,7 @@ class DPAlignmentModule(LoadedState, L.LightningModule):  # an embedding model (
     def setup(self, stage: str) -> None:
         if stage != "fit" or not self.dp_enabled:
             return
-        if self.trainer.world_size > 1:
-            raise ValueError("the DP stage runs on one device (Opacus' DPDDP is not wired here); use trainer=cpu or gpu with devices=1")
-        if str(self.trainer.precision) not in ("32-true", "32", "64-true"):
-            raise ValueError(f"DP-SGD runs in fp32 here (per-sample norms and noise), got trainer.precision={self.trainer.precision}")
-        if self.trainer.gradient_clip_val:
-            raise ValueError("set trainer.gradient_clip_val=null: DP-SGD clips per example itself")
+        check_trainer(self.trainer, "example")
 
     def _datamodule(self):
         dm = getattr(self.trainer, "datamodule", None)

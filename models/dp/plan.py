@@ -184,3 +184,16 @@ def make_plan(dp: dict[str, Any], mode: str, facts: DataFacts, epochs: int, rest
                   accountant=str(dp["accountant"]), max_studies_cap=facts.max_studies_cap,
                   observed_max_studies=facts.observed_max_studies,
                   delta_allowed_ge_1_over_n=bool(dp["allow_delta_ge_1_over_n"]))
+
+
+def check_trainer(trainer: Any, clips: str) -> None:
+    """What DP-SGD here needs of the Trainer, for every DP module: one device (Opacus' DPDDP is not wired),
+    fp32 (per-unit norms and the noise), and no global gradient clipping on top of its own per-`clips` one."""
+    if trainer.world_size > 1:
+        raise ValueError("DP-SGD runs on one device here (Opacus' DPDDP is not wired); use trainer=cpu or gpu with "
+                         "devices=1")
+    if str(trainer.precision) not in ("32-true", "32", "64-true"):
+        raise ValueError(f"DP-SGD runs in fp32 here (per-unit norms and noise), got trainer.precision={trainer.precision}")
+    if trainer.gradient_clip_val:
+        raise ValueError(f"set trainer.gradient_clip_val=null: DP-SGD clips per {clips} itself")
+

@@ -48,7 +48,7 @@ from cxr_relink.models.checkpoint import plain
 from cxr_relink.models.dp import record
 from cxr_relink.models.dp.accounting import ACCOUNTANTS, accountant_state, epsilon_kwargs
 from cxr_relink.models.dp.losses import in_batch_loss, public_negatives_loss
-from cxr_relink.models.dp.plan import DataFacts, DPPlan, make_plan, settings
+from cxr_relink.models.dp.plan import DataFacts, DPPlan, check_trainer, make_plan, settings
 from cxr_relink.models.dual_tower import DualTowerModule
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,7 @@ class DPWholeModule(DualTowerModule):
         super().setup(stage)
         if stage != "fit":
             return
-        if self.trainer.world_size > 1:
-            raise ValueError("whole-model DP runs on one device")
-        if str(self.trainer.precision) not in ("32-true", "32", "64-true"):
-            raise ValueError(f"DP-SGD runs in fp32 here, got trainer.precision={self.trainer.precision}")
-        if self.trainer.gradient_clip_val:
-            raise ValueError("set trainer.gradient_clip_val=null: DP-SGD clips per unit itself")
+        check_trainer(self.trainer, "unit")
 
     def _datamodule(self):
         dm = getattr(self.trainer, "datamodule", None)
