@@ -68,8 +68,11 @@ def stop_mid_epoch(run_dir: Path, sig: int, epoch: int, *extra: str, while_pause
     marker.unlink(missing_ok=True)
     hook = [f"+callbacks.pause._target_={__name__}.PauseAt", f"+callbacks.pause.epoch={epoch}",
             "+callbacks.pause.batch=1", f"+callbacks.pause.marker={marker}"]
+    # A shell's background job (`cmd &`, nohup) ignores SIGINT and children inherit that, so Python would never
+    # raise KeyboardInterrupt in the run: give the run the default disposition back.
     p = subprocess.Popen(train_cli(run_dir, *extra, *hook), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists():
         if p.poll() is not None or time.monotonic() > deadline:
